@@ -1,0 +1,192 @@
+"""The ``neuroimagen`` command line: a click group whose commands each call one library function.
+
+Heavy libraries (torch, Ray, diffusers) are imported inside the commands, so ``neuroimagen --help``
+stays fast. Every error a user can cause prints one line ``neuroimagen: error: ...`` and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from neuroimagen import __version__
+from neuroimagen.errors import NeuroimagenError
+
+SET_HELP = "Override one config key, e.g. --set data.split_num=1 (repeatable; the value is YAML)."
+
+
+def config_options(f):
+    """--config FILE and repeatable --set KEY=VALUE, taken by every command."""
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="YAML config file (defaults fill anything it leaves out).")(f)
+    return f
+
+
+def _load(config_path, overrides):
+    from neuroimagen.config import load_config
+
+    return load_config(config_path, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="neuroimagen")
+def cli():
+    """Reconstruct seen images from EEG (NeuroImagen): data, training, sweeps, reconstruction, scoring.
+
+    Start with `neuroimagen demo` (synthetic twin, tiny models, CPU), or inspect a real dataset with
+    `neuroimagen data inspect PATH`.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@cli.group()
+def config():
+    """Show and check configuration."""
+
+
+@config.command("show")
+@config_options
+def config_show(config_path, overrides):
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    from neuroimagen.config import dump_config
+
+    click.echo(dump_config(_load(config_path, overrides)), nl=False)
+
+
+@config.command("keys")
+def config_keys():
+    """List every config key with its type, default and meaning."""
+    from neuroimagen.config import describe_fields
+
+    for key, tp, default, doc in describe_fields():
+        click.echo(f"{key:36s} {tp:40s} default={default!r}")
+        if doc:
+            click.echo(f"{'':36s} {doc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@cli.group()
+def data():
+    """Synthesise, inspect and check datasets."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["eeg-imagenet", "things-eeg"]), default=None)
+@click.option("--classes", type=int, default=None, help="Number of classes (2-40).")
+@click.option("--images-per-class", type=int, default=None, help="Images per class (>= 10).")
+@click.option("--subjects", type=int, default=None, help="Number of subjects.")
+@click.option("--channels", type=int, default=None, help="EEG channels (real: 128; THINGS 17 or 63).")
+@click.option("--times", type=int, default=None, help="things-eeg: samples per segment (100 or 250).")
+@click.option("--image-size", type=int, default=None, help="Image side in pixels.")
+@click.option("--snr", type=float, default=None, help="Signal-to-noise ratio of the evoked sources.")
+@click.option("--seed", type=int, default=None, help="Seed; the same seed writes the same files.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@config_options
+def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, image_size, snr, seed,
+               overwrite, quiet, config_path, overrides):
+    """Write a synthetic twin dataset to OUT in the real EEG-ImageNet or THINGS-EEG2 layout."""
+    flags = {"format": fmt, "classes": classes, "images_per_class": images_per_class, "subjects": subjects,
+             "channels": channels, "times": times, "image_size": image_size, "snr": snr, "seed": seed}
+    extra = tuple(f"synth.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)
+    cfg = _load(config_path, tuple(overrides) + extra)
+    from neuroimagen.data.synthetic import synthesize
+
+    summary = synthesize(out, cfg.synth, overwrite=overwrite, show_progress=not quiet)
+    click.echo(f"wrote {summary['segments']} segments, {summary['images']} images ({cfg.synth.format}, "
+               f"{cfg.synth.classes} classes, {cfg.synth.subjects} subjects, {cfg.synth.channels} channels) to {out}")
+    click.echo(f"read it with: --config {out}/config.yaml")
+
+
+@data.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--splits", type=click.Path(dir_okay=False), default=None, help="EEG-ImageNet split file (default: next to PATH).")
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="Image root.")
+@click.option("--format", "fmt", type=click.Choice(["eeg-imagenet", "things-eeg"]), default=None,
+              help="Data layout (detected from PATH when omitted).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Also write inspect.json and config.yaml here.")
+@config_options
+def data_inspect(path, splits, images, fmt, as_json, out, config_path, overrides):
+    """Count segments, subjects, classes, lengths, splits, missing images and leakage in PATH.
+
+    Exit code 0: no problems; 1: problems listed; 2: the files could not be read.
+    """
+    import os
+
+    cfg = _load(config_path, overrides)
+    from neuroimagen.data.inspection import inspect_dataset, render_report
+
+    abspath = lambda p: None if p is None else os.path.abspath(p)  # noqa: E731
+    report = inspect_dataset(os.path.abspath(path), fmt, abspath(splits), abspath(images), cfg.data)
+    click.echo(json.dumps(report, indent=2) if as_json else render_report(report))
+    if out is not None:
+        from neuroimagen.atomic import write_text
+        from neuroimagen.config import write_config
+
+        write_text(os.path.join(out, "inspect.json"), json.dumps(report, indent=2))
+        write_config(cfg, out)
+    if report["problems"]:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Smaller twin and shorter runs (about a minute).")
+@click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@config_options
+def demo(quick, out, overwrite, config_path, overrides):
+    """Run the whole pipeline on the embedded default: synthetic twin, CPU, tiny models."""
+    cfg = _load(config_path, overrides)
+    from neuroimagen.demo import run_demo
+
+    run_demo(cfg, out, quick=quick, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def main(argv=None) -> None:
+    """Console-script entry: one-line errors, exit code 2 for anything the user can fix."""
+    try:
+        rv = cli.main(args=argv, prog_name="neuroimagen", standalone_mode=False)
+    except NeuroimagenError as exc:
+        click.echo(f"neuroimagen: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if exc.__class__.__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # bare `neuroimagen data`
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        msg = " ".join(exc.format_message().split())
+        hint = f" (try '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"neuroimagen: error: {msg}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"neuroimagen: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("neuroimagen: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("neuroimagen: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Typed, frozen configuration loaded from YAML with strict validation.
+
+Every mistake is one ``ConfigError`` naming its dotted key::
+
+    configs/x.yaml: stages.gan.alpha1: expected float >= 0, got 'abc'
+    configs/x.yaml: data.formt: unknown key (did you mean 'format'?)
+    --set data.split_num=abc: data.split_num: expected integer >= 0, got 'abc'
+
+Relative paths in a YAML file are resolved against that file's folder (a config travels with its
+data); paths given with ``--set`` are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from neuroimagen.errors import ConfigError
+
+CONFIG_FILENAME = "config.yaml"
+
+# ---------------------------------------------------------------------------------------------
+# Field helpers
+
+
+def param(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None,
+          path: bool = False, doc: str = "", default_factory: Any = dataclasses.MISSING):
+    """A config field with optional numeric bounds, a path flag and a one-line doc."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "path": path, "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The config tree
+
+DataFormat = Literal["eeg-imagenet", "things-eeg"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the EEG, splits, images and captions are, and how segments are selected."""
+
+    format: DataFormat = param("eeg-imagenet", doc="eeg-imagenet (Spampinato 2017) or things-eeg (Gifford 2022)")
+    eeg: Optional[str] = param(None, path=True, doc="eeg-imagenet: one .pth file; things-eeg: folder with sub-XX/")
+    splits: Optional[str] = param(None, path=True, doc="eeg-imagenet split file (block_splits_by_image_{all,single}.pth)")
+    images: Optional[str] = param(None, path=True, doc="image root: <root>/<wnid>/<stem>.JPEG, or THINGS image_set/")
+    captions: Optional[str] = param(None, path=True, doc="per-image captions, JSON {stem: caption} (BLIP or the twin's)")
+    class_names: Optional[str] = param(None, path=True, doc="extra WNID -> name table (YAML/JSON mapping)")
+    split_num: int = param(0, ge=0, doc="which of the split file's splits")
+    split_semantics: Literal["auto", "all", "single"] = param(
+        "auto", doc="_all: indices into the whole list; _single: into one subject's list; auto: from the file name")
+    subjects: tuple[int, ...] = param((), doc="subjects to keep (empty = all)")
+    min_length: int = param(450, ge=1, doc="eeg-imagenet: keep segments with min_length <= T <= max_length")
+    max_length: int = param(600, ge=1, doc="eeg-imagenet: upper length bound (inclusive)")
+    window: Optional[tuple[int, int]] = param(None, doc="time window [start, stop); null = [20, 460] for eeg-imagenet, all of T for things-eeg")
+    image_size: int = param(64, ge=8, le=1024, doc="images are resized (short side) and centre-cropped to this")
+    things_val_per_concept: int = param(1, ge=0, doc="things-eeg: training images per concept held out for validation")
+    things_average_repetitions: bool = param(True, doc="things-eeg: average the repetitions of each image")
+
+    def validate(self, prefix: str) -> None:
+        if self.min_length > self.max_length:
+            raise ConfigError(f"{prefix}.min_length: expected <= {prefix}.max_length ({self.max_length}), got {self.min_length}")
+        if self.window is not None:
+            start, stop = self.window
+            if start < 0 or stop <= start:
+                raise ConfigError(f"{prefix}.window: expected [start, stop) with 0 <= start < stop, got {list(self.window)}")
+        if self.format == "things-eeg" and self.splits is not None:
+            raise ConfigError(f"{prefix}.splits: not used by things-eeg (its train/test files fix the split); remove it")
+        if len(set(self.subjects)) != len(self.subjects):
+            raise ConfigError(f"{prefix}.subjects: expected distinct subject ids, got {list(self.subjects)}")
+        if any(s < 1 for s in self.subjects):
+            raise ConfigError(f"{prefix}.subjects: expected subject ids >= 1, got {list(self.subjects)}")
+
+    def resolved_window(self) -> Optional[tuple[int, int]]:
+        """The time window in samples; None means the whole segment."""
+        if self.window is not None:
+            return self.window
+        return (20, 460) if self.format == "eeg-imagenet" else None
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Parameters of the synthetic twin (``neuroimagen data synth``)."""
+
+    format: DataFormat = param("eeg-imagenet", doc="layout to write")
+    classes: int = param(10, ge=2, le=40, doc="number of classes (EEG-ImageNet WNIDs / concepts)")
+    images_per_class: int = param(20, ge=10, doc="training-set images per class (eeg-imagenet: all images)")
+    subjects: int = param(2, ge=1, le=10, doc="number of subjects")
+    channels: int = param(32, ge=2, le=256, doc="EEG channels (real: 128 eeg-imagenet, 17 or 63 things-eeg)")
+    image_size: int = param(64, ge=16, le=512, doc="side of the square stimulus images")
+    snr: float = param(1.0, gt=0, doc="signal-to-noise ratio of the class/instance sources (std ratio)")
+    seed: int = param(0, ge=0, doc="everything written is a function of this seed")
+    times: int = param(100, ge=8, le=4096, doc="things-eeg: samples per segment (real: 100 or 250)")
+    test_repetitions: int = param(8, ge=1, le=80, doc="things-eeg: repetitions of each test image (real: 80)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a neuroimagen run."""
+
+    seed: int = param(0, ge=0, doc="global seed")
+    data: DataConfig = param(default_factory=DataConfig)
+    synth: SynthConfig = param(default_factory=SynthConfig)
+
+    def validate(self, prefix: str) -> None:  # noqa: ARG002 - uniform signature
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion with dotted-path errors
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _bounds(meta: dict) -> str:
+    parts = []
+    for key, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if meta.get(key) is not None:
+            parts.append(f"{sym} {meta[key]}")
+    return (" " + " and ".join(parts)) if parts else ""
+
+
+def _describe(tp: Any, meta: dict) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _describe(inner[0], meta) + " or null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0], {})}s"
+        return f"a list of {len(args)} {_describe(args[0], {})}s"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "integer" + _bounds(meta)
+    if tp is float:
+        return "float" + _bounds(meta)
+    if tp is str:
+        return "string"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _check_bounds(value, meta: dict) -> bool:
+    if meta.get("ge") is not None and not value >= meta["ge"]:
+        return False
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        return False
+    if meta.get("le") is not None and not value <= meta["le"]:
+        return False
+    if meta.get("lt") is not None and not value < meta["lt"]:
+        return False
+    return True
+
+
+def _fail(dotted: str, tp: Any, meta: dict, value: Any) -> ConfigError:
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return ConfigError(f"{dotted}: expected {_describe(tp, meta)}, got {shown}")
+
+
+def _convert(value: Any, tp: Any, meta: dict, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return _convert(value, inner[0], meta, dotted)
+        except ConfigError:
+            raise _fail(dotted, tp, meta, value) from None
+    if origin is Literal:
+        if value in args and isinstance(value, str) == isinstance(args[0], str):
+            return value
+        raise _fail(dotted, tp, meta, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(dotted, tp, meta, value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], {}, f"{dotted}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _fail(dotted, tp, meta, value)
+        return tuple(_convert(v, a, {}, f"{dotted}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(dotted, tp, meta, value)
+        return from_dict(tp, value, dotted)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(dotted, tp, meta, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool) and _check_bounds(value, meta):
+            return value
+        raise _fail(dotted, tp, meta, value)
+    if tp is float:
+        out = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, str):
+            # PyYAML reads '1e-3' (no dot) as a string: accept any numeric string for a float field.
+            try:
+                out = float(value.strip())
+            except ValueError:
+                out = None
+        if out is not None and math.isfinite(out) and _check_bounds(out, meta):
+            return out
+        raise _fail(dotted, tp, meta, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _fail(dotted, tp, meta, value)
+    raise ConfigError(f"{dotted}: unsupported config type {tp!r}")  # a programming error, named anyway
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build the frozen dataclass ``cls`` from a plain dict; unknown keys and bad values raise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<top level>'}: expected a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+            raise ConfigError(f"{_join(prefix, str(key))}: unknown key{hint}")
+    kwargs = {}
+    for name, f in known.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], dict(f.metadata), _join(prefix, name))
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix or cls.__name__.lower())
+    return obj
+
+
+def to_dict(obj) -> dict:
+    """Plain-data view of a config (tuples become lists) suitable for YAML/JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def _resolve_paths(cls, data: dict, base: Path) -> dict:
+    """Return ``data`` with relative path fields made absolute against ``base``."""
+    if not isinstance(data, dict):
+        return data
+    hints = _hints(cls)
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        v = out[f.name]
+        if f.metadata.get("path") and isinstance(v, str) and v:
+            p = Path(os.path.expanduser(v))
+            out[f.name] = str(p if p.is_absolute() else (base / p).resolve())
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(v, dict):
+            out[f.name] = _resolve_paths(hints[f.name], v, base)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading and --set overrides
+
+
+def _yaml():
+    import yaml
+
+    return yaml
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict:
+    """Read a YAML file that must hold a mapping; any problem is one ConfigError naming the file."""
+    yaml = _yaml()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read {what} file ({exc.__class__.__name__}: {exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _field_type(cls, dotted: str, source: str):
+    """Walk ``dotted`` through the dataclass tree; return (type, metadata) of the leaf."""
+    parts = dotted.split(".")
+    tp, meta = cls, {}
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{source}: {'.'.join(parts[:i])} is not a section (it has no key '{part}')")
+        known = {f.name: f for f in dataclasses.fields(tp)}
+        if part not in known:
+            close = difflib.get_close_matches(part, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])}: unknown key{hint}")
+        meta = dict(known[part].metadata)
+        tp = _hints(tp)[part]
+    return tp, meta
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``, ``null``)."""
+    yaml = _yaml()
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {text}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_nested(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), cls=Config):
+    """Load ``path`` (or the defaults), apply ``--set`` overrides, validate everything."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        raw = _resolve_paths(cls, read_yaml_mapping(path), Path(path).resolve().parent)
+        # Validate the file on its own first so its errors name the file.
+        try:
+            from_dict(cls, raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        src = f"--set {text}"
+        tp, meta = _field_type(cls, key, src)
+        if meta.get("path") and isinstance(value, str) and value:
+            value = str(Path(os.path.expanduser(value)).resolve())
+        try:
+            _convert(value, tp, meta, key)
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: {exc}") from None
+        _set_nested(raw, key, value)
+    try:
+        return from_dict(cls, raw)
+    except ConfigError as exc:
+        label = source if not overrides else f"{source} with --set {' '.join(overrides)}"
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+def dump_config(cfg) -> str:
+    yaml = _yaml()
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def write_config(cfg, out_dir: str | os.PathLike, name: str = CONFIG_FILENAME) -> Path:
+    """Write the resolved config into ``out_dir`` atomically; returns the file path."""
+    from neuroimagen.atomic import write_text
+
+    header = "# Resolved neuroimagen config: every default filled in, paths absolute.\n"
+    return write_text(Path(out_dir) / name, header + dump_config(cfg))
+
+
+def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type description, default, doc) for every leaf field: used by ``config keys``."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        dotted = _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_fields(tp, dotted))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append((dotted, _describe(tp, dict(f.metadata)), to_dict(default) if dataclasses.is_dataclass(default) else default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,413 @@
+"""The synthetic twin: a dataset in exactly the real layouts whose EEG carries what the images show.
+
+Images are simple objects: the class fixes shape and colour; each instance varies position, size and
+background brightness. EEG is a linear mixture of oscillatory evoked sources (one frequency per
+source, spread over 10-85 Hz so every EEG-ImageNet band variant keeps some of them):
+
+    source amplitudes = class code a_c  +  W_inst @ (instance attributes - 0.5)   (per trial jitter)
+    eeg = gain_subject * (M_subject @ sources) * scale(snr)  +  spatially smooth 1/f noise
+          + slow drift + line noise + white noise
+
+so class *and* instance (position, size, background) are decodable, but only through noise, subject
+gains and subject-specific mixing. Segment lengths vary (EEG-ImageNet: T about 491-600, median ~505,
+2 % over-long); everything is a function of the seed.
+
+Files written (eeg-imagenet): ``eeg_{5_95,14_70,55_95}_std.pth``, ``eeg_signals_raw_with_mean_std.pth``,
+``block_splits_by_image_{all,single}.pth``, ``images/<wnid>/<stem>.JPEG``; (things-eeg):
+``sub-XX/preprocessed_eeg_{training,test}.npy``, ``image_set/{training,test}_images/...``,
+``image_set/image_metadata.npy``. Both: ``captions.json`` (per-image attribute captions standing in
+for BLIP), ``attributes.json`` (the ground truth), ``config.yaml`` (a config that reads the twin).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neuroimagen.data.captions import attribute_caption
+from neuroimagen.data.imagenet_classes import CLASS_NAMES, EEG_IMAGENET_WNIDS
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
+COLOURS = {
+    "red": (214, 39, 40),
+    "green": (44, 160, 44),
+    "blue": (31, 90, 220),
+    "yellow": (235, 200, 30),
+    "purple": (148, 72, 189),
+}
+BANDS = {"eeg_5_95_std.pth": (5.0, 95.0), "eeg_14_70_std.pth": (14.0, 70.0), "eeg_55_95_std.pth": (55.0, 95.0)}
+RAW_FILE = "eeg_signals_raw_with_mean_std.pth"
+N_SOURCES = 12
+N_SPLITS = 6
+THINGS_17 = ("Pz", "P3", "P7", "O1", "Oz", "O2", "P4", "P8", "P1", "P5", "PO7", "PO3", "POz", "PO4", "PO8", "P6", "P2")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    stem: str
+    label: int
+    cx: float
+    cy: float
+    size: float
+    background: float
+
+    def attributes(self) -> np.ndarray:
+        """Centred instance attributes (4,) that the EEG encodes."""
+        return np.array([self.cx - 0.5, self.cy - 0.5, self.size - 0.375, self.background - 0.5])
+
+
+def class_look(label: int) -> tuple[str, str]:
+    """(shape, colour) of a class; unique for label < 40 (8 shapes x 5 colours, coprime)."""
+    return SHAPES[label % len(SHAPES)], list(COLOURS)[label % len(COLOURS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        angles = [-90, 30, 150]
+        return [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in angles]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rr = r if k % 2 == 0 else 0.45 * r
+            a = math.radians(-90 + 36 * k)
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+    raise ValueError(shape)
+
+
+def render_image(spec: ImageSpec, size: int, rng: np.random.Generator):
+    """A PIL image of ``spec``: a coloured shape on a textured grey background."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    ss = 2  # supersample for smooth edges
+    S = size * ss
+    bg = int(round(255 * spec.background))
+    texture = rng.normal(0.0, 10.0, size=(S // 8 + 1, S // 8 + 1, 3))
+    base = np.clip(bg + np.kron(texture, np.ones((8, 8, 1)))[:S, :S], 0, 255).astype(np.uint8)
+    im = Image.fromarray(base, "RGB").filter(ImageFilter.GaussianBlur(radius=3 * ss))
+    draw = ImageDraw.Draw(im)
+    shape, colour = class_look(spec.label)
+    fill = COLOURS[colour]
+    cx, cy, r = spec.cx * S, spec.cy * S, spec.size * S / 2
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        ri = 0.55 * r
+        draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=(bg, bg, bg))
+    elif shape == "square":
+        q = 0.85 * r
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+    elif shape == "cross":
+        w = 0.33 * r
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    elif shape == "bar":
+        draw.rectangle([cx - r, cy - 0.35 * r, cx + r, cy + 0.35 * r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+    return im.resize((size, size), Image.LANCZOS)
+
+
+# ---------------------------------------------------------------------------------------------
+# EEG
+
+
+class EEGModel:
+    """The generative model of the twin's EEG (all randomness drawn once from the seed)."""
+
+    def __init__(self, rng: np.random.Generator, n_classes: int, n_subjects: int, channels: int,
+                 sfreq: float, onset: float, snr: float):
+        self.sfreq, self.onset, self.snr, self.C = sfreq, onset, snr, channels
+        # Channel positions on a disk (sunflower), source topographies as smooth signed blobs.
+        k = np.arange(channels) + 0.5
+        rad, ang = np.sqrt(k / channels), k * math.pi * (3 - math.sqrt(5))
+        self.pos = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1)  # (C, 2)
+        centres = rng.uniform(-0.8, 0.8, size=(N_SOURCES, 2))
+        d2 = ((self.pos[:, None, :] - centres[None]) ** 2).sum(-1)  # (C, S)
+        self.M = np.exp(-d2 / (2 * 0.35**2)) * rng.choice([-1.0, 1.0], size=N_SOURCES)  # (C, S)
+        f_lo, f_hi = (10.0, 85.0) if sfreq >= 500 else (3.0, min(85.0, 0.4 * sfreq))
+        self.freqs = np.geomspace(f_lo, f_hi, N_SOURCES)  # (S,)
+        self.class_amp = rng.normal(0.0, 1.0, size=(n_classes, N_SOURCES))  # (K, S)
+        self.class_phase = rng.uniform(0, 2 * math.pi, size=(n_classes, N_SOURCES))
+        self.W_inst = rng.normal(0.0, 2.0, size=(N_SOURCES, 4))  # attributes span ~[-0.25, 0.25]
+        # Subjects: channel gains and a perturbed mixing matrix.
+        self.gain = np.exp(rng.normal(0.0, 0.25, size=(n_subjects, channels)))  # (P, C)
+        self.M_subj = self.M[None] + 0.3 * rng.normal(0.0, 1.0, size=(n_subjects, channels, N_SOURCES)) * np.abs(self.M).mean()
+        d2c = ((self.pos[:, None, :] - self.pos[None]) ** 2).sum(-1)
+        K = np.exp(-d2c / (2 * 0.25**2))
+        self.noise_mix = K / np.sqrt((K**2).sum(1, keepdims=True))  # (C, C), unit-norm rows
+        self.scale = 1.0
+
+    def clean(self, label: int, attrs: np.ndarray, subject: int, T: int, rng: np.random.Generator) -> np.ndarray:
+        """Noise-free evoked signal (C, T) of one trial."""
+        t = np.arange(T) / self.sfreq - self.onset - rng.normal(0.0, 0.008)  # latency jitter
+        tau = 0.12
+        u = np.clip((t - 0.04) / tau, 0.0, None)
+        env = u * np.exp(1.0 - u)  # alpha function, peak 1 at 160 ms after onset
+        amp = (self.class_amp[label] + self.W_inst @ attrs) * (1.0 + 0.15 * rng.normal(size=N_SOURCES))
+        src = amp[:, None] * env[None] * np.sin(2 * math.pi * self.freqs[:, None] * t[None] + self.class_phase[label][:, None])
+        return self.gain[subject][:, None] * (self.M_subj[subject] @ src)  # (C, T)
+
+    def noise(self, T: int, rng: np.random.Generator) -> np.ndarray:
+        """Spatially smooth 1/f noise + drift + line noise + white noise, about unit std: (C, T)."""
+        C = self.C
+        white = rng.normal(size=(C, T))
+        f = np.fft.rfftfreq(T, 1.0 / self.sfreq)
+        pink = np.fft.irfft(np.fft.rfft(white, axis=1) / np.sqrt(np.maximum(f, 1.0)), n=T, axis=1)
+        pink /= pink.std(axis=1, keepdims=True) + 1e-12
+        pink = self.noise_mix @ pink
+        tt = np.arange(T) / self.sfreq
+        drift = rng.normal(0, 0.5, size=(C, 1)) * tt[None] + rng.normal(0, 0.3, size=(C, 1)) * np.sin(
+            2 * math.pi * 0.7 * tt[None] + rng.uniform(0, 6.3, size=(C, 1)))
+        line = 0.1 * np.sin(2 * math.pi * 50.0 * tt[None] + rng.uniform(0, 6.3)) if self.sfreq > 120 else 0.0
+        return pink + drift + line + 0.3 * rng.normal(size=(C, T))
+
+    def calibrate(self, specs: list[ImageSpec], n_subjects: int, T: int, rng: np.random.Generator,
+                  window: tuple[int, int] | None) -> None:
+        """Set ``scale`` so that the evoked signal's std is ``snr`` x the noise std over the window."""
+        sig = []
+        for i, spec in enumerate(specs[:64]):
+            x = self.clean(spec.label, spec.attributes(), i % n_subjects, T, rng)
+            sig.append(x[:, window[0]: window[1]] if window else x)
+        sig_std = float(np.std(np.stack(sig)))
+        noise_std = float(np.std(np.stack([self.noise(T, rng) for _ in range(8)])))
+        self.scale = self.snr * noise_std / max(sig_std, 1e-12)
+
+    def trial(self, label: int, attrs: np.ndarray, subject: int, T: int, rng: np.random.Generator) -> np.ndarray:
+        return self.scale * self.clean(label, attrs, subject, T, rng) + self.noise(T, rng)
+
+
+def bandpass(x: np.ndarray, sfreq: float, lo: float, hi: float) -> np.ndarray:
+    """Zero-phase FFT band-pass along time with 2 Hz cosine edges: (C, T) -> (C, T)."""
+    T = x.shape[-1]
+    f = np.fft.rfftfreq(T, 1.0 / sfreq)
+    edge = 2.0
+    gain = np.clip((f - (lo - edge)) / edge, 0, 1) * np.clip(((hi + edge) - f) / edge, 0, 1)
+    gain = 0.5 - 0.5 * np.cos(math.pi * gain)
+    return np.fft.irfft(np.fft.rfft(x, axis=-1) * gain, n=T, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def _image_specs(rng: np.random.Generator, labels: list[int], stems: list[str]) -> list[ImageSpec]:
+    return [
+        ImageSpec(stem=s, label=lab, cx=float(rng.uniform(0.3, 0.7)), cy=float(rng.uniform(0.3, 0.7)),
+                  size=float(rng.uniform(0.25, 0.5)), background=float(rng.uniform(0.1, 0.9)))
+        for lab, s in zip(labels, stems)
+    ]
+
+
+def _caption(spec: ImageSpec) -> str:
+    shape, colour = class_look(spec.label)
+    return attribute_caption(colour, shape, spec.cx, spec.cy, spec.size, spec.background)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _progress(iterable, total: int, desc: str, show: bool, unit: str = "seg"):
+    from tqdm.auto import tqdm
+
+    # disable=None: bars on a terminal, silent in logs and CI.
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if show else True, leave=False)
+
+
+def _split_images(rng: np.random.Generator, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """80/10/10 split of image indices, stratified by class."""
+    out = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_hold = max(1, int(round(0.1 * len(idx))))
+        out["test"].extend(idx[:n_hold].tolist())
+        out["val"].extend(idx[n_hold: 2 * n_hold].tolist())
+        out["train"].extend(idx[2 * n_hold:].tolist())
+    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def write_eeg_imagenet(out: Path, cfg, show_progress: bool = True) -> dict:
+    """Write the EEG-ImageNet layout into ``out`` (an existing empty folder). Returns a summary."""
+    import torch
+
+    rng = np.random.default_rng(cfg.seed)
+    K, P, C = cfg.classes, cfg.subjects, cfg.channels
+    wnids = list(EEG_IMAGENET_WNIDS[:K])
+    # Images: stems '<wnid>_<number>' with distinct numbers, listed in a shuffled order like the release.
+    labels, stems = [], []
+    for c, w in enumerate(wnids):
+        nums = rng.choice(np.arange(100, 50000), size=cfg.images_per_class, replace=False)
+        labels += [c] * cfg.images_per_class
+        stems += [f"{w}_{int(n)}" for n in nums]
+    order = rng.permutation(len(stems))
+    labels = [labels[i] for i in order]
+    stems = [stems[i] for i in order]
+    specs = _image_specs(rng, labels, stems)
+
+    img_rng = np.random.default_rng([cfg.seed, 1])
+    for spec in _progress(specs, len(specs), "images", show_progress, unit="img"):
+        d = out / "images" / spec.stem.split("_")[0]
+        d.mkdir(parents=True, exist_ok=True)
+        render_image(spec, cfg.image_size, img_rng).save(d / f"{spec.stem}.JPEG", quality=92)
+
+    sfreq = 1000.0
+    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K, P, C, sfreq, onset=0.0, snr=cfg.snr)
+    eeg_rng = np.random.default_rng([cfg.seed, 3])
+    model.calibrate(specs, P, 500, eeg_rng, (20, 460))
+    # Presentation: every subject sees every image once, in the same order; the list interleaves subjects.
+    n_seg = len(specs) * P
+    lengths = np.minimum(491 + eeg_rng.exponential(20.0, size=n_seg).astype(int), 600)
+    long = eeg_rng.random(n_seg) < 0.02
+    lengths[long] = eeg_rng.integers(700, 1500, size=int(long.sum()))
+    raw_gain = eeg_rng.uniform(8.0, 25.0, size=(C, 1))  # microvolt-like scale per channel
+    raw_offset = eeg_rng.normal(0.0, 40.0, size=(C, 1))
+    raw, entries = [], []
+    seg = 0
+    bar = _progress(None, n_seg, "eeg", show_progress)
+    for img_i, spec in enumerate(specs):
+        for p in range(P):
+            T = int(lengths[seg])
+            x = model.trial(spec.label, spec.attributes(), p, T, eeg_rng)
+            raw.append((x * raw_gain + raw_offset).astype(np.float32))
+            entries.append({"image": img_i, "label": spec.label, "subject": p + 1})
+            seg += 1
+            bar.update(1)
+    bar.close()
+
+    def save(name: str, arrays: list[np.ndarray], extra: dict) -> None:
+        dataset = [dict(e, eeg=torch.from_numpy(a)) for e, a in zip(entries, arrays)]
+        torch.save({"dataset": dataset, "labels": wnids, "images": stems, **extra}, out / name)
+
+    cat = np.concatenate(raw, axis=1)
+    means, stds = cat.mean(1).astype(np.float32), cat.std(1).astype(np.float32)  # (C,)
+    save(RAW_FILE, raw, {"means": torch.from_numpy(means), "stddevs": torch.from_numpy(stds)})
+    for name, (lo, hi) in BANDS.items():
+        filt = [bandpass(a.astype(np.float64), sfreq, lo, hi) for a in raw]
+        cat = np.concatenate(filt, axis=1)
+        mu, sd = cat.mean(1, keepdims=True), cat.std(1, keepdims=True) + 1e-12
+        save(name, [((a - mu) / sd).astype(np.float32) for a in filt], {})
+        del filt, cat
+
+    # Splits by image; _all indexes the whole list, _single one subject's list (same order for all).
+    split_rng = np.random.default_rng([cfg.seed, 4])
+    lab_arr = np.asarray(labels)
+    subj = np.asarray([e["subject"] for e in entries])
+    img = np.asarray([e["image"] for e in entries])
+    all_splits, single_splits = [], []
+    for _ in range(N_SPLITS):
+        parts = _split_images(split_rng, lab_arr)
+        all_splits.append({k: np.flatnonzero(np.isin(img, v)).tolist() for k, v in parts.items()})
+        s1 = img[subj == 1]
+        single_splits.append({k: np.flatnonzero(np.isin(s1, v)).tolist() for k, v in parts.items()})
+    torch.save({"splits": all_splits}, out / "block_splits_by_image_all.pth")
+    torch.save({"splits": single_splits}, out / "block_splits_by_image_single.pth")
+
+    _write_json(out / "captions.json", {s.stem: _caption(s) for s in specs})
+    _write_json(out / "attributes.json", {s.stem: _attributes(s, CLASS_NAMES[wnids[s.label]]) for s in specs})
+    return {"segments": n_seg, "images": len(specs), "classes": K, "subjects": P, "channels": C,
+            "over_long_segments": int(long.sum()),
+            "data": {"format": "eeg-imagenet", "eeg": "eeg_5_95_std.pth", "splits": "block_splits_by_image_all.pth",
+                     "images": "images", "captions": "captions.json", "image_size": cfg.image_size}}
+
+
+def _attributes(spec: ImageSpec, name: str) -> dict:
+    shape, colour = class_look(spec.label)
+    return {"label": spec.label, "class": name, "shape": shape, "colour": colour, "cx": round(spec.cx, 4),
+            "cy": round(spec.cy, 4), "size": round(spec.size, 4), "background": round(spec.background, 4)}
+
+
+def _concept(name: str) -> str:
+    return "".join(ch for ch in name.lower().replace(" ", "_") if ch.isalnum() or ch in "_-")
+
+
+def write_things_eeg(out: Path, cfg, show_progress: bool = True) -> dict:
+    """Write the THINGS-EEG2 layout into ``out`` (an existing empty folder). Returns a summary."""
+    rng = np.random.default_rng(cfg.seed)
+    K, P, C, T = cfg.classes, cfg.subjects, cfg.channels, cfg.times
+    names = [CLASS_NAMES[w] for w in EEG_IMAGENET_WNIDS[:K]]
+    concepts = [_concept(n) for n in names]
+    folders = [f"{i + 1:05d}_{c}" for i, c in enumerate(concepts)]
+    n_img = cfg.images_per_class
+    train_specs, test_specs = [], []
+    for c, concept in enumerate(concepts):
+        for k in range(n_img):
+            train_specs.append((c, f"{concept}_{k + 1:02d}b"))
+        test_specs.append((c, f"{concept}_{n_img + 1:02d}s"))
+    train = _image_specs(rng, [c for c, _ in train_specs], [s for _, s in train_specs])
+    test = _image_specs(rng, [c for c, _ in test_specs], [s for _, s in test_specs])
+
+    img_rng = np.random.default_rng([cfg.seed, 1])
+    set_dir = out / "image_set"
+    meta = {"train_img_concepts": [], "train_img_files": [], "test_img_concepts": [], "test_img_files": []}
+    for which, specs in (("training", train), ("test", test)):
+        key = "train" if which == "training" else "test"
+        for spec in _progress(specs, len(specs), f"{which} images", show_progress, unit="img"):
+            d = set_dir / f"{which}_images" / folders[spec.label]
+            d.mkdir(parents=True, exist_ok=True)
+            render_image(spec, cfg.image_size, img_rng).save(d / f"{spec.stem}.jpg", quality=92)
+            meta[f"{key}_img_concepts"].append(folders[spec.label])
+            meta[f"{key}_img_files"].append(f"{spec.stem}.jpg")
+    np.save(set_dir / "image_metadata.npy", meta, allow_pickle=True)
+
+    sfreq = float(T)  # one second per segment, stimulus onset at 0.2 s
+    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K, P, C, sfreq, onset=0.2, snr=cfg.snr)
+    eeg_rng = np.random.default_rng([cfg.seed, 3])
+    model.calibrate(train, P, T, eeg_rng, None)
+    ch_names = list(THINGS_17) if C == 17 else [f"E{i + 1}" for i in range(C)]
+    times = np.round(np.arange(T) / sfreq - 0.2, 6)
+    total = P * (len(train) * 4 + len(test) * cfg.test_repetitions)
+    bar = _progress(None, total, "eeg", show_progress)
+    for p in range(P):
+        sub = out / f"sub-{p + 1:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for fname, specs, reps in (("preprocessed_eeg_training.npy", train, 4),
+                                   ("preprocessed_eeg_test.npy", test, cfg.test_repetitions)):
+            data = np.empty((len(specs), reps, C, T), dtype=np.float32)
+            for i, spec in enumerate(specs):
+                for r in range(reps):
+                    data[i, r] = model.trial(spec.label, spec.attributes(), p, T, eeg_rng)
+                    bar.update(1)
+            np.save(sub / fname, {"preprocessed_eeg_data": data, "ch_names": ch_names, "times": times}, allow_pickle=True)
+    bar.close()
+    every = train + test
+    _write_json(out / "captions.json", {s.stem: _caption(s) for s in every})
+    _write_json(out / "attributes.json", {s.stem: _attributes(s, names[s.label]) for s in every})
+    return {"segments": total, "images": len(every), "classes": K, "subjects": P, "channels": C, "times": T,
+            "data": {"format": "things-eeg", "eeg": ".", "images": "image_set", "captions": "captions.json",
+                     "image_size": cfg.image_size}}
+
+
+def synthesize(out: str | os.PathLike, cfg, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Write the twin described by ``cfg`` (a ``SynthConfig``) to ``out`` atomically.
+
+    Returns a summary dict. ``out/config.yaml`` reads the twin with relative paths, so the folder can
+    be moved.
+    """
+    import yaml
+
+    from neuroimagen.atomic import atomic_dir
+    from neuroimagen.config import to_dict
+
+    with atomic_dir(out, overwrite=overwrite) as stage:
+        writer = write_eeg_imagenet if cfg.format == "eeg-imagenet" else write_things_eeg
+        summary = writer(stage, cfg, show_progress=show_progress)
+        config = {"seed": cfg.seed, "data": summary["data"], "synth": to_dict(cfg)}
+        text = ("# Config of a neuroimagen synthetic twin; paths are relative to this file.\n"
+                "# Use it as: neuroimagen <command> --config " + "<this file>\n" + yaml.safe_dump(config, sort_keys=False))
+        (stage / "config.yaml").write_text(text, encoding="utf-8")
+        _write_json(stage / "synth.json", {k: v for k, v in summary.items() if k != "data"})
+    summary["out"] = str(Path(out))
+    return summary
