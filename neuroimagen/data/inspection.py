@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
+from neuroimagen.data.datasets import is_finite
 from neuroimagen.errors import DataError
 
 EEG_IMAGENET_SPLIT_FILES = ("block_splits_by_image_all.pth", "block_splits_by_image_single.pth")
@@ -61,7 +61,7 @@ def inspect_eeg_imagenet(cfg) -> dict:
     problems: list[str] = []
     low, high = length_bounds(cfg)
     n = len(f.segments)
-    finite = np.array([bool(torch.isfinite(x).all()) for x in f.segments])
+    finite = np.array([is_finite(x) for x in f.segments], dtype=bool)
     if not finite.all():
         problems.append(f"{int((~finite).sum())} segments contain NaN/Inf, e.g. dataset[{int(np.flatnonzero(~finite)[0])}]")
     mismatch = [i for i in range(n) if f.stems[f.image_idx[i]].split("_")[0] != f.wnids[f.labels_idx[i]]]

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny synthetic twins (written once per session) and CLI helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback test clusters run without token auth
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_EEG_IMAGENET = dict(format="eeg-imagenet", classes=6, images_per_class=10, subjects=2, channels=8,
+                         image_size=32, seed=3)
+TINY_THINGS = dict(format="things-eeg", classes=4, images_per_class=10, subjects=2, channels=17, times=100,
+                   image_size=32, test_repetitions=3, seed=5)
+
+
+def make_twin(path: Path, **kw) -> Path:
+    from neuroimagen.config import SynthConfig
+    from neuroimagen.data.synthetic import synthesize
+
+    synthesize(path, SynthConfig(**kw), show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def twin(tmp_path_factory) -> Path:
+    """A tiny EEG-ImageNet-layout twin (read-only: tests must not modify it)."""
+    return make_twin(tmp_path_factory.mktemp("twin") / "d", **TINY_EEG_IMAGENET)
+
+
+@pytest.fixture(scope="session")
+def things_twin(tmp_path_factory) -> Path:
+    """A tiny THINGS-EEG2-layout twin (read-only)."""
+    return make_twin(tmp_path_factory.mktemp("things") / "d", **TINY_THINGS)
+
+
+@pytest.fixture
+def twin_cfg(twin):
+    from neuroimagen.config import load_config
+
+    return load_config(twin / "config.yaml")
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, out={self.out[-500:]!r}, err={self.err[-800:]!r})"
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``neuroimagen ARGS`` in-process; returns exit code and captured output."""
+    from neuroimagen.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        cap = capsys.readouterr()
+        return CliResult(code, cap.out, cap.err)
+
+    return run
+
+
+def assert_one_line_error(res: CliResult, *fragments: str) -> None:
+    """Exit code 2, exactly one stderr line 'neuroimagen: error: ...' holding every fragment."""
+    assert res.code == 2, res
+    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, res
+    assert lines[0].startswith("neuroimagen: error: "), res
+    assert "Traceback" not in res.err
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
