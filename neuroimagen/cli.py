@@ -141,6 +141,23 @@ def data_inspect(path, splits, images, fmt, as_json, out, config_path, overrides
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (created; re-running resumes).")
+@click.option("--stages", default=None, metavar="LIST",
+              help="Comma-separated subset of encoder,saliency,semantic (default: all, in dependency order).")
+@config_options
+def train(out, stages, config_path, overrides):
+    """Train stages 1-3 (encoder, saliency GAN, semantic regressor), on Ray Train or in-process."""
+    cfg = _load(config_path, overrides)
+    from neuroimagen.training.run import train as run_train
+
+    run_train(cfg, out, stages.split(",") if stages else None, log=lambda m: click.echo(m, err=True))
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 

@@ -103,6 +103,112 @@ class SynthConfig:
     test_repetitions: int = param(8, ge=1, le=80, doc="things-eeg: repetitions of each test image (real: 80)")
 
 
+EncoderName = Literal["lstm", "channelnet", "tsconv"]
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # kept equal to neuroimagen.augment.POLICIES (tested)
+
+
+@dataclass(frozen=True)
+class EncoderStageConfig:
+    """Stage 1: EEG encoder f_theta trained with the triplet loss (eq. 1)."""
+
+    name: EncoderName = param("tsconv", doc="encoder from the registry: lstm (Spampinato 2017), channelnet (Palazzo 2020), tsconv (NICE)")
+    embed_dim: int = param(128, ge=2, doc="feature size D of f_theta(x)")
+    width: Optional[int] = param(None, ge=1, doc="encoder size (LSTM hidden, conv filters); null = the encoder's default")
+    dropout: float = param(0.25, ge=0, lt=1, doc="dropout inside the encoder")
+    l2_normalize: bool = param(False, doc="L2-normalise the features (as in EEGStyleGAN-ADA)")
+    margin: float = param(0.2, ge=0, doc="triplet margin beta (eq. 1)")
+    mining: Literal["batch_all", "semi_hard", "batch_hard"] = param("semi_hard", doc="triplet mining strategy")
+    squared: bool = param(True, doc="squared Euclidean distances in the triplet loss (eq. 1)")
+    epochs: int = param(30, ge=1, doc="training epochs")
+    classes_per_batch: int = param(8, ge=2, doc="P: classes in each class-balanced batch")
+    samples_per_class: int = param(4, ge=2, doc="K: samples per class in each batch (batch = P x K)")
+    lr: float = param(1e-3, gt=0, doc="Adam learning rate")
+    weight_decay: float = param(1e-4, ge=0, doc="Adam weight decay")
+    val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
+    knn_k: int = param(5, ge=1, doc="neighbours of the k-NN validation classifier")
+
+
+@dataclass(frozen=True)
+class SaliencyStageConfig:
+    """Stage 2: conditional saliency GAN G(z, f_theta(x)) (eq. 2-6), f_theta frozen from stage 1.
+
+    Generator loss (eq. 6): alpha2 * hinge adversarial + alpha1 * mode seeking + alpha3 * (1 - SSIM).
+    """
+
+    resolution: Literal[32, 64, 128] = param(64, doc="saliency map size in pixels (paper: 64)")
+    z_dim: int = param(128, ge=1, doc="noise size, z ~ U(-1, 1)")
+    g_width: int = param(64, ge=4, doc="generator base width")
+    d_width: int = param(64, ge=4, doc="discriminator base width")
+    alpha1: float = param(1.0, ge=0, doc="weight of the mode-seeking term (eq. 4)")
+    alpha2: float = param(1.0, ge=0, doc="weight of the hinge adversarial term (eq. 3)")
+    alpha3: float = param(1.0, ge=0, doc="weight of the 1 - SSIM term (eq. 5)")
+    diffaugment: str = param("color,translation,cutout", doc="DiffAugment policy applied to real and fake before D")
+    lr: float = param(3e-4, gt=0, doc="Adam learning rate of G and D")
+    betas: tuple[float, float] = param((0.2, 0.5), doc="Adam betas (EEG2Image)")
+    epochs: int = param(30, ge=1, doc="training epochs")
+    batch_size: int = param(32, ge=2, doc="batch size per worker")
+    val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
+
+    def validate(self, prefix: str) -> None:
+        bad = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in DIFFAUGMENT_POLICIES]
+        if bad:
+            raise ConfigError(f"{prefix}.diffaugment: unknown policy '{bad[0]}' (known: {', '.join(DIFFAUGMENT_POLICIES)})")
+
+
+@dataclass(frozen=True)
+class SemanticStageConfig:
+    """Stage 3: EEG -> caption embedding regressor h (eq. 7), loss ||h - h_caption||^2."""
+
+    captions: Literal["label", "image"] = param("label", doc="label captions ('An image of <name>') or per-image captions (data.captions)")
+    encoder: Optional[EncoderName] = param(None, doc="EEG encoder of the regressor; null = stages.encoder.name")
+    width: Optional[int] = param(None, ge=1, doc="encoder size; null = the encoder's default")
+    embed_dim: int = param(128, ge=2, doc="encoder feature size before the regression head")
+    hidden: int = param(256, ge=1, doc="hidden units of the regression head")
+    dropout: float = param(0.25, ge=0, lt=1, doc="dropout inside the encoder and head")
+    init_from_encoder: bool = param(True, doc="start from the stage-1 encoder weights when the architecture matches")
+    epochs: int = param(30, ge=1, doc="training epochs")
+    batch_size: int = param(32, ge=2, doc="batch size per worker")
+    lr: float = param(1e-3, gt=0, doc="Adam learning rate")
+    weight_decay: float = param(1e-4, ge=0, doc="Adam weight decay")
+    val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    encoder: EncoderStageConfig = param(default_factory=EncoderStageConfig)
+    saliency: SaliencyStageConfig = param(default_factory=SaliencyStageConfig)
+    semantic: SemanticStageConfig = param(default_factory=SemanticStageConfig)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The CLIP text encoder that defines caption embeddings (stage-3 targets, LDM conditioning)."""
+
+    pretrained: Optional[str] = param(None, doc="local Stable Diffusion snapshot / CLIP folder, or a model id in the local HF cache; null = tiny in-code encoder")
+    hidden_size: int = param(32, ge=8, doc="tiny encoder: width E")
+    num_layers: int = param(2, ge=1, doc="tiny encoder: transformer layers")
+    num_heads: int = param(2, ge=1, doc="tiny encoder: attention heads")
+    max_length: int = param(64, ge=8, le=512, doc="tiny encoder: tokens L (character-level tokenizer)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How stages run: in this process, or on Ray Train with DDP."""
+
+    backend: Literal["ray", "local"] = param("ray", doc="ray: TorchTrainer with DDP; local: the same fit() in this process")
+    num_workers: int = param(1, ge=1, doc="Ray Train workers (DDP ranks)")
+    use_gpu: bool = param(False, doc="one GPU per worker (nccl); false = CPU (gloo)")
+    cpus_per_worker: float = param(1.0, gt=0, doc="CPUs reserved per worker")
+    threads_per_worker: int = param(0, ge=0, doc="torch threads per worker; 0 = cpus_per_worker")
+    max_failures: int = param(2, ge=0, doc="worker-group restarts before a stage fails (resumes from the last checkpoint)")
+    storage_path: Optional[str] = param(None, path=True, doc="Ray Train storage (must be shared storage on a multi-node cluster); null = <run>/ray")
+    ray_address: Optional[str] = param(None, doc="Ray cluster to join; null = RAY_ADDRESS, else start a local instance")
+    ray_num_cpus: Optional[int] = param(None, ge=1, doc="logical CPUs of a local Ray instance; null = max(4, cores)")
+    checkpoints_to_keep: int = param(2, ge=1, doc="checkpoints kept per stage")
+    fault_injection_epoch: Optional[int] = param(None, ge=0, doc="testing: kill rank 0 once during this epoch to exercise recovery")
+    progress: bool = param(True, doc="print one line per epoch")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration of a neuroimagen run."""
@@ -110,6 +216,9 @@ class Config:
     seed: int = param(0, ge=0, doc="global seed")
     data: DataConfig = param(default_factory=DataConfig)
     synth: SynthConfig = param(default_factory=SynthConfig)
+    stages: StagesConfig = param(default_factory=StagesConfig)
+    text_encoder: TextEncoderConfig = param(default_factory=TextEncoderConfig)
+    train: TrainConfig = param(default_factory=TrainConfig)
 
     def validate(self, prefix: str) -> None:  # noqa: ARG002 - uniform signature
         pass

@@ -79,3 +79,15 @@ def assert_one_line_error(res: CliResult, *fragments: str) -> None:
     assert "Traceback" not in res.err
     for frag in fragments:
         assert frag in lines[0], (frag, lines[0])
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (4 logical CPUs on 2 cores: headroom)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=True, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -21,12 +21,12 @@ def label_caption(name: str) -> str:
 
 
 def _size_word(size: float) -> str:
-    return "small" if size < 0.33 else ("large" if size > 0.42 else "medium-sized")
+    return "small" if size < 0.53 else ("large" if size > 0.62 else "medium-sized")
 
 
 def _place_words(cx: float, cy: float) -> str:
-    v = "upper" if cy < 0.42 else ("lower" if cy > 0.58 else "middle")
-    h = "left" if cx < 0.42 else ("right" if cx > 0.58 else "centre")
+    v = "upper" if cy < 0.47 else ("lower" if cy > 0.53 else "middle")
+    h = "left" if cx < 0.47 else ("right" if cx > 0.53 else "centre")
     if v == "middle" and h == "centre":
         return "in the centre"
     if v == "middle":

@@ -43,6 +43,12 @@ COLOURS = {
 BANDS = {"eeg_5_95_std.pth": (5.0, 95.0), "eeg_14_70_std.pth": (14.0, 70.0), "eeg_55_95_std.pth": (55.0, 95.0)}
 RAW_FILE = "eeg_signals_raw_with_mean_std.pth"
 N_SOURCES = 12
+# Instance attribute ranges (fractions of the image side; background = grey level). Objects stay
+# large and near the centre so that the class (shape, colour) shapes the picture: a saliency map that
+# knows the class beats the mean image, as it should on real photographs of centred objects.
+POSITION = (0.4, 0.6)
+SIZE = (0.45, 0.7)
+BACKGROUND = (0.3, 0.7)
 N_SPLITS = 6
 THINGS_17 = ("Pz", "P3", "P7", "O1", "Oz", "O2", "P4", "P8", "P1", "P5", "PO7", "PO3", "POz", "PO4", "PO8", "P6", "P2")
 
@@ -57,8 +63,12 @@ class ImageSpec:
     background: float
 
     def attributes(self) -> np.ndarray:
-        """Centred instance attributes (4,) that the EEG encodes."""
-        return np.array([self.cx - 0.5, self.cy - 0.5, self.size - 0.375, self.background - 0.5])
+        """Instance attributes (4,) that the EEG encodes, each scaled to [-0.5, 0.5]."""
+        def unit(v, lo_hi):
+            return (v - lo_hi[0]) / (lo_hi[1] - lo_hi[0]) - 0.5
+
+        return np.array([unit(self.cx, POSITION), unit(self.cy, POSITION), unit(self.size, SIZE),
+                         unit(self.background, BACKGROUND)])
 
 
 def class_look(label: int) -> tuple[str, str]:
@@ -93,7 +103,7 @@ def render_image(spec: ImageSpec, size: int, rng: np.random.Generator):
     ss = 2  # supersample for smooth edges
     S = size * ss
     bg = int(round(255 * spec.background))
-    texture = rng.normal(0.0, 10.0, size=(S // 8 + 1, S // 8 + 1, 3))
+    texture = rng.normal(0.0, 6.0, size=(S // 8 + 1, S // 8 + 1, 3))
     base = np.clip(bg + np.kron(texture, np.ones((8, 8, 1)))[:S, :S], 0, 255).astype(np.uint8)
     im = Image.fromarray(base, "RGB").filter(ImageFilter.GaussianBlur(radius=3 * ss))
     draw = ImageDraw.Draw(im)
@@ -141,7 +151,7 @@ class EEGModel:
         self.freqs = np.geomspace(f_lo, f_hi, N_SOURCES)  # (S,)
         self.class_amp = rng.normal(0.0, 1.0, size=(n_classes, N_SOURCES))  # (K, S)
         self.class_phase = rng.uniform(0, 2 * math.pi, size=(n_classes, N_SOURCES))
-        self.W_inst = rng.normal(0.0, 2.0, size=(N_SOURCES, 4))  # attributes span ~[-0.25, 0.25]
+        self.W_inst = rng.normal(0.0, 1.0, size=(N_SOURCES, 4))  # attributes span [-0.5, 0.5]
         # Subjects: channel gains and a perturbed mixing matrix.
         self.gain = np.exp(rng.normal(0.0, 0.25, size=(n_subjects, channels)))  # (P, C)
         self.M_subj = self.M[None] + 0.3 * rng.normal(0.0, 1.0, size=(n_subjects, channels, N_SOURCES)) * np.abs(self.M).mean()
@@ -205,8 +215,8 @@ def bandpass(x: np.ndarray, sfreq: float, lo: float, hi: float) -> np.ndarray:
 
 def _image_specs(rng: np.random.Generator, labels: list[int], stems: list[str]) -> list[ImageSpec]:
     return [
-        ImageSpec(stem=s, label=lab, cx=float(rng.uniform(0.3, 0.7)), cy=float(rng.uniform(0.3, 0.7)),
-                  size=float(rng.uniform(0.25, 0.5)), background=float(rng.uniform(0.1, 0.9)))
+        ImageSpec(stem=s, label=lab, cx=float(rng.uniform(*POSITION)), cy=float(rng.uniform(*POSITION)),
+                  size=float(rng.uniform(*SIZE)), background=float(rng.uniform(*BACKGROUND)))
         for lab, s in zip(labels, stems)
     ]
 

@@ -1,0 +1,103 @@
+"""What every stage shares: data preloaded as tensors, a batch iterator, state load/save plumbing.
+
+A stage is (modules, objective, data, optimizers) plus the one shared ``fit()``; only the GAN's
+alternating D/G step is stage-specific beyond ``train_step`` and ``validate``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from neuroimagen.training.context import RunContext, unwrap
+
+
+class TensorBatches:
+    """Iterate a batch sampler over preloaded tensors, moving each batch to the device."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], sampler, device: torch.device):
+        self.tensors, self.sampler, self.device = tensors, sampler, device
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for idx in self.sampler:
+            ix = torch.as_tensor(idx, dtype=torch.long)
+            yield {k: v[ix].to(self.device, non_blocking=True) for k, v in self.tensors.items()}
+
+
+def batched(module: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:
+    """Eval-mode forward of ``module`` over ``x`` in chunks; result on the CPU."""
+    module = unwrap(module)
+    was = module.training
+    module.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            outs.append(module(x[i: i + batch].to(device)).float().cpu())
+    module.train(was)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+class Stage(ABC):
+    """Base class: subclasses set ``name``, ``select_metric``/``select_mode`` and build their parts."""
+
+    name = "stage"
+    select_metric = "val_loss"
+    select_mode = "min"
+
+    def __init__(self, cfg, ctx: RunContext, inputs: dict):
+        self.cfg, self.ctx, self.inputs = cfg, ctx, inputs
+        self.loader: TensorBatches
+        self.sampler = None
+        self._modules: dict[str, nn.Module] = {}
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._specs: dict[str, dict] = {}
+        self._data_desc: dict = {}
+
+    # --- interface used by fit() -------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        for m in self._modules.values():
+            m.train()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return self._modules
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        return self._modules
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self._optimizers
+
+    def specs(self) -> dict[str, dict]:
+        return self._specs
+
+    def describe_data(self) -> dict:
+        return self._data_desc
+
+    def load_state(self, payload: dict) -> None:
+        for name, m in self._modules.items():
+            unwrap(m).load_state_dict(payload["modules"][name])
+        for name, o in self._optimizers.items():
+            o.load_state_dict(payload["optimizers"][name])
+
+    @abstractmethod
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step on ``batch``; returns named scalar losses."""
+
+    @abstractmethod
+    def validate(self) -> dict[str, float]:
+        """Metrics on the validation split (``val_*``); never touches test data."""
+
+
+def describe_split(ds) -> dict:
+    """Which data a stage saw: file, split, counts, subjects (recorded in every checkpoint)."""
+    rec = ds.recording
+    return {"source": rec.source, "format": rec.format, "notes": rec.notes, "n": len(ds),
+            "subjects": sorted(set(ds.subjects.tolist())), "classes": rec.num_classes}

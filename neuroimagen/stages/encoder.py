@@ -1,0 +1,89 @@
+"""Stage 1: the EEG encoder f_theta, trained with the triplet loss (NeuroImagen eq. 1).
+
+Batches are class-balanced (P classes x K samples) so every anchor has positives; mining is
+batch-all, semi-hard or batch-hard (hardest negative = the closest). Validation: k-NN top-1
+accuracy of validation embeddings against training embeddings, and k-means clustering accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neuroimagen.losses import triplet_loss
+from neuroimagen.metrics.embedding import clustering_accuracy, knn_accuracy
+from neuroimagen.models.eeg_encoders import build_encoder
+from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
+from neuroimagen.training.samplers import BalancedBatchSampler
+
+
+def encoder_spec(sc, n_chans: int, n_times: int) -> dict:
+    """The builder + kwargs that recreate the stage-1 encoder (stored in checkpoints and model.json)."""
+    return {"builder": "eeg_encoder", "kwargs": {"name": sc.name, "n_chans": n_chans, "n_times": n_times,
+                                                 "embed_dim": sc.embed_dim, "width": sc.width, "dropout": sc.dropout,
+                                                 "l2_normalize": sc.l2_normalize}}
+
+
+def build_from_spec(spec: dict) -> torch.nn.Module:
+    """Recreate a module from a spec written by a stage (``eeg_encoder``, ``generator``, ``semantic``)."""
+    kw = dict(spec["kwargs"])
+    if spec["builder"] == "eeg_encoder":
+        return build_encoder(kw.pop("name"), **kw)
+    if spec["builder"] == "generator":
+        from neuroimagen.models.saliency_gan import Generator
+
+        return Generator(**kw)
+    if spec["builder"] == "discriminator":
+        from neuroimagen.models.saliency_gan import Discriminator
+
+        return Discriminator(**kw)
+    if spec["builder"] == "semantic":
+        from neuroimagen.models.semantic import SemanticRegressor
+
+        return SemanticRegressor(**kw)
+    raise ValueError(f"unknown builder {spec['builder']!r}")
+
+
+class EncoderStage(Stage):
+    name = "encoder"
+    select_metric = "val_knn_acc"
+    select_mode = "max"
+
+    def __init__(self, cfg, ctx, inputs):
+        super().__init__(cfg, ctx, inputs)
+        sc = cfg.stages.encoder
+        self.sc = sc
+        splits = inputs["splits"]
+        train, val = splits["train"], splits["val"]
+        self.x_train, self.y_train = train.eeg_tensor(), train.labels  # (N, C, T), (N,)
+        self.x_val, self.y_val = val.eeg_tensor(), val.labels
+        self.num_classes = train.num_classes
+        C, T = self.x_train.shape[1:]
+        self._specs = {"encoder": encoder_spec(sc, C, T)}
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = ctx.wrap(build_from_spec(self._specs["encoder"]))
+        self._modules = {"encoder": self.model}
+        self._optimizers = {"encoder": torch.optim.Adam(self.model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)}
+        self.sampler = BalancedBatchSampler(self.y_train, sc.classes_per_batch, sc.samples_per_class, seed=cfg.seed,
+                                            rank=ctx.rank, world_size=ctx.world_size)
+        self.loader = TensorBatches({"eeg": self.x_train, "label": self.y_train}, self.sampler, ctx.device)
+        self._data_desc = {"train": describe_split(train), "val": describe_split(val)}
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        opt = self._optimizers["encoder"]
+        emb = self.model(batch["eeg"])  # (B, D)
+        loss, stats = triplet_loss(emb, batch["label"], self.sc.margin, self.sc.mining, self.sc.squared)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"triplet": float(loss.detach()), "active": stats["fraction_active"]}
+
+    def validate(self) -> dict[str, float]:
+        dev = self.ctx.device
+        e_train = batched(self.model, self.x_train, dev)  # (N, D)
+        e_val = batched(self.model, self.x_val, dev)  # (M, D)
+        if e_val.shape[0] == 0:
+            return {"val_knn_acc": float("nan")}
+        return {
+            "val_knn_acc": knn_accuracy(e_train, self.y_train, e_val, self.y_val, k=self.sc.knn_k),
+            "val_kmeans_acc": clustering_accuracy(e_val, self.y_val, self.num_classes, seed=self.cfg.seed),
+        }

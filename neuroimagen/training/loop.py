@@ -1,0 +1,150 @@
+"""One training loop for every stage: ``fit()``.
+
+A stage (``neuroimagen.stages``) supplies its modules, optimizers, a batch loader, ``train_step`` and
+``validate``; ``fit`` owns epochs, seeding, validation cadence, best-on-validation selection,
+checkpoint save/resume and progress. It runs unchanged in one process (``LocalReporter``) and in
+every Ray Train worker (``neuroimagen.distributed.train.RayReporter``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+from neuroimagen.training.checkpoint import load_checkpoint, save_checkpoint, state_to_cpu
+from neuroimagen.training.context import RunContext, seed_everything, unwrap
+
+
+class Reporter(Protocol):
+    """Where metrics and checkpoints go, and where a resumed run finds its last checkpoint."""
+
+    def restore(self) -> Optional[dict]: ...
+
+    def report(self, metrics: dict, payload: Optional[dict]) -> None: ...
+
+
+class LocalReporter:
+    """Checkpoints in ``<dir>/epoch-NNNN`` (atomic rename), the newest ``keep`` retained."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+        self.dir = Path(directory)
+        self.keep = keep
+
+    def _complete(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("epoch-*") if (p / "meta.json").is_file() and ".partial-" not in p.name)
+
+    def restore(self) -> Optional[dict]:
+        done = self._complete()
+        return load_checkpoint(done[-1]) if done else None
+
+    def report(self, metrics: dict, payload: Optional[dict]) -> None:
+        if payload is None:
+            return
+        from neuroimagen.atomic import atomic_dir
+
+        with atomic_dir(self.dir / f"epoch-{int(metrics['epoch']):04d}", overwrite=True) as stage:
+            save_checkpoint(stage, payload)
+        for old in self._complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best: dict
+    resumed_from_epoch: Optional[int]
+    final_payload: Optional[dict] = field(default=None, repr=False)
+
+
+def _better(value: float, best: Optional[float], mode: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def _fault(marker: Optional[Path]) -> None:
+    """Testing hook: kill this process the first time (a marker file makes it fire once)."""
+    if marker is None or marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("fault injected\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: int, seed: int,
+        fault_epoch: Optional[int] = None, fault_marker: Optional[Path] = None,
+        log: Optional[Callable[[str], None]] = print) -> FitResult:
+    """Train ``stage`` for ``epochs``, resuming from the reporter's latest checkpoint if any.
+
+    Every epoch: seed from (seed, epoch, rank) so a resumed epoch replays exactly; one pass over the
+    stage's loader; validation every ``val_every`` epochs and after the last; the best epoch by
+    ``stage.select_metric`` (validation data only) is kept; metrics and a checkpoint are reported
+    (every rank reports, rank 0 attaches the checkpoint).
+    """
+    history: list[dict] = []
+    best: dict = {"metric": stage.select_metric, "mode": stage.select_mode, "value": None, "epoch": None, "metrics": {}}
+    best_states: dict = {}
+    start, resumed, resumes = 0, None, []
+    state = reporter.restore()
+    if state is not None:
+        stage.load_state(state)
+        meta = state["meta"]
+        start, resumed = int(meta["epoch"]) + 1, int(meta["epoch"])
+        history, best, best_states = list(meta["history"]), dict(meta["best"]), state["best"]
+        resumes = list(meta.get("resumes", [])) + [resumed]
+        if log and ctx.is_main:
+            log(f"[{stage.name}] resumed from the checkpoint of epoch {resumed}")
+    if state is None:
+        # The untrained model on validation data: the reference every stage must beat.
+        seed_everything(seed, -1, ctx.rank)
+        untrained = stage.validate()
+        best["untrained"] = untrained
+        if log and ctx.is_main:
+            log(f"[{stage.name}] untrained: " + " ".join(f"{k}={v:.4g}" for k, v in untrained.items()))
+    payload = None
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        seed_everything(seed, epoch, ctx.rank)
+        stage.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        n = 0
+        for step, batch in enumerate(stage.loader):
+            out = stage.train_step(batch)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            if fault_epoch is not None and epoch == fault_epoch and step == 0 and ctx.is_main:
+                _fault(fault_marker)
+        train = ctx.mean({f"train_{k}": v / max(n, 1) for k, v in sums.items()})
+        validate = (epoch + 1) % val_every == 0 or epoch == epochs - 1
+        val = stage.validate() if validate else {}
+        metrics = {"epoch": epoch, **train, **val, "epoch_seconds": time.perf_counter() - t0}
+        if validate and _better(val.get(stage.select_metric), best["value"], stage.select_mode):
+            best = {**best, "value": val[stage.select_metric], "epoch": epoch, "metrics": val}
+            best_states = {name: state_to_cpu(unwrap(m).state_dict()) for name, m in stage.export_modules().items()}
+        history.append(metrics)
+        payload = None
+        if ctx.is_main:
+            payload = {
+                "meta": {"stage": stage.name, "epoch": epoch, "epochs": epochs, "metrics": metrics, "history": history,
+                         "best": best, "specs": stage.specs(), "data": stage.describe_data(), "seed": seed,
+                         "world_size": ctx.world_size, "resumes": resumes},
+                "modules": {name: state_to_cpu(unwrap(m).state_dict()) for name, m in stage.modules().items()},
+                "optimizers": {name: state_to_cpu(o.state_dict()) for name, o in stage.optimizers().items()},
+                "best": best_states,
+            }
+        reporter.report(metrics, payload)
+        if log and ctx.is_main:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",) and isinstance(v, float))
+            log(f"[{stage.name}] epoch {epoch + 1}/{epochs} {shown}")
+    return FitResult(history=history, best=best, resumed_from_epoch=resumed, final_payload=payload)

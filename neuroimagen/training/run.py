@@ -1,0 +1,257 @@
+"""Train the stages of a run in dependency order: the function behind ``neuroimagen train`` and
+``jobs/train.py``.
+
+A run directory holds::
+
+    config.yaml               the resolved config (data paths absolute)
+    run.json                  which stages finished, and where each one's outputs are (the hand-offs)
+    twin/                     the synthetic twin, when data.eeg is unset (the embedded default)
+    text_encoder/             the tiny text encoder, when no pretrained one is configured
+    <stage>/model/            best-on-validation weights + model.json (builder + kwargs)
+    <stage>/metrics.json      final validation metrics with chance levels and protocol
+    <stage>/history.json      every epoch's metrics;  <stage>/curves.png  the same, drawn
+    checkpoints/<stage>/      local backend checkpoints;  ray/<stage>/  Ray Train storage
+
+Stages hand off through explicit paths recorded in run.json, never "the latest file".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from neuroimagen.atomic import write_text
+from neuroimagen.config import Config, load_config, write_config
+from neuroimagen.errors import ConfigError, DataError
+from neuroimagen.stages import REQUIRES, STAGE_ORDER, epochs_of
+
+RUN_FILE = "run.json"
+
+
+def resolve_stages(requested: Optional[Sequence[str]]) -> list[str]:
+    """Requested stage names (comma list or sequence) in dependency order; all when None."""
+    if requested is None:
+        return list(STAGE_ORDER)
+    names = [s.strip() for s in requested if s.strip()]
+    bad = [s for s in names if s not in STAGE_ORDER]
+    if bad:
+        raise ConfigError(f"--stages: unknown stage '{bad[0]}' (known: {', '.join(STAGE_ORDER)})")
+    if not names:
+        raise ConfigError(f"--stages: expected at least one of {', '.join(STAGE_ORDER)}")
+    return [s for s in STAGE_ORDER if s in names]
+
+
+def read_run(run_dir: Path) -> dict:
+    p = run_dir / RUN_FILE
+    if not p.is_file():
+        return {"stages": {}}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{p}: unreadable run record ({exc.__class__.__name__}); it is rewritten by a finished stage") from None
+
+
+def _write_run(run_dir: Path, record: dict) -> None:
+    write_text(run_dir / RUN_FILE, json.dumps(record, indent=1))
+
+
+def prepare_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Config:
+    """The embedded default: with ``data.eeg`` unset, synthesise the twin into ``<run>/twin`` once."""
+    if cfg.data.eeg is not None:
+        return cfg
+    twin = run_dir / "twin"
+    if not (twin / "config.yaml").is_file():
+        from neuroimagen.data.synthetic import synthesize
+
+        log(f"data.eeg is unset: synthesising the twin into {twin} ({cfg.synth.classes} classes x "
+            f"{cfg.synth.images_per_class} images, {cfg.synth.subjects} subjects, {cfg.synth.channels} channels)")
+        synthesize(twin, cfg.synth, overwrite=True, show_progress=cfg.train.progress)
+    twin_data = load_config(twin / "config.yaml").data
+    keep = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(cfg.data)
+            if f.name not in ("format", "eeg", "splits", "images", "captions")}
+    return dataclasses.replace(cfg, data=dataclasses.replace(twin_data, **keep))
+
+
+def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Optional[dict] = None) -> dict:
+    """What stage ``name`` needs from earlier stages (weights, targets), read from recorded paths."""
+    from neuroimagen.training.checkpoint import load_model_dir
+
+    inputs: dict = {}
+    if splits is not None:
+        inputs["splits"] = splits
+    enc = record["stages"].get("encoder")
+    if enc is not None:
+        doc, states = load_model_dir(run_dir / enc["model"])
+        inputs.update(encoder_spec=doc["modules"]["encoder"], encoder_state=states["encoder"],
+                      encoder_path=str(run_dir / enc["model"]))
+    elif REQUIRES[name]:
+        raise ConfigError(f"--stages: stage '{name}' needs a finished '{REQUIRES[name][0]}' stage in {run_dir} "
+                          f"(run --stages {','.join(REQUIRES[name] + (name,))})")
+    if name == "semantic":
+        from neuroimagen.data.datasets import load_splits
+        from neuroimagen.stages.semantic import build_targets
+
+        sp = splits if splits is not None else load_splits(cfg.data, image_mode="none")
+        inputs["targets"] = build_targets(cfg, sp, run_dir)
+    return inputs
+
+
+def _chance(name: str, payload: dict, val_metrics: dict) -> dict:
+    classes = payload["meta"]["data"]["train"]["classes"]
+    if name == "encoder":
+        return {"chance": 1.0 / classes}
+    if name == "semantic":
+        return {"chance": 1.0 / classes}
+    return {"baseline_mean_image_ssim": val_metrics.get("val_ssim_mean_image")}
+
+
+PROTOCOL = {
+    "encoder": "k-NN (k={k}, Euclidean) top-1 accuracy of validation-split embeddings against training-split "
+               "embeddings; k-means (K=classes, 10 inits) accuracy after Hungarian matching on the validation split; "
+               "model selected on val_knn_acc",
+    "saliency": "SSIM (Gaussian window 11, sigma 1.5, data range 1, colour channels averaged) and Pearson pixel "
+                "correlation of G(z, f(x)) at {r} px against the validation-split images, z fixed per item, G in eval "
+                "mode; baseline: the mean training image; model selected on val_ssim",
+    "semantic": "MSE and cosine similarity to the {cap} caption embeddings of the validation split; nearest-class "
+                "rate = fraction of validation items closest (Euclidean) to their class prototype; model selected on val_mse",
+}
+
+
+def _plot_history(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neuroimagen.atomic import atomic_path
+
+    train_keys = sorted({k for h in history for k in h if k.startswith("train_")})
+    val_keys = sorted({k for h in history for k in h if k.startswith("val_")})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, keys, label in ((axes[0], train_keys, "training (mean per epoch)"), (axes[1], val_keys, "validation")):
+        for k in keys:
+            pts = [(h["epoch"] + 1, h[k]) for h in history if k in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=2, label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
+    """Write ``<run>/<stage>/{model/, metrics.json, history.json, curves.png}`` from the final checkpoint."""
+    from neuroimagen.training.checkpoint import export_model
+
+    meta = payload["meta"]
+    best = meta["best"]
+    if not payload["best"]:
+        raise DataError(f"{name}: no validation metric improved during training (validation split empty?)")
+    out = run_dir / name
+    export_names = list(payload["best"])
+    export_model(out / "model", {k: meta["specs"][k] for k in export_names}, payload["best"],
+                 extra={"stage": name, "best_epoch": best["epoch"], "selected_on": best["metric"]})
+    sc = getattr(cfg.stages, name)
+    protocol = PROTOCOL[name].format(k=getattr(sc, "knn_k", ""), r=getattr(sc, "resolution", ""),
+                                     cap=getattr(sc, "captions", ""))
+    metrics = {
+        "stage": name,
+        **best["metrics"],
+        **_chance(name, payload, best["metrics"]),
+        "untrained": best.get("untrained", {}),
+        "best_epoch": best["epoch"],
+        "epochs": meta["epochs"],
+        "selected_on": f"{best['metric']} ({best['mode']}) on the validation split",
+        "final_epoch": meta["metrics"],
+        "resumed_at_epochs": meta.get("resumes", []),
+        "world_size": meta["world_size"],
+        "data": meta["data"],
+        "protocol": protocol,
+    }
+    write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    write_text(out / "history.json", json.dumps(meta["history"], indent=1))
+    _plot_history(meta["history"], out / "curves.png", f"{name}: {best['metric']} best {best['value']:.4g} at epoch {best['epoch'] + 1}")
+    return metrics
+
+
+def summary_line(name: str, metrics: dict, run_dir: Path) -> str:
+    keys = [k for k in metrics if k.startswith("val_")]
+    shown = " ".join(f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics[k], float))
+    extra = f" (chance {metrics['chance']:.3f})" if "chance" in metrics else (
+        f" (mean-image SSIM {metrics['baseline_mean_image_ssim']:.3f})" if metrics.get("baseline_mean_image_ssim") is not None else "")
+    resumed = f", resumed at epoch(s) {metrics['resumed_at_epochs']}" if metrics["resumed_at_epochs"] else ""
+    return (f"[{name}] done: {shown}{extra}; best epoch {metrics['best_epoch'] + 1}/{metrics['epochs']}{resumed} "
+            f"-> {run_dir / name}")
+
+
+def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
+          log: Callable[[str], None] = print) -> dict:
+    """Train ``stages`` (default: all) into the run directory ``out``; returns {stage: metrics}.
+
+    Re-running the same command resumes: finished stages are retrained only when requested, and an
+    interrupted stage continues from its last checkpoint.
+    """
+    run_dir = Path(out).resolve()
+    names = resolve_stages(stages)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = prepare_data(cfg, run_dir, log)
+    write_config(cfg, run_dir)
+    record = read_run(run_dir)
+    record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    splits = None
+    if cfg.train.backend == "local":
+        from neuroimagen.training.context import set_threads
+
+        set_threads(cfg.train.threads_per_worker)
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        if cfg.train.backend == "local":
+            from neuroimagen.data.datasets import load_splits
+
+            splits = splits if splits is not None else load_splits(cfg.data, image_mode="path")
+        inputs = stage_inputs(name, cfg, run_dir, record, splits)
+        epochs, _ = epochs_of(cfg, name)
+        log(f"[{name}] training {epochs} epochs ({cfg.train.backend} backend, "
+            f"{cfg.train.num_workers if cfg.train.backend == 'ray' else 1} worker(s))")
+        if cfg.train.backend == "local":
+            payload = fit_local(name, cfg, inputs, run_dir, log)
+        else:
+            from neuroimagen.distributed.train import fit_on_ray
+
+            payload = fit_on_ray(name, cfg, inputs, run_dir, log)
+        metrics = export_stage(name, cfg, run_dir, payload)
+        record["stages"][name] = {"model": f"{name}/model", "metrics": f"{name}/metrics.json",
+                                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "seconds": round(time.perf_counter() - t0, 1)}
+        _write_run(run_dir, record)
+        log(summary_line(name, metrics, run_dir))
+        results[name] = metrics
+    return results
+
+
+def fit_local(name: str, cfg: Config, inputs: dict, run_dir: Path, log: Callable[[str], None]) -> dict:
+    """Run ``fit()`` for one stage in this process; returns the final checkpoint payload."""
+    from neuroimagen.stages import build_stage
+    from neuroimagen.training.context import RunContext
+    from neuroimagen.training.loop import LocalReporter, fit
+
+    ctx = RunContext()
+    reporter = LocalReporter(run_dir / "checkpoints" / name, keep=cfg.train.checkpoints_to_keep)
+    stage = build_stage(name, cfg, ctx, inputs)
+    epochs, val_every = epochs_of(cfg, name)
+    fit(stage, ctx, reporter, epochs=epochs, val_every=val_every, seed=cfg.seed,
+        fault_epoch=cfg.train.fault_injection_epoch, fault_marker=run_dir / "checkpoints" / name / "fault-injected",
+        log=log if cfg.train.progress else None)
+    payload = reporter.restore()
+    if payload is None:
+        raise DataError(f"{name}: training produced no checkpoint")
+    return payload

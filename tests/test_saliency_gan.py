@@ -1,0 +1,186 @@
+"""The saliency-map GAN: shapes, ranges, conditioning, spectral norm, and a tiny learning check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from neuroimagen.models.saliency_gan import Discriminator, Generator, sample_z
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128])
+def test_shapes_and_ranges(resolution):
+    torch.manual_seed(0)
+    g = Generator(z_dim=16, cond_dim=8, resolution=resolution, width=8)
+    d = Discriminator(cond_dim=8, resolution=resolution, width=8)
+    z, cond = sample_z(3, 16), torch.randn(3, 8)
+    img = g(z, cond)
+    assert img.shape == (3, 3, resolution, resolution)
+    assert img.dtype == torch.float32
+    assert img.min() >= -1.0 and img.max() <= 1.0
+    logits = d(img, cond)
+    assert logits.shape == (3,)
+    assert torch.isfinite(logits).all()
+
+
+def test_default_sizes():
+    g, d = Generator(), Discriminator()
+    assert g(sample_z(2, 128), torch.randn(2, 128)).shape == (2, 3, 64, 64)
+    assert d(torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 128)).shape == (2,)
+
+
+@pytest.mark.parametrize("resolution", [16, 48, 256, 0])
+def test_bad_resolution(resolution):
+    with pytest.raises(ValueError, match=f"resolution: expected 32, 64 or 128, got {resolution}"):
+        Generator(resolution=resolution)
+    with pytest.raises(ValueError, match=f"resolution: expected 32, 64 or 128, got {resolution}"):
+        Discriminator(resolution=resolution)
+
+
+def test_bad_input_shapes():
+    g = Generator(z_dim=4, cond_dim=3, resolution=32, width=4)
+    d = Discriminator(cond_dim=3, resolution=32, width=4)
+    with pytest.raises(ValueError, match="z: expected shape"):
+        g(torch.zeros(2, 5), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="cond: expected shape"):
+        g(torch.zeros(2, 4), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="img: expected shape"):
+        d(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="cond: expected shape"):
+        d(torch.zeros(2, 3, 32, 32), torch.zeros(2, 4))
+
+
+def test_sample_z():
+    z = sample_z(4096, 8, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (4096, 8) and z.dtype == torch.float32
+    assert z.min() >= -1.0 and z.max() < 1.0
+    assert z.min() < -0.99 and z.max() > 0.99  # covers the whole interval
+    assert abs(z.mean().item()) < 0.02
+    again = sample_z(4096, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(z, again)
+    assert sample_z(0, 8).shape == (0, 8)
+    with pytest.raises(ValueError):
+        sample_z(2, 0)
+
+
+def test_generator_depends_on_z_and_cond():
+    torch.manual_seed(1)
+    g = Generator(z_dim=16, cond_dim=8, resolution=32, width=8).eval()
+    z, cond = sample_z(2, 16), torch.randn(2, 8)
+    with torch.no_grad():
+        base = g(z, cond)
+        other_z = g(sample_z(2, 16), cond)
+        other_cond = g(z, torch.randn(2, 8))
+        same = g(z, cond)
+    assert torch.equal(base, same)
+    assert (base - other_z).abs().max() > 1e-4
+    assert (base - other_cond).abs().max() > 1e-4
+
+
+def test_discriminator_projection_uses_cond():
+    torch.manual_seed(2)
+    d = Discriminator(cond_dim=8, resolution=32, width=8).eval()
+    img = torch.rand(4, 3, 32, 32) * 2 - 1
+    c1, c2 = torch.randn(4, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        out1, out2, out1_again = d(img, c1), d(img, c2), d(img, c1)
+    assert torch.equal(out1, out1_again)
+    assert (out1 - out2).abs().min() > 1e-6
+    # The projection term is linear in cond: D(x, c1) + D(x, c2) - D(x, 0) == D(x, c1 + c2).
+    with torch.no_grad():
+        lhs = out1 + out2 - d(img, torch.zeros(4, 8))
+        rhs = d(img, c1 + c2)
+    assert torch.allclose(lhs, rhs, atol=1e-4)
+
+
+def _parametrized_weights(module: nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))
+            and parametrize.is_parametrized(m, "weight")]
+
+
+def _weight_layers(module: nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+
+
+def test_spectral_norm_everywhere():
+    g = Generator(z_dim=8, cond_dim=8, resolution=64, width=8)
+    d = Discriminator(cond_dim=8, resolution=64, width=8)
+    for net, n_layers in ((g, 1 + 4 + 1), (d, 4 + 1 + 2)):  # fc/up-convs/to_rgb; down-convs/3x3/linear+embed
+        layers = _weight_layers(net)
+        assert len(layers) == n_layers
+        assert _parametrized_weights(net) == layers
+        for name in layers:
+            m = net.get_submodule(name)
+            assert type(m.parametrizations.weight[0]).__name__ == "_SpectralNorm"
+    # After a few power iterations the spectral norm of the effective weight is ~1.
+    lin = d.linear
+    for _ in range(20):
+        lin(torch.zeros(1, lin.in_features))
+    assert torch.linalg.matrix_norm(lin.weight.detach(), ord=2).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_channel_plan():
+    g = Generator(z_dim=8, cond_dim=8, resolution=128, width=16)
+    ups = [m for m in g.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [m.out_channels for m in ups] == [64, 32, 16, 8, 8]  # halves, never below width // 2
+    assert g.fc.out_features == 16 * 8 * 4 * 4
+    d = Discriminator(cond_dim=8, resolution=128, width=16)
+    downs = [m for m in d.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert [m.out_channels for m in downs] == [16, 32, 64, 128, 128]
+    assert d.feature_dim == 128
+
+
+def test_backward_through_discriminator():
+    torch.manual_seed(3)
+    g = Generator(z_dim=8, cond_dim=6, resolution=32, width=8)
+    d = Discriminator(cond_dim=6, resolution=32, width=8)
+    cond = torch.randn(4, 6, requires_grad=True)
+    img = g(sample_z(4, 8), cond)
+    real = (torch.rand(4, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    loss = torch.relu(1.0 - d(real, cond)).mean() + torch.relu(1.0 + d(img, cond)).mean()  # hinge
+    loss.backward()
+    for grad in (real.grad, cond.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    for net in (g, d):
+        grads = [p.grad for p in net.parameters() if p.requires_grad]
+        assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+        assert any(gr.abs().sum() > 0 for gr in grads)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny nets train much faster on one thread than on two contended ones (2-core CI machines)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generator_learns_conditional_targets(one_thread):
+    """Generator-only L1 regression: each cond learns its own constant colour (class 0 red, 1 blue)."""
+    torch.manual_seed(4)
+    z_dim, cond_dim = 16, 8
+    g = Generator(z_dim=z_dim, cond_dim=cond_dim, resolution=32, width=16)
+    conds = torch.randn(2, cond_dim)
+    targets = torch.full((2, 3, 32, 32), -1.0)
+    targets[0, 0] = 1.0  # red
+    targets[1, 2] = 1.0  # blue
+    labels = torch.arange(8) % 2
+    opt = torch.optim.Adam(g.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    for _ in range(150):
+        out = g(sample_z(8, z_dim), conds[labels])
+        loss = (out - targets[labels]).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g.eval()
+    with torch.no_grad():
+        out = g(sample_z(8, z_dim), conds[labels])  # (8, 3, 32, 32), fresh noise
+    for i, label in enumerate(labels.tolist()):
+        own = (out[i] - targets[label]).abs().mean()
+        other = (out[i] - targets[1 - label]).abs().mean()
+        assert own < other, (i, label, own.item(), other.item())
+        assert own < 0.25
