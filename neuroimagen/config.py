@@ -139,8 +139,10 @@ class SaliencyStageConfig:
     z_dim: int = param(128, ge=1, doc="noise size, z ~ U(-1, 1)")
     g_width: int = param(64, ge=4, doc="generator base width")
     d_width: int = param(64, ge=4, doc="discriminator base width")
-    alpha1: float = param(1.0, ge=0, doc="weight of the mode-seeking term (eq. 4)")
-    alpha2: float = param(1.0, ge=0, doc="weight of the hinge adversarial term (eq. 3)")
+    # The paper does not report its alpha values; these defaults favour reconstruction (SSIM) and keep
+    # the adversarial and mode-seeking terms as regularisers. Sweep them with tune_spaces/gan.yaml.
+    alpha1: float = param(0.01, ge=0, doc="weight of the mode-seeking term (eq. 4)")
+    alpha2: float = param(0.1, ge=0, doc="weight of the hinge adversarial term (eq. 3)")
     alpha3: float = param(1.0, ge=0, doc="weight of the 1 - SSIM term (eq. 5)")
     diffaugment: str = param("color,translation,cutout", doc="DiffAugment policy applied to real and fake before D")
     lr: float = param(3e-4, gt=0, doc="Adam learning rate of G and D")

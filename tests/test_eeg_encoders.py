@@ -12,11 +12,19 @@ from torch import nn
 
 from neuroimagen.models.eeg_encoders import ENCODERS, TSConvEncoder, build_encoder
 
-torch.set_num_threads(2)
-
 NAMES = sorted(ENCODERS)
 SHAPES = [(128, 440), (17, 100), (63, 250), (8, 440), (4, 32)]
 EMBED = 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run this module single-threaded: many small ops, and on a shared 2-core machine two OpenMP threads
+    wait on each other (measured 3-5x slower under load than one thread); restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def make(name: str, shape, seed: int = 0, embed_dim: int = EMBED, **kw) -> nn.Module:
