@@ -171,7 +171,7 @@ def demo(quick, out, overwrite, config_path, overrides):
     cfg = _load(config_path, overrides)
     from neuroimagen.demo import run_demo
 
-    run_demo(cfg, out, quick=quick, overwrite=overwrite)
+    run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------------

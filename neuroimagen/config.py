@@ -508,6 +508,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         raise ConfigError(f"{label}: {exc}") from None
 
 
+def override(cfg, overrides: Sequence[str]):
+    """A copy of ``cfg`` with ``--set``-style overrides applied (same validation as ``load_config``)."""
+    raw = to_dict(cfg)
+    for text in overrides:
+        key, value = parse_override(text)
+        tp, meta = _field_type(type(cfg), key, f"--set {text}")
+        try:
+            _convert(value, tp, meta, key)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {text}: {exc}") from None
+        _set_nested(raw, key, value)
+    return from_dict(type(cfg), raw)
+
+
 def dump_config(cfg) -> str:
     yaml = _yaml()
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -9,7 +9,11 @@ import time
 CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.atomic", "neuroimagen.probe",
         "neuroimagen.data.datasets", "neuroimagen.data.eeg_imagenet", "neuroimagen.data.things_eeg",
         "neuroimagen.data.synthetic", "neuroimagen.data.captions", "neuroimagen.data.inspection",
-        "neuroimagen.demo", "neuroimagen.cli"]
+        "neuroimagen.demo", "neuroimagen.cli", "neuroimagen.losses", "neuroimagen.augment",
+        "neuroimagen.models.eeg_encoders", "neuroimagen.models.saliency_gan", "neuroimagen.models.semantic",
+        "neuroimagen.models.text_encoder", "neuroimagen.metrics.embedding", "neuroimagen.training.loop",
+        "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.training.run",
+        "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic"]
 
 
 def run(code: str) -> str:
@@ -42,3 +46,10 @@ def test_help_is_fast():
 
     extra = best(exe) - best(base)
     assert extra < 0.5, f"neuroimagen --help takes {extra:.2f} s more than python -c pass"
+
+
+def test_config_knows_the_diffaugment_policies():
+    from neuroimagen.augment import POLICIES
+    from neuroimagen.config import DIFFAUGMENT_POLICIES
+
+    assert tuple(POLICIES) == tuple(DIFFAUGMENT_POLICIES)
