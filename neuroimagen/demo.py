@@ -25,9 +25,9 @@ _COMMON = ["data.image_size=32", "synth.image_size=32", "stages.encoder.embed_di
            "stages.saliency.d_width=16", "stages.saliency.batch_size=16", "stages.semantic.embed_dim=32",
            "stages.semantic.hidden=64", "train.threads_per_worker=2"]
 QUICK = _COMMON + ["synth.classes=6", "synth.images_per_class=20", "synth.subjects=2", "synth.channels=16",
-                   "stages.encoder.epochs=10", "stages.saliency.epochs=40", "stages.semantic.epochs=15"]
+                   "stages.encoder.epochs=10", "stages.saliency.epochs=40", "stages.semantic.epochs=30"]
 FULL = _COMMON + ["synth.classes=10", "synth.images_per_class=30", "synth.subjects=3", "synth.channels=32",
-                  "stages.encoder.epochs=20", "stages.saliency.epochs=60", "stages.semantic.epochs=25"]
+                  "stages.encoder.epochs=20", "stages.saliency.epochs=60", "stages.semantic.epochs=40"]
 
 
 def _step(i: int, n: int, text: str) -> float:

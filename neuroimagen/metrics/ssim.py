@@ -1,0 +1,148 @@
+"""SSIM between generated and ground-truth images under the two public conventions, vectorised in torch.
+
+Images are float tensors (B, 3, H, W) in [0, 1].  The implementation reproduces
+``skimage.metrics.structural_similarity`` exactly (it is the reference in the tests) but runs batched in
+float64 with convolution windows instead of a Python loop over images.
+
+Conventions
+-----------
+``"dreamdiffusion"`` (default; DreamDiffusion / BrainVis ``ssim_metric``)
+    Colour.  Optional resize of both images to ``resolution`` x ``resolution`` (bilinear, antialias,
+    ``align_corners=False``) in float; then conversion to the uint8 range ``round(clamp(x, 0, 1) * 255)``
+    (round half to even); then ``structural_similarity(a, b, channel_axis=-1, data_range=255)`` with skimage
+    defaults: 7x7 uniform window, sample covariance (factor NP/(NP-1), NP = 49), K1 = 0.01, K2 = 0.03, the SSIM
+    map cropped by (7-1)//2 = 3 pixels on every side, mean over pixels, then mean over the 3 channels.
+    ``resolution=None`` scores at the input size.
+
+``"mindeye"`` (MindEye 1/2 evaluation notebooks)
+    Resize both images to ``resolution`` x ``resolution`` (default 425; bilinear, antialias), convert to grey
+    with ``skimage.color.rgb2gray`` weights ``0.2125 R + 0.7154 G + 0.0721 B`` (what the public code calls;
+    note these are *not* the ITU-R 601 luma weights 0.299/0.587/0.114), then
+    ``structural_similarity(gray_pred, gray_gt, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1.0)``: 11-tap Gaussian window (truncate 3.5 -> radius 5),
+    population covariance, map cropped by 5 pixels per side, mean.  Values are not clamped or quantised.
+
+    Caveat: the public notebooks also pass ``multichannel=True`` on the 2-D grey image.  scikit-image >= 0.22
+    silently ignores that keyword (2-D SSIM, as here); 0.19-0.21 mapped it to ``channel_axis=-1``, i.e. a
+    column-wise 1-D SSIM.  Published MindEye numbers may therefore come from either variant.
+
+Border handling: skimage filters with ``mode="reflect"`` and then crops exactly the filter radius, so every
+kept value comes from a window lying fully inside the image; the valid (unpadded) convolution used here is
+therefore identical, not an approximation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CONVENTIONS = ("dreamdiffusion", "mindeye")
+
+_K1, _K2 = 0.01, 0.03
+_UNIFORM_WIN = 7
+_SIGMA, _TRUNCATE = 1.5, 3.5
+_MINDEYE_RESOLUTION = 425
+_GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray, as called by the MindEye code
+_CHUNK = 16  # images per vectorised chunk (bounds memory at 425 px in float64)
+
+
+def _check(pred: Tensor, gt: Tensor, convention: str, resolution: int | None) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown SSIM convention {convention!r}; expected one of {CONVENTIONS}")
+    for name, x in (("pred", pred), ("gt", gt)):
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"{name} must be a (B, 3, H, W) image tensor, got shape "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have equal shapes, got {tuple(pred.shape)} vs {tuple(gt.shape)}")
+    if resolution is not None and (int(resolution) != resolution or resolution < 1):
+        raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
+
+
+def _resize(x: Tensor, resolution: int | None) -> Tensor:
+    if resolution is None or tuple(x.shape[-2:]) == (resolution, resolution):
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _gaussian_taps(sigma: float, truncate: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    radius = int(truncate * sigma + 0.5)  # as scipy.ndimage.gaussian_filter
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    w = torch.exp(-0.5 * x * x / (sigma * sigma))
+    return w / w.sum()
+
+
+def _filter_valid(x: Tensor, taps: Tensor) -> Tensor:
+    """Separable correlation of every (N, C, H, W) map with ``taps`` along H and W, valid region only."""
+    c = x.shape[1]
+    win = taps.numel()
+    kh = taps.view(1, 1, win, 1).expand(c, 1, win, 1)
+    kw = taps.view(1, 1, 1, win).expand(c, 1, 1, win)
+    return F.conv2d(F.conv2d(x, kh, groups=c), kw, groups=c)
+
+
+def _ssim_maps_mean(x: Tensor, y: Tensor, taps: Tensor, data_range: float, cov_norm: float) -> Tensor:
+    """Mean SSIM per image (mean over the cropped map and over channels) for float64 (N, C, H, W)."""
+    n, c = x.shape[:2]
+    # one grouped conv for the five moments: stack along channels
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    f = _filter_valid(stacked, taps)
+    ux, uy, uxx, uyy, uxy = f.split(c, dim=1)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    c1 = (_K1 * data_range) ** 2
+    c2 = (_K2 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(2, 3)).mean(dim=1)
+
+
+def ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None) -> Tensor:
+    """Per-pair SSIM, a float64 tensor of shape (B,); see the module docstring for the exact protocols.
+
+    ``pred`` and ``gt`` are (B, 3, H, W) float images in [0, 1] of equal shape.  ``resolution`` resizes both
+    to ``resolution`` x ``resolution`` first (``None``: as-is for ``"dreamdiffusion"``, 425 for
+    ``"mindeye"``).  Raises ``ValueError`` for an unknown convention, malformed or mismatched shapes, or images
+    smaller than the window (7 px for dreamdiffusion, 11 px for mindeye).
+    """
+    _check(pred, gt, convention, resolution)
+    device = pred.device
+    if convention == "dreamdiffusion":
+        taps = torch.full((_UNIFORM_WIN,), 1.0 / _UNIFORM_WIN, dtype=torch.float64, device=device)
+        np_ = _UNIFORM_WIN ** 2
+        cov_norm, data_range = np_ / (np_ - 1), 255.0
+    else:
+        resolution = _MINDEYE_RESOLUTION if resolution is None else resolution
+        taps = _gaussian_taps(_SIGMA, _TRUNCATE, torch.float64, device)
+        cov_norm, data_range = 1.0, 1.0
+    out_h = resolution if resolution is not None else pred.shape[-2]
+    out_w = resolution if resolution is not None else pred.shape[-1]
+    if min(out_h, out_w) < taps.numel():
+        raise ValueError(f"images ({out_h}x{out_w}) are smaller than the {taps.numel()}x{taps.numel()} SSIM "
+                         f"window of convention {convention!r}")
+    gray = torch.tensor(_GRAY_WEIGHTS, dtype=torch.float64, device=device).view(1, 3, 1, 1)
+
+    scores = []
+    with torch.no_grad():
+        for i in range(0, pred.shape[0], _CHUNK):
+            x = _resize(pred[i:i + _CHUNK].detach().to(torch.float64), resolution)
+            y = _resize(gt[i:i + _CHUNK].detach().to(torch.float64), resolution)
+            if convention == "dreamdiffusion":
+                x = torch.round(x.clamp(0, 1) * 255)
+                y = torch.round(y.clamp(0, 1) * 255)
+            else:
+                x = (x * gray).sum(1, keepdim=True)
+                y = (y * gray).sum(1, keepdim=True)
+            scores.append(_ssim_maps_mean(x, y, taps, data_range, cov_norm))
+    if not scores:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.cat(scores)
+
+
+def mean_ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None) -> float:
+    """Mean over pairs of :func:`ssim` (same conventions and arguments)."""
+    s = ssim(pred, gt, convention=convention, resolution=resolution)
+    if s.numel() == 0:
+        raise ValueError("mean_ssim needs at least one image pair (B >= 1)")
+    return float(s.mean())
