@@ -11,7 +11,8 @@ CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.
         "neuroimagen.data.synthetic", "neuroimagen.data.captions", "neuroimagen.data.inspection",
         "neuroimagen.demo", "neuroimagen.cli", "neuroimagen.losses", "neuroimagen.augment",
         "neuroimagen.models.eeg_encoders", "neuroimagen.models.saliency_gan", "neuroimagen.models.semantic",
-        "neuroimagen.models.text_encoder", "neuroimagen.metrics.embedding", "neuroimagen.training.loop",
+        "neuroimagen.models.text_encoder", "neuroimagen.metrics.embedding", "neuroimagen.metrics.nway",
+        "neuroimagen.metrics.inception_score", "neuroimagen.metrics.ssim", "neuroimagen.training.loop",
         "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.training.run",
         "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic"]
 

@@ -1,0 +1,302 @@
+"""Metric functions, each checked against an independent computation (hand/analytic values or skimage)."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuroimagen.metrics.inception_score import inception_score
+from neuroimagen.metrics.nway import effective_n, n_way_top_k_accuracy, n_way_top_k_hits
+from neuroimagen.metrics.ssim import CONVENTIONS, mean_ssim, ssim
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- N-way
+
+P3 = torch.tensor([[0.5, 0.3, 0.2]])
+
+
+@pytest.mark.parametrize("true, expected", [(0, 1.0), (2, 0.0)])
+def test_nway_hand_cases_deterministic(true, expected):
+    acc = n_way_top_k_accuracy(P3, torch.tensor([true]), n=2, k=1, trials=200, generator=gen())
+    assert acc == expected
+
+
+def test_nway_middle_class_hits_half_the_time():
+    # true class 1 (p=0.3) wins exactly when the single distractor is class 2 (p=0.2): probability 1/2
+    probs = P3.expand(50, 3)
+    acc = n_way_top_k_accuracy(probs, torch.ones(50, dtype=torch.long), n=2, k=1, trials=400, generator=gen(1))
+    assert abs(acc - 0.5) < 0.02  # 20000 Bernoulli(0.5) draws: sd 0.0035
+
+
+def test_nway_matches_hypergeometric_expectation():
+    # independent computation: exact P(hit) = P(#outranking drawn distractors < k) (hypergeometric)
+    g = gen(7)
+    b, kc, n, k = 30, 12, 5, 2
+    probs = torch.rand(b, kc, generator=g).softmax(1)
+    true = torch.randint(0, kc, (b,), generator=g)
+    hits = n_way_top_k_hits(probs, true, n=n, k=k, trials=4000, generator=gen(3))
+    for i in range(b):
+        m = int((probs[i] > probs[i, true[i]]).sum())
+        pop, draws = kc - 1, n - 1
+        exact = sum(math.comb(m, j) * math.comb(pop - m, draws - j) for j in range(k)) / math.comb(pop, draws)
+        assert abs(float(hits[i]) - exact) < 0.035, (i, float(hits[i]), exact)  # ~4.5 sd at p=0.5
+
+
+def test_nway_matches_explicit_sampling_reference():
+    # independent computation: the public loop (explicit distinct distractors, rank among candidates)
+    rng = np.random.default_rng(0)
+    b, kc, n, k, trials = 8, 20, 15, 3, 3000  # n-1 > (K-1)/2 exercises the complement sampler
+    probs = torch.from_numpy(rng.dirichlet(np.ones(kc), size=b))
+    true = torch.from_numpy(rng.integers(0, kc, size=b))
+    ours = n_way_top_k_hits(probs, true, n=n, k=k, trials=trials, generator=gen(5)).numpy()
+    for i in range(b):
+        p, t = probs[i].numpy(), int(true[i])
+        others = np.array([c for c in range(kc) if c != t])
+        hit = 0
+        for _ in range(trials):
+            picked = rng.choice(others, n - 1, replace=False)
+            hit += int((p[picked] >= p[t]).sum() < k)
+        assert abs(ours[i] - hit / trials) < 0.05, (i, ours[i], hit / trials)
+
+
+def test_nway_k_equals_n_always_hits():
+    g = gen(2)
+    probs = torch.rand(20, 30, generator=g).softmax(1)
+    true = torch.randint(0, 30, (20,), generator=g)
+    assert n_way_top_k_accuracy(probs, true, n=5, k=5, trials=20, generator=gen()) == 1.0
+
+
+def test_nway_tie_rule_ties_count_against():
+    probs = torch.full((4, 10), 0.1)  # every distractor ties with the true class
+    true = torch.arange(4)
+    assert n_way_top_k_accuracy(probs, true, n=3, k=1, trials=20, generator=gen()) == 0.0
+    assert n_way_top_k_accuracy(probs, true, n=3, k=2, trials=20, generator=gen()) == 0.0
+    assert n_way_top_k_accuracy(probs, true, n=3, k=3, trials=20, generator=gen()) == 1.0
+    # one tie, one strictly lower: K=3, n=3 (all classes), true=0 ties with class 1
+    tied = torch.tensor([[0.4, 0.4, 0.2]])
+    assert n_way_top_k_accuracy(tied, torch.tensor([0]), n=3, k=1, trials=5) == 0.0
+    assert n_way_top_k_accuracy(tied, torch.tensor([0]), n=3, k=2, trials=5) == 1.0
+
+
+def test_nway_seeded_determinism_and_seed_dependence():
+    g = gen(4)
+    probs = torch.rand(100, 50, generator=g).softmax(1)
+    true = torch.randint(0, 50, (100,), generator=g)
+    a = n_way_top_k_hits(probs, true, n=10, trials=30, generator=gen(11))
+    b = n_way_top_k_hits(probs, true, n=10, trials=30, generator=gen(11))
+    c = n_way_top_k_hits(probs, true, n=10, trials=30, generator=gen(12))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.shape == (100,) and a.dtype == torch.float64 and bool(((a >= 0) & (a <= 1)).all())
+
+
+def test_nway_clamps_n_with_warning():
+    g = gen(6)
+    probs = torch.rand(40, 8, generator=g).softmax(1)
+    true = torch.randint(0, 8, (40,), generator=g)
+    assert effective_n(5, 8) == (5, None)
+    n_eff, msg = effective_n(50, 8)
+    assert n_eff == 8 and "50" in msg and "8" in msg
+    with pytest.warns(UserWarning, match="clamping to n=8"):
+        clamped = n_way_top_k_accuracy(probs, true, n=50, k=2, trials=10, generator=gen(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        direct = n_way_top_k_accuracy(probs, true, n=8, k=2, trials=10, generator=gen(1))
+    assert clamped == direct
+    # n = K: every other class is a distractor, so the result is exact (top-k of the full vector)
+    expected = float(((probs >= probs.gather(1, true[:, None])).sum(1) - 1 < 2).double().mean())
+    assert direct == expected
+
+
+def test_nway_chance_level_for_random_probs():
+    g = gen(8)
+    probs = torch.rand(400, 100, generator=g).softmax(1)
+    true = torch.randint(0, 100, (400,), generator=g)
+    acc = n_way_top_k_accuracy(probs, true, n=50, k=1, trials=50, generator=gen(9))
+    # per-image rates depend on the true class's rank; over 400 images with uniformly random ranks the mean is
+    # k/n up to the spread of those ranks (sd ~0.005 for k=1, ~0.013 for k=5; tolerances ~2-3 sd)
+    assert abs(acc - 1 / 50) < 0.01
+    acc5 = n_way_top_k_accuracy(probs, true, n=50, k=5, trials=50, generator=gen(9))
+    assert abs(acc5 - 5 / 50) < 0.04
+
+
+def test_nway_is_fast_at_realistic_size():
+    g = gen(10)
+    probs = torch.rand(3000, 1000, generator=g).softmax(1)
+    true = torch.randint(0, 1000, (3000,), generator=g)
+    t0 = time.perf_counter()
+    n_way_top_k_accuracy(probs, true, n=50, k=1, trials=50, generator=gen())
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("probs, true, kw, frag", [
+    (torch.rand(4), torch.zeros(4, dtype=torch.long), {}, "(B, K)"),
+    (torch.rand(4, 5), torch.zeros(3, dtype=torch.long), {}, "true_class"),
+    (torch.rand(4, 5), torch.zeros(4, 1, dtype=torch.long), {}, "true_class"),
+    (torch.rand(4, 5), torch.zeros(4), {}, "integer"),
+    (torch.rand(4, 5), torch.full((4,), 5), {}, "[0, 5)"),
+    (torch.rand(4, 5), torch.full((4,), -1), {}, "[0, 5)"),
+    (torch.rand(4, 5), torch.zeros(4, dtype=torch.long), {"n": 1}, "n must be"),
+    (torch.rand(4, 5), torch.zeros(4, dtype=torch.long), {"n": 3, "k": 4}, "k must"),
+    (torch.rand(4, 5), torch.zeros(4, dtype=torch.long), {"n": 3, "k": 0}, "k must"),
+    (torch.rand(4, 5), torch.zeros(4, dtype=torch.long), {"n": 3, "trials": 0}, "trials"),
+])
+def test_nway_validation_errors(probs, true, kw, frag):
+    with pytest.raises(ValueError, match=None) as exc:
+        n_way_top_k_accuracy(probs, true, **kw)
+    assert frag in str(exc.value)
+
+
+# ----------------------------------------------------------------------------------- Inception Score
+
+def test_is_uniform_predictions_is_one():
+    mean, std = inception_score(torch.full((50, 10), 0.1), splits=5)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_is_confident_and_evenly_spread_is_num_classes():
+    probs = F.one_hot(torch.arange(100) % 10, 10).double()  # each split of 20 holds every class twice
+    mean, std = inception_score(probs, splits=5)
+    assert mean == pytest.approx(10.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_is_hand_computed_two_class_case():
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    # p(y) = (0.75, 0.25); KL1 = log(4/3); KL2 = 0.5 log(2/3) + 0.5 log 2 = 0.5 log(4/3)
+    mean, std = inception_score(probs, splits=1)
+    assert mean == pytest.approx((4 / 3) ** 0.75, rel=1e-9) and std == 0.0
+
+
+def test_is_splits_are_contiguous_chunks():
+    one_hot = F.one_hot(torch.arange(4) % 2, 2).double()  # split score 2
+    uniform = torch.full((4, 2), 0.5)  # split score 1
+    mean, std = inception_score(torch.cat([one_hot, uniform]), splits=2)
+    assert mean == pytest.approx(1.5) and std == pytest.approx(0.5)  # population std of (2, 1)
+    # identical splits -> zero spread
+    mean, std = inception_score(torch.cat([one_hot, one_hot, one_hot]), splits=3)
+    assert mean == pytest.approx(2.0) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_is_matches_numpy_reference_on_random_probs():
+    rng = np.random.default_rng(1)
+    preds = rng.dirichlet(np.full(7, 0.3), size=53)
+    scores = []
+    for i in range(4):  # the Salimans et al. loop
+        part = preds[i * 53 // 4:(i + 1) * 53 // 4]
+        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    mean, std = inception_score(torch.from_numpy(preds), splits=4)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-9) and std == pytest.approx(np.std(scores), rel=1e-7)
+
+
+def test_is_errors():
+    with pytest.raises(ValueError, match="N=3 < splits=10"):
+        inception_score(torch.full((3, 4), 0.25))
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        inception_score(torch.full((12,), 0.25))
+    with pytest.raises(ValueError, match="logits"):
+        inception_score(torch.randn(20, 4), splits=2)
+
+
+# ---------------------------------------------------------------------------------------------- SSIM
+
+def _structured(b: int, h: int, w: int, seed: int) -> torch.Tensor:
+    g = gen(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    phase = torch.rand(b, 3, 1, 1, generator=g) * 6
+    img = 0.5 + 0.3 * torch.sin(4 * xx + 3 * yy + phase) * torch.cos(2 * yy - phase)
+    return (img + 0.08 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def _sk_dreamdiffusion(pred: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    from skimage.metrics import structural_similarity
+
+    def u8(x):
+        return np.round(np.clip(x.double().numpy(), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+    return np.array([structural_similarity(u8(p), u8(g), channel_axis=-1, data_range=255)
+                     for p, g in zip(pred, gt)])
+
+
+def _sk_mindeye(pred: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    def gray(x):
+        return rgb2gray(x.double().numpy().transpose(1, 2, 0))
+
+    return np.array([structural_similarity(gray(p), gray(g), gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, data_range=1.0)
+                     for p, g in zip(pred, gt)])
+
+
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_ssim_dreamdiffusion_matches_skimage(kind):
+    if kind == "random":
+        g = gen(20)
+        pred, gt = torch.rand(4, 3, 40, 33, generator=g), torch.rand(4, 3, 40, 33, generator=g)
+    else:
+        gt = _structured(4, 48, 48, 21)
+        pred = (gt + 0.1 * torch.randn(gt.shape, generator=gen(22))).clamp(0, 1)
+    ours = ssim(pred, gt)  # default convention, no resize
+    assert ours.shape == (4,) and ours.dtype == torch.float64
+    np.testing.assert_allclose(ours.numpy(), _sk_dreamdiffusion(pred, gt), atol=1e-4)
+    assert mean_ssim(pred, gt) == pytest.approx(float(ours.mean()))
+
+
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_ssim_mindeye_matches_skimage(kind):
+    if kind == "random":
+        g = gen(30)
+        pred, gt = torch.rand(3, 3, 36, 36, generator=g), torch.rand(3, 3, 36, 36, generator=g)
+    else:
+        gt = _structured(3, 36, 36, 31)
+        pred = (0.8 * gt + 0.1 + 0.05 * torch.randn(gt.shape, generator=gen(32))).clamp(0, 1)
+    ours = ssim(pred, gt, convention="mindeye", resolution=36)  # no-op resize: pure SSIM check
+    np.testing.assert_allclose(ours.numpy(), _sk_mindeye(pred, gt), atol=1e-4)
+
+
+def test_ssim_resolution_path_matches_independent_resize():
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    gt = _structured(2, 64, 64, 40)
+    pred = (gt + 0.1 * torch.randn(gt.shape, generator=gen(41))).clamp(0, 1)
+
+    def tv(x, r):
+        return resize(x, [r, r], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+    ours = ssim(pred, gt, convention="dreamdiffusion", resolution=40)
+    np.testing.assert_allclose(ours.numpy(), _sk_dreamdiffusion(tv(pred, 40), tv(gt, 40)), atol=1e-4)
+    # mindeye defaults to 425 px (upsampling here)
+    ours = ssim(pred, gt, convention="mindeye")
+    np.testing.assert_allclose(ours.numpy(), _sk_mindeye(tv(pred, 425), tv(gt, 425)), atol=1e-4)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_ssim_identical_images_is_one(convention):
+    x = _structured(3, 32, 32, 50)
+    np.testing.assert_allclose(ssim(x, x.clone(), convention=convention, resolution=32).numpy(), 1.0,
+                               atol=1e-12)
+    assert mean_ssim(x, x, convention=convention, resolution=32) == pytest.approx(1.0)
+
+
+def test_ssim_errors():
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="dreamdiffusion"):
+        ssim(x, x, convention="bogus")
+    with pytest.raises(ValueError, match="equal shapes"):
+        ssim(x, torch.rand(2, 3, 16, 17))
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        ssim(x[:, :1], x[:, :1])
+    with pytest.raises(ValueError, match="smaller than"):
+        ssim(torch.rand(1, 3, 6, 6), torch.rand(1, 3, 6, 6))
