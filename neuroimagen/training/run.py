@@ -101,11 +101,8 @@ def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Op
 
 
 def _chance(name: str, payload: dict, val_metrics: dict) -> dict:
-    classes = payload["meta"]["data"]["train"]["classes"]
-    if name == "encoder":
-        return {"chance": 1.0 / classes}
-    if name == "semantic":
-        return {"chance": 1.0 / classes}
+    if name in ("encoder", "semantic"):  # accuracies: 1 / number of classes
+        return {"chance": 1.0 / payload["meta"]["data"]["train"]["classes"]}
     return {"baseline_mean_image_ssim": val_metrics.get("val_ssim_mean_image")}
 
 
