@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
@@ -341,9 +340,3 @@ def load_eeg_imagenet(cfg, check_images: bool = True) -> Recording:
         notes=notes + [f"split file {Path(cfg.splits).name} ({semantics} semantics), split {cfg.split_num}"],
     )
 
-
-def summarize_counts(values: np.ndarray) -> dict[int, int]:
-    counts: dict[int, int] = defaultdict(int)
-    for v in values.tolist():
-        counts[int(v)] += 1
-    return dict(sorted(counts.items()))
