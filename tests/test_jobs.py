@@ -88,7 +88,7 @@ def test_ray_job_submit_trains_every_stage(ray_head, tmp_path):
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     record = json.loads((out / "run.json").read_text())
-    assert set(record["stages"]) == {"encoder", "saliency", "semantic"}
+    assert set(record["stages"]) == {"encoder", "saliency", "semantic", "semantic_image"}
     for stage in ("encoder", "saliency", "semantic"):
         assert (out / stage / "model" / "model.json").is_file()
         assert list((out / "ray" / stage).glob("checkpoint_*")), stage  # Ray Train storage

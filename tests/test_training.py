@@ -124,7 +124,7 @@ def test_semantic_beats_chance_and_its_untrained_self(trained_run):
 def test_run_directory_records_the_hand_offs(trained_run):
     run, results = trained_run
     record = json.loads((run / "run.json").read_text())
-    assert set(record["stages"]) == {"encoder", "saliency", "semantic"}
+    assert set(record["stages"]) == {"encoder", "saliency", "semantic", "semantic_image"}
     for stage, entry in record["stages"].items():
         assert (run / entry["model"] / "model.json").is_file()
         assert json.loads((run / entry["metrics"]).read_text())["stage"] == stage

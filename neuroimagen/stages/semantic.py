@@ -43,20 +43,21 @@ def text_encoder_for(cfg, run_dir: Path | None = None):
     return te
 
 
-def build_targets(cfg, splits: dict, run_dir: Path) -> dict:
+def build_targets(cfg, splits: dict, run_dir: Path, kind: str = "label") -> dict:
     """Caption tables and per-item caption indices for train/val, cached under ``<run>/semantic/``.
 
     Returns {'table': (n, L, E), 'captions': [...], 'index': {split: (N,) long}, 'prototypes': (K, L, E),
     'identity': str, 'kind': 'label'|'image', 'cache': path}.
     """
-    kind = cfg.stages.semantic.captions
+    if kind not in ("label", "image"):
+        raise ValueError(f"kind: expected 'label' or 'image', got {kind!r}")
     rec = splits["train"].recording
     label_caps = rec.label_captions()
     per_item = {s: splits[s].captions(kind) for s in ("train", "val")}
     captions = label_caps if kind == "label" else sorted({c for caps in per_item.values() for c in caps})
     te = text_encoder_for(cfg, run_dir)
     key = hashlib.sha256(json.dumps([te.identity, kind, captions, label_caps]).encode()).hexdigest()[:16]
-    cache = run_dir / "semantic" / f"targets-{key}.pt"
+    cache = run_dir / ("semantic" if kind == "label" else "semantic_image") / f"targets-{key}.pt"
     if cache.is_file():
         stored = torch.load(cache, map_location="cpu", weights_only=True)
         table, label_table = stored["table"], stored["label_table"]
@@ -153,3 +154,9 @@ class SemanticStage(Stage):
         cos = F.cosine_similarity(pred.flatten(1), self.t_val.flatten(1), dim=1)
         return {"val_mse": float(F.mse_loss(pred, self.t_val)), "val_cosine": float(cos.mean()),
                 "val_nearest_class_acc": nearest_class_rate(pred, self.prototypes, self.y_val)}
+
+
+class SemanticImageStage(SemanticStage):
+    """The same regressor on per-image captions (the paper's B); its targets come with ``kind='image'``."""
+
+    name = "semantic_image"

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 from neuroimagen.atomic import write_text
 from neuroimagen.config import Config, load_config, write_config
 from neuroimagen.errors import ConfigError, DataError
-from neuroimagen.stages import REQUIRES, STAGE_ORDER, epochs_of
+from neuroimagen.stages import CAPTION_KIND, REQUIRES, STAGE_ORDER, epochs_of, stage_config
 
 RUN_FILE = "run.json"
 
@@ -91,17 +91,17 @@ def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Op
     elif REQUIRES[name]:
         raise ConfigError(f"--stages: stage '{name}' needs a finished '{REQUIRES[name][0]}' stage in {run_dir} "
                           f"(run --stages {','.join(REQUIRES[name] + (name,))})")
-    if name == "semantic":
+    if name in CAPTION_KIND:
         from neuroimagen.data.datasets import load_splits
         from neuroimagen.stages.semantic import build_targets
 
         sp = splits if splits is not None else load_splits(cfg.data, image_mode="none")
-        inputs["targets"] = build_targets(cfg, sp, run_dir)
+        inputs["targets"] = build_targets(cfg, sp, run_dir, CAPTION_KIND[name])
     return inputs
 
 
 def _chance(name: str, payload: dict, val_metrics: dict) -> dict:
-    if name in ("encoder", "semantic"):  # accuracies: 1 / number of classes
+    if name in ("encoder", "semantic", "semantic_image"):  # accuracies: 1 / number of classes
         return {"chance": 1.0 / payload["meta"]["data"]["train"]["classes"]}
     return {"baseline_mean_image_ssim": val_metrics.get("val_ssim_mean_image")}
 
@@ -116,6 +116,7 @@ PROTOCOL = {
     "semantic": "MSE and cosine similarity to the {cap} caption embeddings of the validation split; nearest-class "
                 "rate = fraction of validation items closest (Euclidean) to their class prototype; model selected on val_mse",
 }
+PROTOCOL["semantic_image"] = PROTOCOL["semantic"]
 
 
 def _plot_history(history: list[dict], path: Path, title: str) -> None:
@@ -156,9 +157,9 @@ def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
     export_names = list(payload["best"])
     export_model(out / "model", {k: meta["specs"][k] for k in export_names}, payload["best"],
                  extra={"stage": name, "best_epoch": best["epoch"], "selected_on": best["metric"]})
-    sc = getattr(cfg.stages, name)
+    sc = stage_config(cfg, name)
     protocol = PROTOCOL[name].format(k=getattr(sc, "knn_k", ""), r=getattr(sc, "resolution", ""),
-                                     cap=getattr(sc, "captions", ""))
+                                     cap=CAPTION_KIND.get(name, ""))
     metrics = {
         "stage": name,
         **best["metrics"],
@@ -200,6 +201,9 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     names = resolve_stages(stages)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = prepare_data(cfg, run_dir, log)
+    if stages is None and cfg.data.captions is None and "semantic_image" in names:
+        names.remove("semantic_image")
+        log("[semantic_image] skipped: data.captions is not set (variants B and B+I need per-image captions)")
     write_config(cfg, run_dir)
     record = read_run(run_dir)
     record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
