@@ -1,0 +1,703 @@
+"""``report.md`` for a reconstruction run: the paper's tables and figures, each number with its protocol.
+
+Reads what ``neuroimagen evaluate`` writes under ``RUN/results/``:
+
+* ``per_sample.parquet`` — one row per generated image (subject, variant, item, sample, image paths...);
+* ``summary.csv`` — ACC / IS / SSIM per (subject, variant), plus pooled rows with subject ``"all"``;
+* ``protocol.json`` — how every number was produced (data, classifier, N-way, IS, SSIM, LDM, variants).
+
+and writes ``RUN/report/report.md`` with, beside it, ``per_subject.png``, ``grid_<variant>.png`` (the
+paper's Fig. 3: GT | saliency | samples) and ``comparison.png`` (Fig. 5 style: GT | sample 0 per variant).
+
+Sections: header, ablation (Table 3 analogue), per subject (Table 2 analogue), judge, samples,
+protocol, then any extra sections verbatim. Missing or NaN numbers print as ``n/a``. A missing image
+file draws a grey "missing" cell and is counted in the report rather than aborting it: the ground-truth
+paths are absolute and may not resolve on the machine that renders the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import textwrap
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from neuroimagen.atomic import atomic_path, write_text
+from neuroimagen.errors import DataError
+
+PAPER_VARIANTS = ("I", "L", "B", "B+I", "L+I")  # the paper's numbering: 1=I, 2=L, 3=B, 4=B+I, 5=L+I
+CONTROL_VARIANTS = ("oracle", "chance")
+VARIANT_ORDER = PAPER_VARIANTS + CONTROL_VARIANTS
+PAPER_NUMBER = {v: i + 1 for i, v in enumerate(PAPER_VARIANTS)}
+
+# Used only when protocol.json does not describe a variant.
+DEFAULT_DESCRIPTIONS = {
+    "I": "pixel-level saliency map only (no EEG semantics)",
+    "L": "label-caption semantics from EEG, noise init (no saliency)",
+    "B": "BLIP-caption semantics from EEG, noise init (no saliency)",
+    "B+I": "saliency map + BLIP-caption semantics",
+    "L+I": "saliency map + label-caption semantics (full NeuroImagen)",
+    "oracle": "upper bound: ground-truth information in place of EEG decoding",
+    "chance": "control: EEG of another class",
+}
+
+RESULTS = "results"
+REPORT = "report"
+_NA = "n/a"
+_PER_SAMPLE_COLUMNS = ("subject", "variant", "item", "sample", "class_name", "image", "saliency", "gt")
+_SUMMARY_REQUIRED = ("subject", "variant", "acc")
+_SUMMARY_NUMERIC = ("n", "n_eeg", "acc", "acc_max", "acc_chance", "acc_n", "is", "is_std", "is_splits", "ssim",
+                    "ssim_std", "judge_gt_acc")
+_CELL = 96  # px per image cell in the grids
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def is_missing(value: Any) -> bool:
+    """True for None, NaN and infinities (anything that should print as ``n/a``)."""
+    if value is None:
+        return True
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt_num(value: Any, spec: str = ".3f", scale: float = 1.0) -> str:
+    """``format(value * scale, spec)``, or ``n/a`` when the value is missing or not a number."""
+    if is_missing(value):
+        return _NA
+    try:
+        return format(float(value) * scale, spec)
+    except (TypeError, ValueError):
+        return _NA
+
+
+def _cell(text: Any) -> str:
+    # A "|" would split the cell; newlines would end the row.
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:
+    """A GitHub-flavoured markdown table.
+
+    ``rows`` hold already-formatted cells (anything ``str()``-able; "|" is escaped). ``align`` is one
+    character per column: ``l``, ``r`` or ``c`` (default: first column left, the others right).
+    """
+    headers = [_cell(h) for h in headers]
+    align = align or ("l" + "r" * (len(headers) - 1))
+    if len(align) != len(headers):
+        raise ValueError(f"align has {len(align)} characters for {len(headers)} columns")
+    rule = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule[a] for a in align) + "|"]
+    for row in rows:
+        cells = [_cell(c) for c in row]
+        if len(cells) != len(headers):
+            raise ValueError(f"row has {len(cells)} cells for {len(headers)} columns: {cells}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _bold_best(cells: list[str], eligible: list[bool]) -> list[str]:
+    """Bold the largest of the eligible cells (compared as printed, so printed ties are all bold).
+
+    Nothing is bolded when fewer than two eligible cells hold a number: a single variant is not "best".
+    """
+    values = {}
+    for i, (c, ok) in enumerate(zip(cells, eligible)):
+        if ok and c != _NA:
+            try:
+                values[i] = float(c.split(" ")[0])
+            except ValueError:
+                pass
+    if len(values) < 2:
+        return cells
+    best = max(values.values())
+    return [f"**{c}**" if values.get(i) == best else c for i, c in enumerate(cells)]
+
+
+def _natural(subject: str):
+    s = str(subject)
+    return (0, int(s), s) if s.isdigit() else (1, 0, s)
+
+
+def _order_variants(present: Iterable[str]) -> list[str]:
+    present = list(dict.fromkeys(str(v) for v in present))
+    known = [v for v in VARIANT_ORDER if v in present]
+    return known + sorted(v for v in present if v not in VARIANT_ORDER)
+
+
+def _variant_label(v: str) -> str:
+    return f"{PAPER_NUMBER[v]} ({v})" if v in PAPER_NUMBER else v
+
+
+def _get(d: Any, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return default if d is None else d
+
+
+def _show(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return _NA
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _results_file(run_dir: Path, name: str) -> Path:
+    path = Path(run_dir) / RESULTS / name
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run `neuroimagen evaluate --run {run_dir}` first")
+    return path
+
+
+def load_summary(run_dir: str | os.PathLike):
+    """``RUN/results/summary.csv`` as a DataFrame (subject and variant as str, the metrics as float)."""
+    import pandas as pd
+
+    path = _results_file(Path(run_dir), "summary.csv")
+    try:
+        df = pd.read_csv(path, dtype={"subject": str, "variant": str}, keep_default_na=False,
+                         na_values=["", "nan", "NaN", "n/a", "NA"])
+    except Exception as exc:  # pandas raises a zoo of parser errors
+        raise DataError(f"{path}: unreadable ({exc}); expected a CSV of aggregate scores") from exc
+    missing = [c for c in _SUMMARY_REQUIRED if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected at least {list(_SUMMARY_REQUIRED)}")
+    if df.empty:
+        raise DataError(f"{path}: no rows; expected one row per (subject, variant)")
+    df["subject"] = df["subject"].astype(str)
+    df["variant"] = df["variant"].astype(str)
+    for c in _SUMMARY_NUMERIC:
+        df[c] = pd.to_numeric(df[c], errors="coerce") if c in df.columns else float("nan")
+    return df
+
+
+def load_protocol(run_dir: str | os.PathLike) -> dict:
+    """``RUN/results/protocol.json`` as a dict."""
+    path = _results_file(Path(run_dir), "protocol.json")
+    try:
+        protocol = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); expected a JSON object describing the protocol") from exc
+    if not isinstance(protocol, dict):
+        raise DataError(f"{path}: expected a JSON object describing the protocol, got {type(protocol).__name__}")
+    return protocol
+
+
+def load_per_sample(run_dir: str | os.PathLike):
+    """The columns of ``RUN/results/per_sample.parquet`` the report needs (not the probability vectors)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    path = _results_file(Path(run_dir), "per_sample.parquet")
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in _PER_SAMPLE_COLUMNS if c not in names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; expected per-sample scores with "
+                            f"{list(_PER_SAMPLE_COLUMNS)}")
+        df = pd.read_parquet(path, columns=list(_PER_SAMPLE_COLUMNS))
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable ({exc}); expected a Parquet file of per-sample scores") from exc
+    for c in ("subject", "variant", "class_name", "image", "gt"):
+        df[c] = df[c].astype(str)
+    df["saliency"] = df["saliency"].fillna("").astype(str)
+    df["item"] = df["item"].astype("int64")
+    df["sample"] = df["sample"].astype("int64")
+    return df
+
+
+def load_results(run_dir: str | os.PathLike):
+    """``(per_sample, summary, protocol)`` of a run; DataError naming the first missing/unreadable file."""
+    return load_per_sample(run_dir), load_summary(run_dir), load_protocol(run_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _subjects(summary) -> list[str]:
+    return sorted({s for s in summary["subject"] if s != "all"}, key=_natural)
+
+
+def _pooled(summary, variant: str) -> dict:
+    """The ``all`` row of a variant; without one, a single subject's row, else n-weighted means (IS n/a)."""
+    rows = summary[summary["variant"] == variant]
+    pooled = rows[rows["subject"] == "all"]
+    if len(pooled):
+        return pooled.iloc[0].to_dict()
+    per = rows[rows["subject"] != "all"]
+    if len(per) == 1:
+        return per.iloc[0].to_dict()
+    out = {"subject": "all", "variant": variant}
+    for c in _SUMMARY_NUMERIC:
+        vals = per[c].astype(float)
+        w = per["n"].astype(float) if c != "acc_max" else per["n_eeg"].astype(float)
+        ok = vals.notna() & w.notna()
+        if c in ("n", "n_eeg"):
+            out[c] = float(vals.sum()) if vals.notna().any() else float("nan")
+        elif c in ("is", "is_std"):
+            out[c] = float("nan")  # a whole-set statistic: not recoverable from per-subject values
+        elif ok.any() and float(w[ok].sum()) > 0:
+            out[c] = float((vals[ok] * w[ok]).sum() / w[ok].sum())
+        else:
+            out[c] = float(vals.mean()) if vals.notna().any() else float("nan")
+    return out
+
+
+def _acc_over_subjects(summary, variant: str) -> tuple[float, float, int]:
+    """(mean, sample std, number of subjects) of the per-subject ACC of a variant."""
+    import numpy as np
+
+    per = summary[(summary["variant"] == variant) & (summary["subject"] != "all")]["acc"].astype(float).dropna()
+    if len(per) == 0:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(per.to_numpy(), ddof=1)) if len(per) > 1 else float("nan")
+    return float(per.mean()), std, len(per)
+
+
+def _description(protocol: Optional[dict], v: str) -> str:
+    return str(_get(protocol or {}, "variants", v, "description", default="") or DEFAULT_DESCRIPTIONS.get(v, ""))
+
+
+def ablation_table(summary, protocol: Optional[dict] = None) -> str:
+    """The Table 3 analogue: one row per variant (paper order), pooled over subjects, best of 1-5 bold."""
+    variants = _order_variants(summary["variant"])
+    rows, eligible = [], []
+    for v in variants:
+        p = _pooled(summary, v)
+        mean, std, n_subj = _acc_over_subjects(summary, v)
+        if n_subj > 1:
+            acc = f"{fmt_num(mean, '.1f', 100)} ± {fmt_num(std, '.1f', 100)}"
+        else:
+            acc = fmt_num(p.get("acc"), ".1f", 100)
+        desc = _description(protocol, v)
+        rows.append([f"{_variant_label(v)}: {desc}" if desc else _variant_label(v), acc,
+                     fmt_num(p.get("acc_max"), ".1f", 100), fmt_num(p.get("acc_chance"), ".1f", 100),
+                     fmt_num(p.get("is"), ".2f"), fmt_num(p.get("ssim"), ".3f"), fmt_num(p.get("n"), ".0f")])
+        eligible.append(v in PAPER_NUMBER)
+    for col in (1, 2, 4, 5):  # ACC, ACC max, IS, SSIM: higher is better
+        bolded = _bold_best([r[col] for r in rows], eligible)
+        for r, c in zip(rows, bolded):
+            r[col] = c
+    headers = ["variant", "ACC (%)", "ACC max-of-samples (%)", "chance (%)", "IS", "SSIM", "images"]
+    return format_table(headers, rows)
+
+
+def summary_table(run_dir: str | os.PathLike) -> str:
+    """The ablation (Table 3 analogue) markdown table alone, from ``RUN/results/summary.csv``.
+
+    Variant descriptions come from ``protocol.json`` when it exists (it is optional here).
+    """
+    summary = load_summary(run_dir)
+    try:
+        protocol = load_protocol(run_dir)
+    except DataError:
+        protocol = None
+    return ablation_table(summary, protocol)
+
+
+def main_variant(variants: Sequence[str]) -> Optional[str]:
+    """``L+I`` if present, else the last present paper variant, else the first variant (or None)."""
+    ordered = _order_variants(variants)
+    if "L+I" in ordered:
+        return "L+I"
+    paper = [v for v in ordered if v in PAPER_NUMBER]
+    return paper[-1] if paper else (ordered[0] if ordered else None)
+
+
+def per_subject_table(summary, variant: str) -> str:
+    """The Table 2 analogue for one variant: ACC / ACC max / IS / SSIM per subject, then the pooled row."""
+    rows = []
+    sel = summary[summary["variant"] == variant]
+    subjects = _subjects(summary)
+    for s in subjects:
+        r = sel[sel["subject"] == s]
+        d = r.iloc[0].to_dict() if len(r) else {}
+        rows.append([f"subj {s}", fmt_num(d.get("acc"), ".1f", 100), fmt_num(d.get("acc_max"), ".1f", 100),
+                     fmt_num(d.get("is"), ".2f"), fmt_num(d.get("ssim"), ".3f"), fmt_num(d.get("n"), ".0f")])
+    if len(subjects) != 1:
+        p = _pooled(summary, variant)
+        rows.append(["all (pooled)", fmt_num(p.get("acc"), ".1f", 100), fmt_num(p.get("acc_max"), ".1f", 100),
+                     fmt_num(p.get("is"), ".2f"), fmt_num(p.get("ssim"), ".3f"), fmt_num(p.get("n"), ".0f")])
+    return format_table(["subject", "ACC (%)", "ACC max-of-samples (%)", "IS", "SSIM", "images"], rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Protocol text
+
+
+def _is_classifier_text(protocol: dict) -> str:
+    kind = _get(protocol, "classifier", "kind")
+    ident = _get(protocol, "classifier", "identity", default="the evaluation classifier")
+    if kind == "judge":
+        return f"IS computed with the judge `{ident}`, not Inception-v3 (not comparable with the paper's IS)"
+    return f"IS computed with `{ident}` ({kind or 'kind not recorded'})"
+
+
+def protocol_line(protocol: dict) -> str:
+    """One line: how ACC, IS and SSIM were computed, on which data."""
+    acc = _get(protocol, "acc", default={})
+    n = _get(acc, "n_eff", default=_get(acc, "n", default="?"))
+    return (f"ACC = {n}-way top-{_get(acc, 'k', default='?')} over {_get(acc, 'trials', default='?')} trials "
+            f"(seed {_get(acc, 'seed', default='?')}), true class = the judge's top-1 on the GT image; "
+            f"{_is_classifier_text(protocol)}, {_get(protocol, 'is', 'splits', default='?')} splits; "
+            f"SSIM {_get(protocol, 'ssim', 'convention', default='?')} at "
+            f"{_get(protocol, 'ssim', 'resolution', default='?')} px; data "
+            f"{_get(protocol, 'data', 'dataset', default='?')}, {_get(protocol, 'data', 'split', default='?')} split.")
+
+
+def _kv_list(d: Any) -> list[str]:
+    if not isinstance(d, dict) or not d:
+        return ["- not recorded"]
+    return [f"- {k}: {_show(v)}" for k, v in d.items()]
+
+
+def protocol_section(protocol: dict) -> list[str]:
+    acc = _get(protocol, "acc", default={})
+    clf = _get(protocol, "classifier", default={})
+    ldm = _get(protocol, "ldm", default={})
+    out = ["## Protocol", "", "Every number above was produced as follows (from `results/protocol.json`).", "",
+           "**Data and split**", ""]
+    out += _kv_list(_get(protocol, "data"))
+    out += ["", "**Classifier (judge of ACC and IS)**", "",
+            f"- identity: `{_show(_get(clf, 'identity'))}`", f"- kind: {_show(_get(clf, 'kind'))}",
+            f"- input size: {_show(_get(clf, 'input_size'))} px", f"- classes: {_show(_get(clf, 'num_classes'))}",
+            f"- top-1 accuracy on GT test images: {fmt_num(_get(clf, 'gt_accuracy'), '.1f', 100)} %"]
+    extra = {k: v for k, v in (clf.items() if isinstance(clf, dict) else [])
+             if k not in ("identity", "kind", "input_size", "num_classes", "gt_accuracy")}
+    out += _kv_list(extra) if extra else []
+    out += ["", "**N-way top-k ACC** (MinD-Vis protocol)", "",
+            f"- N = {_show(_get(acc, 'n'))} requested, N = {_show(_get(acc, 'n_eff'))} effective; "
+            f"k = {_show(_get(acc, 'k'))}; chance = k/N",
+            f"- trials per image: {_show(_get(acc, 'trials'))}; seed: {_show(_get(acc, 'seed'))}",
+            "- true class: the classifier's top-1 on the ground-truth image (not the dataset label); "
+            "distractors: N-1 other classes drawn uniformly per trial",
+            "- ACC = mean over generated images of the per-image hit rate; "
+            "ACC max-of-samples = mean over EEG trials of the best sample's hit rate"]
+    if _get(acc, "warning"):
+        out.append(f"- **Warning:** {_get(acc, 'warning')}")
+    out += ["", "**Inception Score**", "",
+            f"- {_is_classifier_text(protocol)}",
+            f"- splits: {_show(_get(protocol, 'is', 'splits'))}; over all generated images of a (subject, variant) "
+            "group, reduced once",
+            f"- note: {_show(_get(protocol, 'is', 'classifier_note'))}",
+            "", "**SSIM**", "",
+            f"- convention: {_show(_get(protocol, 'ssim', 'convention'))}",
+            f"- resolution: {_show(_get(protocol, 'ssim', 'resolution'))} px",
+            "- raw mean SSIM per (generated, ground-truth) pair",
+            "", "**Latent diffusion (img2img)**", "",
+            f"- kind: {_show(_get(ldm, 'kind'))}; identity: `{_show(_get(ldm, 'identity'))}`",
+            f"- strength: {_show(_get(ldm, 'strength'))}; guidance scale: {_show(_get(ldm, 'guidance_scale'))}; "
+            f"inference steps: {_show(_get(ldm, 'num_inference_steps'))}",
+            f"- samples per EEG: {_show(_get(ldm, 'samples_per_eeg'))}; resolution: {_show(_get(ldm, 'resolution'))} px",
+            "", "**Variants**", ""]
+    variants = _get(protocol, "variants", default={})
+    if isinstance(variants, dict) and variants:
+        rows = []
+        for v in _order_variants(variants):
+            d = variants[v] if isinstance(variants[v], dict) else {}
+            rows.append([v, PAPER_NUMBER.get(v, "–"), _show(d.get("saliency")), _show(d.get("semantics")),
+                         _show(d.get("eeg")), _show(d.get("init")), _show(d.get("description"))])
+        out.append(format_table(["variant", "paper #", "saliency", "semantics", "EEG", "init", "description"],
+                                rows, align="lcccccl"))
+    else:
+        out.append("- not recorded")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_per_subject(summary, path: Path) -> Path:
+    """Grouped bars of ACC (dashed chance line) and SSIM per subject × variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants = _order_variants(summary["variant"])
+    groups = _subjects(summary)
+    if len(groups) != 1:
+        groups = groups + ["all"]
+    x = np.arange(len(groups))
+    width = 0.8 / max(len(variants), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.4 * len(groups) + 4), 3.8))
+    for ax, col, scale, label in ((axes[0], "acc", 100.0, "ACC (%)"), (axes[1], "ssim", 1.0, "SSIM")):
+        for j, v in enumerate(variants):
+            vals = []
+            for s in groups:
+                r = summary[(summary["variant"] == v) & (summary["subject"] == s)]
+                vals.append(float(r[col].iloc[0]) * scale if len(r) else float("nan"))
+            ax.bar(x + (j - (len(variants) - 1) / 2) * width, vals, width, label=_variant_label(v),
+                   color=plt.cm.tab10(j % 10))
+        ax.set_xticks(x, [f"subj {s}" if s != "all" else "all" for s in groups], fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per subject and variant", fontsize=9)
+    chance = summary["acc_chance"].astype(float).dropna()
+    if len(chance):
+        axes[0].axhline(float(chance.median()) * 100, color="k", ls="--", lw=1, label="chance (k/N)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return _save(fig, path)
+
+
+def _thumb(path: Path, cell: int):
+    """An image scaled to fit a cell (aspect kept, centred on white), as uint8 (cell, cell, 3); None if unreadable."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = cell / max(w, h)
+            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    except (OSError, ValueError):
+        return None
+    out = np.full((cell, cell, 3), 255, np.uint8)
+    a = np.asarray(im)
+    y0, x0 = (cell - a.shape[0]) // 2, (cell - a.shape[1]) // 2
+    out[y0:y0 + a.shape[0], x0:x0 + a.shape[1]] = a
+    return out
+
+
+def _mosaic(cells: list[list[Optional[Path]]], col_titles: list[str], row_titles: list[str], title: str,
+            path: Path, framed_cols: Sequence[int] = (0,), missing: Optional[list[str]] = None) -> Path:
+    """Draw a rows × cols image grid as one picture with titles (fast: one imshow, not one axes per cell).
+
+    A cell that is ``None`` is left blank ("none"); a path that cannot be read is a grey "missing" cell
+    (its path is appended to ``missing``). Columns in ``framed_cols`` get a red frame, as in the paper.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    n_rows, n_cols = len(cells), len(col_titles)
+    pad, cell = 6, _CELL
+    h, w = n_rows * cell + (n_rows + 1) * pad, n_cols * cell + (n_cols + 1) * pad
+    canvas = np.full((h, w, 3), 255, np.uint8)  # (H, W, 3)
+    notes = []
+    for r, row in enumerate(cells):
+        for c, p in enumerate(row):
+            y, x = pad + r * (cell + pad), pad + c * (cell + pad)
+            if p is None:
+                notes.append((x, y, "none"))
+                continue
+            img = _thumb(p, cell)
+            if img is None:
+                canvas[y:y + cell, x:x + cell] = 225
+                notes.append((x, y, "missing"))
+                if missing is not None:
+                    missing.append(str(p))
+            else:
+                canvas[y:y + cell, x:x + cell] = img
+    dpi, left, top = 100, 150, 48
+    fig = plt.figure(figsize=((w + left) / dpi, (h + top) / dpi), dpi=dpi)
+    ax = fig.add_axes((left / (w + left), 0, w / (w + left), h / (h + top)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    for x, y, text in notes:
+        ax.text(x + cell / 2, y + cell / 2, text, ha="center", va="center", fontsize=7, color="0.45")
+    for c, t in enumerate(col_titles):
+        ax.text(pad + c * (cell + pad) + cell / 2, -3, t, ha="center", va="bottom", fontsize=7, clip_on=False)
+    for r, t in enumerate(row_titles):
+        ax.text(-6, pad + r * (cell + pad) + cell / 2, t, ha="right", va="center", fontsize=7, clip_on=False)
+    for c in framed_cols:
+        for r in range(n_rows):
+            if cells[r][c] is not None:
+                ax.add_patch(Rectangle((pad + c * (cell + pad) - 2, pad + r * (cell + pad) - 2), cell + 3, cell + 3,
+                                       fill=False, edgecolor="red", lw=1.5))
+    fig.text(0.01, 1 - 4 / (h + top), textwrap.shorten(title, max(20, (w + left) // 6)), ha="left", va="top",
+             fontsize=8)
+    return _save(fig, path)
+
+
+def pick_trials(per_sample, n: int) -> list[tuple[str, int]]:
+    """The first ``n`` distinct (subject, item) EEG trials, sorted by subject (numerically when it can) then item."""
+    pairs = {(str(s), int(i)) for s, i in zip(per_sample["subject"], per_sample["item"])}
+    return sorted(pairs, key=lambda p: (_natural(p[0]), p[1]))[:max(int(n), 0)]
+
+
+def _resolve(run_dir: Path, rel: str) -> Optional[Path]:
+    if not rel or rel in ("nan", "None"):
+        return None
+    p = Path(rel)
+    return p if p.is_absolute() else run_dir / p
+
+
+def _file_name(variant: str) -> str:
+    return "grid_" + re.sub(r"[^A-Za-z0-9+_.-]", "_", variant) + ".png"
+
+
+def sample_figures(run_dir: Path, per_sample, out_dir: Path, trials: list[tuple[str, int]],
+                   variants: list[str], missing: list[str],
+                   protocol: Optional[dict] = None) -> tuple[dict[str, Path], Optional[Path]]:
+    """``grid_<variant>.png`` per variant (GT | saliency | samples) and ``comparison.png`` (GT | sample 0 each)."""
+    wanted = set(trials)
+    per_sample = per_sample[[(s, int(i)) in wanted for s, i in zip(per_sample["subject"], per_sample["item"])]]
+    by_trial = {k: g for k, g in per_sample.groupby(["subject", "item", "variant"], sort=False)}
+    any_row = {(s, i): g.iloc[0] for (s, i), g in per_sample.groupby(["subject", "item"], sort=False)}
+    row_titles = [textwrap.fill(str(any_row[t]["class_name"]), 22) + f"\nsubj {t[0]} · item {t[1]}" for t in trials]
+    gts = [_resolve(run_dir, str(any_row[t]["gt"])) for t in trials]
+    grids = {}
+    for v in variants:
+        rows_v = per_sample[per_sample["variant"] == v]
+        n_samples = int(rows_v["sample"].max()) + 1 if len(rows_v) else 0
+        cells = []
+        for t, gt in zip(trials, gts):
+            g = by_trial.get((t[0], t[1], v))
+            sal, samples = None, [None] * n_samples
+            if g is not None:
+                g = g.sort_values("sample")
+                sal = next((_resolve(run_dir, s) for s in g["saliency"] if s), None)
+                for smp, img in zip(g["sample"], g["image"]):
+                    samples[int(smp)] = _resolve(run_dir, img)
+            cells.append([gt, sal] + samples)
+        titles = ["GT", "saliency"] + [f"sample {k}" for k in range(n_samples)]
+        desc = _description(protocol, v)
+        grids[v] = _mosaic(cells, titles, row_titles, f"variant {_variant_label(v)}" + (f": {desc}" if desc else ""),
+                           out_dir / _file_name(v), missing=missing)
+    comparison = None
+    if variants:
+        cells = []
+        for t, gt in zip(trials, gts):
+            row = [gt]
+            for v in variants:
+                g = by_trial.get((t[0], t[1], v))
+                first = g[g["sample"] == g["sample"].min()] if g is not None else None
+                row.append(_resolve(run_dir, str(first["image"].iloc[0])) if first is not None else None)
+            cells.append(row)
+        comparison = _mosaic(cells, ["GT"] + [_variant_label(v) for v in variants], row_titles,
+                             "sample 0 of each variant for the same EEG trials", out_dir / "comparison.png",
+                             missing=missing)
+    return grids, comparison
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(run_dir: str | os.PathLike, *, title: Optional[str] = None,
+                 extra_sections: Optional[list[str]] = None, grid_items: int = 4) -> Path:
+    """Write ``RUN/report/report.md`` and its figures; return the path of ``report.md``.
+
+    Raises DataError (one line) when a results file is missing or unreadable.
+    """
+    run_dir = Path(run_dir)
+    per_sample, summary, protocol = load_results(run_dir)
+    out_dir = run_dir / REPORT
+    variants = _order_variants(list(summary["variant"]) + list(per_sample["variant"]))
+    subjects = _subjects(summary)
+    main = main_variant(list(summary["variant"]))
+    clf = _get(protocol, "classifier", default={})
+    acc = _get(protocol, "acc", default={})
+    ldm = _get(protocol, "ldm", default={})
+    n_trials = len({(s, i) for s, i in zip(per_sample["subject"], per_sample["item"])})
+
+    md = [f"# {title or 'NeuroImagen reconstruction report'}", "",
+          f"Run `{run_dir}`: {len(per_sample)} generated images from {n_trials} EEG trials of "
+          f"{len(subjects)} subject(s) ({', '.join(subjects) or _NA}); variants "
+          f"{', '.join(_variant_label(v) for v in variants) or _NA}; LDM {_show(_get(ldm, 'kind'))} "
+          f"`{_show(_get(ldm, 'identity'))}`, {_show(_get(ldm, 'samples_per_eeg'))} samples per EEG "
+          f"at {_show(_get(ldm, 'resolution'))} px; data: {_show(_get(protocol, 'data', 'dataset'))}, "
+          f"{_show(_get(protocol, 'data', 'split'))} split.", "",
+          f"Protocol: {protocol_line(protocol)}", ""]
+    if _get(acc, "warning"):
+        md += [f"> **Warning (N-way ACC):** {_get(acc, 'warning')}", ""]
+
+    # Ablation ---------------------------------------------------------------------------------
+    n_subj = len(subjects)
+    md += ["## Ablation (Table 3 analogue)", "",
+           "Paper numbering: 1 = I, 2 = L, 3 = B, 4 = B+I, 5 = L+I (B: BLIP-caption semantics, L: label-caption "
+           "semantics, I: pixel-level saliency map); oracle and chance are controls. Pooled over subjects.", "",
+           ablation_table(summary, protocol), "",
+           (f"ACC: mean ± sample standard deviation (ddof=1) over the {n_subj} subjects' ACC. " if n_subj > 1 else
+            "ACC: mean over generated images. ")
+           + "ACC max-of-samples: mean over EEG trials of the best sample. chance = k/N. IS and SSIM: over all "
+           "images of the variant (pooled). Bold: best of the paper variants 1-5 per column. "
+           "Paper (EEG-ImageNet, Inception-v3 IS, ViT ACC): variant 5 ACC 85.6 %, IS 33.50.", ""]
+
+    # Per subject ------------------------------------------------------------------------------
+    md += ["## Per subject (Table 2 analogue)", ""]
+    if main is not None:
+        md += [f"Variant {_variant_label(main)}.", "", per_subject_table(summary, main), ""]
+    plot_per_subject(summary, out_dir / "per_subject.png")
+    md += ["![ACC and SSIM per subject and variant](per_subject.png)", "",
+           "Left: ACC per subject × variant (dashed: chance k/N); right: SSIM.", ""]
+
+    # Judge ------------------------------------------------------------------------------------
+    md += ["## Judge", "",
+           f"Classifier `{_show(_get(clf, 'identity'))}` (kind {_show(_get(clf, 'kind'))}, "
+           f"{_show(_get(clf, 'num_classes'))} classes, input {_show(_get(clf, 'input_size'))} px); "
+           f"top-1 accuracy on the ground-truth test images: {fmt_num(_get(clf, 'gt_accuracy'), '.1f', 100)} %.", "",
+           "ACC only means something when the judge classifies the ground-truth images well: the \"true\" class "
+           "of the N-way protocol is the judge's top-1 on the GT image, so a judge that misreads the GT images "
+           "scores agreement with its own mistakes, not semantic fidelity.", ""]
+    judge_rows = []
+    for s in subjects + (["all"] if n_subj != 1 else []):
+        vals = summary[summary["subject"] == s]["judge_gt_acc"].astype(float).dropna()
+        judge_rows.append([f"subj {s}" if s != "all" else "all (pooled)",
+                           fmt_num(vals.iloc[0] if len(vals) else None, ".1f", 100)])
+    md += [format_table(["subject", "judge top-1 on GT images (%)"], judge_rows), ""]
+    gt_acc = summary["judge_gt_acc"].astype(float).dropna()
+    if len(gt_acc) and float(gt_acc.min()) < 0.5:
+        md += [f"> **Caution:** the judge's top-1 accuracy on GT images is as low as {float(gt_acc.min()) * 100:.1f} % "
+               "for some subject; read ACC with care.", ""]
+
+    # Samples ----------------------------------------------------------------------------------
+    md += ["## Samples", ""]
+    trials = pick_trials(per_sample, grid_items)
+    missing: list[str] = []
+    if trials:
+        sample_variants = _order_variants(per_sample["variant"])
+        grids, comparison = sample_figures(run_dir, per_sample, out_dir, trials, sample_variants, missing, protocol)
+        md += [f"The first {len(trials)} EEG trials by (subject, item). Columns: ground truth (red frame) | saliency "
+               "map decoded from EEG (\"none\" when the variant uses none) | samples, as in the paper's Fig. 3.", ""]
+        for v, p in grids.items():
+            md += [f"### Variant {_variant_label(v)}", "", f"![samples of variant {v}]({p.name})", ""]
+        if comparison is not None:
+            md += ["### All variants", "", "Ground truth, then sample 0 of each variant (paper Fig. 5 style).", "",
+                   f"![comparison of variants]({comparison.name})", ""]
+        if missing:
+            md += [f"> **Note:** {len(missing)} image file(s) could not be read and are drawn as grey \"missing\" "
+                   f"cells (first: `{missing[0]}`).", ""]
+    else:
+        md += ["No generated images in `results/per_sample.parquet`.", ""]
+
+    # Protocol ---------------------------------------------------------------------------------
+    md += protocol_section(protocol) + [""]
+
+    for section in extra_sections or []:
+        md += [section, ""]
+    return write_text(out_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")

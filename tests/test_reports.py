@@ -1,0 +1,330 @@
+"""reports.py: report.md and its figures from a run's results files (written here by a fake generator)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from neuroimagen.errors import DataError
+
+ALL_VARIANTS = ("L+I", "chance", "I", "B", "oracle", "L", "B+I")  # deliberately not in paper order
+BASE_ACC = {"I": 0.40, "L": 0.60, "B": 0.55, "B+I": 0.65, "L+I": 0.85, "oracle": 0.95, "chance": 0.03}
+IS = {"I": float("nan"), "L": 3.21, "B": 2.5, "B+I": 2.2, "L+I": 3.0, "oracle": 4.0, "chance": 1.5}
+SSIM = {"I": 0.300, "L": 0.100, "B": 0.110, "B+I": 0.310, "L+I": 0.320, "oracle": 0.500, "chance": 0.050}
+SALIENCY = {"I": True, "L": False, "B": False, "B+I": True, "L+I": True, "oracle": False, "chance": True}
+SEMANTICS = {"I": "none", "L": "label", "B": "image", "B+I": "image", "L+I": "label", "oracle": "true",
+             "chance": "label"}
+CLASSES = ["airliner", "panda", "jack-o'-lantern", "canoe", "pizza"]
+ITEMS = {"1": [12, 3, 7], "2": [20, 15, 4]}
+SUBJECT_SHIFT = {"1": -0.05, "2": 0.05}
+WARNING = "n-way accuracy: n=50 exceeds the classifier's 5 classes; clamping to n=5"
+
+
+def _png(path: Path, colour, size=(16, 16)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, tuple(int(c) for c in colour)).save(path)
+
+
+def make_run(root: Path, subjects=("1", "2"), variants=ALL_VARIANTS, samples=2, pooled=True,
+             judge_kind="judge") -> Path:
+    """A fake run directory with results/{per_sample.parquet, summary.csv, protocol.json} and small PNGs."""
+    import numpy as np
+    import pandas as pd
+
+    run = root / "run"
+    gt_dir = root / "data" / "images"
+    rows = []
+    for s in subjects:
+        for item in ITEMS[s]:
+            label = item % len(CLASSES)
+            stem = f"n{label:08d}_{item}"
+            gt = gt_dir / f"{stem}.png"
+            _png(gt, (40 * label, 200, 90), size=(20, 16))
+            for v in variants:
+                sal = f"saliency/{v}/{s}_{item}.png" if SALIENCY[v] else ""
+                if sal:
+                    _png(run / sal, (120, 120, 40 * label))
+                for k in range(samples):
+                    img = f"images/{v}/{s}_{item}_{k}.png"
+                    _png(run / img, (30 * k, 40 * label, 100))
+                    probs = np.full(len(CLASSES), 0.1)
+                    probs[label] = 0.6
+                    rows.append(dict(subject=s, variant=v, item=item, stem=stem, label=label,
+                                     class_name=CLASSES[label], sample=k, seed=1000 + k, judge_gt_top1=label,
+                                     judge_top1=label, acc_hit=BASE_ACC[v], acc_n=5, ssim=SSIM[v],
+                                     probs=probs.tolist(), image=img, saliency=sal, gt=str(gt.resolve())))
+    (run / "results").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(run / "results" / "per_sample.parquet")
+
+    summary = []
+    for v in variants:
+        groups = [(s, SUBJECT_SHIFT[s] if len(subjects) > 1 else 0.0) for s in subjects]
+        if pooled:
+            groups.append(("all", 0.0))
+        for s, shift in groups:
+            n_eeg = len(ITEMS[s]) if s != "all" else sum(len(ITEMS[x]) for x in subjects)
+            summary.append(dict(subject=s, variant=v, n=n_eeg * samples, n_eeg=n_eeg, acc=BASE_ACC[v] + shift,
+                                acc_max=min(1.0, BASE_ACC[v] + 0.1 + shift), acc_chance=0.2, acc_n=5,
+                                **{"is": IS[v]}, is_std=0.1, is_splits=2, ssim=SSIM[v], ssim_std=0.02,
+                                judge_gt_acc={"1": 0.9, "2": 0.8, "all": 0.85}[s]))
+    pd.DataFrame(summary).to_csv(run / "results" / "summary.csv", index=False)
+
+    protocol = {
+        "data": {"dataset": "eeg-imagenet (synthetic twin)", "split": "test", "n_subjects": len(subjects)},
+        "classifier": {"identity": "judge-tiny-cnn@abc123", "kind": judge_kind, "num_classes": 5, "input_size": 32,
+                       "gt_accuracy": 0.85},
+        "acc": {"n": 50, "k": 1, "trials": 37, "seed": 7, "n_eff": 5, "warning": WARNING},
+        "is": {"splits": 2, "classifier_note": "probabilities of the in-domain judge"},
+        "ssim": {"convention": "dreamdiffusion (colour, data_range=255)", "resolution": 64},
+        "ldm": {"kind": "tiny", "identity": "tiny-ldm@def456", "strength": 0.75, "guidance_scale": 7.5,
+                "num_inference_steps": 20, "samples_per_eeg": samples, "resolution": 64},
+        "variants": {v: {"saliency": SALIENCY[v], "semantics": SEMANTICS[v],
+                         "eeg": "other_class" if v == "chance" else "own",
+                         "init": "gt" if v == "oracle" else ("saliency" if SALIENCY[v] else "noise"),
+                         "description": f"desc of {v}"} for v in variants},
+    }
+    (run / "results" / "protocol.json").write_text(json.dumps(protocol))
+    return run
+
+
+def section(text: str, heading: str) -> str:
+    """The body of the '## heading' section of a markdown text."""
+    start = text.index(f"## {heading}")
+    end = text.find("\n## ", start + 3)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Data rows (cells stripped) of the first markdown table in ``text``."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines[2:]]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    from neuroimagen.reports import write_report
+
+    run = make_run(tmp_path_factory.mktemp("full"))
+    path = write_report(run, extra_sections=["## Notes\n\nhand-written | verbatim *text*"], grid_items=4)
+    return run, path, path.read_text()
+
+
+def test_report_is_written_under_run_report(full):
+    run, path, text = full
+    assert path == run / "report" / "report.md"
+    assert text.startswith("# NeuroImagen reconstruction report")
+    for heading in ("Ablation (Table 3 analogue)", "Per subject (Table 2 analogue)", "Judge", "Samples", "Protocol"):
+        assert f"\n## {heading}" in text
+    assert not list((run / "report").glob("*.partial-*"))
+
+
+def test_ablation_rows_in_paper_order_with_numbers(full):
+    _, _, text = full
+    rows = table_rows(section(text, "Ablation"))
+    assert [r[0].split(":")[0] for r in rows] == ["1 (I)", "2 (L)", "3 (B)", "4 (B+I)", "5 (L+I)", "oracle", "chance"]
+    by = {r[0].split(":")[0]: r for r in rows}
+    assert by["5 (L+I)"][0] == "5 (L+I): desc of L+I"  # description from protocol.json
+    # ACC: mean ± sample std over the two subjects (0.80, 0.90) -> 85.0 ± 7.1
+    assert by["2 (L)"][1] == "60.0 ± 7.1"
+    assert by["chance"][1] == "3.0 ± 7.1"
+    assert by["3 (B)"][2] == "65.0"  # ACC max-of-samples, pooled row
+    assert by["3 (B)"][3] == "20.0"  # chance k/N
+    assert by["3 (B)"][4] == "2.50" and by["3 (B)"][5] == "0.110"
+    assert by["oracle"][6] == "12"  # images
+
+
+def test_ablation_bolds_best_paper_variant_per_column(full):
+    _, _, text = full
+    by = {r[0].split(":")[0]: r for r in table_rows(section(text, "Ablation"))}
+    assert by["5 (L+I)"][1] == "**85.0 ± 7.1**"  # ACC
+    assert by["5 (L+I)"][2] == "**95.0**"  # ACC max
+    assert by["2 (L)"][4] == "**3.21**"  # IS
+    assert by["5 (L+I)"][5] == "**0.320**"  # SSIM
+    # controls are never bold even when higher; the chance column is never bold
+    assert by["oracle"][1] == "95.0 ± 7.1" and by["oracle"][4] == "4.00"
+    assert sum(c.count("**") for r in by.values() for c in r) == 2 * 4
+
+
+def test_nan_is_prints_na(full):
+    _, _, text = full
+    by = {r[0].split(":")[0]: r for r in table_rows(section(text, "Ablation"))}
+    assert by["1 (I)"][4] == "n/a"
+    assert "nan" not in section(text, "Ablation").lower().replace("n/a", "")
+
+
+def test_per_subject_section_uses_main_variant(full):
+    _, _, text = full
+    sec = section(text, "Per subject")
+    assert "Variant 5 (L+I)." in sec
+    rows = table_rows(sec)
+    assert [r[0] for r in rows] == ["subj 1", "subj 2", "all (pooled)"]
+    assert rows[0][1:] == ["80.0", "90.0", "3.00", "0.320", "6"]
+    assert rows[1][1] == "90.0" and rows[2][1] == "85.0"
+    assert "](per_subject.png)" in sec
+
+
+def test_judge_section(full):
+    _, _, text = full
+    sec = section(text, "Judge")
+    assert "judge-tiny-cnn@abc123" in sec and "kind judge" in sec
+    assert "only means something when the judge classifies the ground-truth images well" in sec
+    rows = table_rows(sec)
+    assert rows == [["subj 1", "90.0"], ["subj 2", "80.0"], ["all (pooled)", "85.0"]]
+    assert "Caution" not in sec
+
+
+def test_protocol_section_values(full):
+    _, _, text = full
+    sec = section(text, "Protocol")
+    assert "eeg-imagenet (synthetic twin)" in sec and "split: test" in sec
+    assert "N = 50 requested, N = 5 effective; k = 1" in sec
+    assert "trials per image: 37; seed: 7" in sec
+    assert WARNING in sec
+    assert "IS computed with the judge `judge-tiny-cnn@abc123`, not Inception-v3" in sec
+    assert "convention: dreamdiffusion (colour, data_range=255)" in sec and "resolution: 64 px" in sec
+    assert "strength: 0.75" in sec and "inference steps: 20" in sec
+    assert "input size: 32 px" in sec and "classes: 5" in sec
+    vrows = {r[0]: r for r in table_rows(sec[sec.index("**Variants**"):])}
+    assert list(vrows) == ["I", "L", "B", "B+I", "L+I", "oracle", "chance"]
+    assert vrows["chance"][1:6] == ["–", "True", "label", "other_class", "saliency"]
+    # the header repeats the protocol in one line and the clamp warning
+    head = text[:text.index("\n## ")]
+    assert "5-way top-1 over 37 trials (seed 7)" in head and WARNING in head
+
+
+def test_extra_sections_appended_verbatim(full):
+    _, _, text = full
+    assert text.rstrip().endswith("## Notes\n\nhand-written | verbatim *text*")
+    assert text.index("## Protocol") < text.index("## Notes")
+
+
+def test_figures_are_valid_pngs(full):
+    from PIL import Image
+
+    run, _, text = full
+    report = run / "report"
+    names = ["per_subject.png", "comparison.png"] + [f"grid_{v}.png" for v in ALL_VARIANTS]
+    for name in names:
+        assert f"]({name})" in text, name
+        with Image.open(report / name) as im:
+            assert im.format == "PNG"
+            assert im.width >= 300 and im.height >= 200, (name, im.size)
+            im.verify()
+    # grids: 4 rows, GT | saliency | 2 samples -> wider than tall; comparison: GT + 7 variants
+    with Image.open(report / "grid_L+I.png") as g, Image.open(report / "comparison.png") as c:
+        assert c.width > g.width and abs(c.height - g.height) <= 2
+    assert "could not be read" not in section(text, "Samples")
+
+
+def test_summary_table_is_the_ablation_table(full):
+    from neuroimagen.reports import summary_table
+
+    run, _, text = full
+    table = summary_table(run)
+    assert table.startswith("| variant | ACC (%)")
+    assert table in section(text, "Ablation")
+
+
+def test_pick_trials_first_distinct_sorted_by_subject_then_item():
+    import pandas as pd
+
+    from neuroimagen.reports import pick_trials
+
+    df = pd.DataFrame({"subject": ["10", "2", "2", "2", "1", "10"], "item": [1, 9, 5, 5, 30, 0]})
+    assert pick_trials(df, 3) == [("1", 30), ("2", 5), ("2", 9)]
+    assert pick_trials(df, 10) == [("1", 30), ("2", 5), ("2", 9), ("10", 0), ("10", 1)]
+
+
+def test_subset_of_variants_single_subject(tmp_path):
+    from neuroimagen.reports import write_report
+
+    run = make_run(tmp_path, subjects=("1",), variants=("chance", "L+I"), samples=3)
+    text = write_report(run, title="Subset run", grid_items=2).read_text()
+    assert text.startswith("# Subset run")
+    rows = table_rows(section(text, "Ablation"))
+    assert [r[0].split(":")[0] for r in rows] == ["5 (L+I)", "chance"]
+    assert rows[0][1] == "85.0" and "**" not in section(text, "Ablation")  # one subject: no ±, nothing to bold
+    assert [r[0] for r in table_rows(section(text, "Per subject"))] == ["subj 1"]
+    report = run / "report"
+    assert sorted(p.name for p in report.glob("*.png")) == ["comparison.png", "grid_L+I.png", "grid_chance.png",
+                                                            "per_subject.png"]
+
+
+def test_main_variant_falls_back_to_last_paper_variant():
+    from neuroimagen.reports import main_variant
+
+    assert main_variant(["chance", "B", "I", "oracle"]) == "B"
+    assert main_variant(["B+I", "L+I", "L"]) == "L+I"
+    assert main_variant(["oracle", "chance"]) == "oracle"
+
+
+def test_without_pooled_rows_and_torchvision_judge(tmp_path):
+    from neuroimagen.reports import write_report
+
+    run = make_run(tmp_path, variants=("I", "B+I"), pooled=False, judge_kind="torchvision")
+    text = write_report(run).read_text()
+    by = {r[0].split(":")[0]: r for r in table_rows(section(text, "Ablation"))}
+    assert by["4 (B+I)"][1] == "**65.0 ± 7.1**"
+    assert by["4 (B+I)"][4] == "n/a"  # IS is a whole-set statistic: not rebuilt from subjects
+    assert by["4 (B+I)"][5] == "**0.310**"
+    assert "Variant 4 (B+I)." in section(text, "Per subject")
+    assert "not Inception-v3" not in text and "IS computed with `judge-tiny-cnn@abc123` (torchvision)" in text
+
+
+def test_missing_image_files_are_drawn_and_counted(tmp_path):
+    from neuroimagen.reports import write_report
+
+    run = make_run(tmp_path, subjects=("1",), variants=("L+I",))
+    gt = next((tmp_path / "data" / "images").glob("*.png"))
+    gt.unlink()
+    text = write_report(run, grid_items=3).read_text()
+    assert "could not be read" in text and gt.name in text
+
+
+@pytest.mark.parametrize("name", ["summary.csv", "per_sample.parquet", "protocol.json"])
+def test_missing_results_file_is_one_line_data_error(tmp_path, name):
+    from neuroimagen.reports import summary_table, write_report
+
+    run = make_run(tmp_path, subjects=("1",), variants=("L+I",), samples=1)
+    path = run / "results" / name
+    path.unlink()
+    with pytest.raises(DataError) as err:
+        write_report(run)
+    msg = str(err.value)
+    assert str(path) in msg and "not found" in msg and "neuroimagen evaluate --run" in msg
+    assert "\n" not in msg
+    assert not (run / "report" / "report.md").exists()
+    if name == "summary.csv":
+        with pytest.raises(DataError, match="summary.csv: not found"):
+            summary_table(run)
+    else:
+        assert summary_table(run).startswith("| variant")
+
+
+def test_unreadable_results_are_data_errors(tmp_path):
+    from neuroimagen.reports import write_report
+
+    run = make_run(tmp_path, subjects=("1",), variants=("L+I",), samples=1)
+    (run / "results" / "per_sample.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="per_sample.parquet: unreadable"):
+        write_report(run)
+    run = make_run(tmp_path / "b", subjects=("1",), variants=("L+I",), samples=1)
+    (run / "results" / "summary.csv").write_text("subject,variant\n1,L+I\n")
+    with pytest.raises(DataError, match=r"summary.csv: missing column\(s\) \['acc'\]"):
+        write_report(run)
+
+
+def test_format_helpers():
+    from neuroimagen.reports import fmt_num, format_table
+
+    assert fmt_num(float("nan")) == "n/a" and fmt_num(None) == "n/a" and fmt_num(math.inf) == "n/a"
+    assert fmt_num(0.8567, ".1f", 100) == "85.7"
+    table = format_table(["a", "b"], [["x|y", 1.5]])
+    assert table.splitlines() == ["| a | b |", "|:---|---:|", "| x\\|y | 1.5 |"]
+    with pytest.raises(ValueError):
+        format_table(["a", "b"], [["only one"]])
