@@ -159,9 +159,12 @@ class SaliencyStageConfig:
 
 @dataclass(frozen=True)
 class SemanticStageConfig:
-    """Stage 3: EEG -> caption embedding regressor h (eq. 7), loss ||h - h_caption||^2."""
+    """Stage 3: EEG -> caption embedding regressor h (eq. 7), loss ||h - h_caption||^2.
 
-    captions: Literal["label", "image"] = param("label", doc="label captions ('An image of <name>') or per-image captions (data.captions)")
+    Two regressors share these settings: stage ``semantic`` regresses label captions ('An image of
+    <name>', the paper's L) and stage ``semantic_image`` per-image captions (data.captions, the paper's B).
+    """
+
     encoder: Optional[EncoderName] = param(None, doc="EEG encoder of the regressor; null = stages.encoder.name")
     width: Optional[int] = param(None, ge=1, doc="encoder size; null = the encoder's default")
     embed_dim: int = param(128, ge=2, doc="encoder feature size before the regression head")
@@ -194,6 +197,99 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class LDMConfig:
+    """Stage 4: the frozen latent diffusion model and its img2img call (NeuroImagen sec. 3.4)."""
+
+    pretrained: Optional[str] = param(None, doc="local Stable Diffusion snapshot directory or a model id in the local HF cache; null = a tiny LDM trained on the training images")
+    strength: float = param(0.75, gt=0, le=1, doc="img2img strength: how far the saliency map is noised before denoising")
+    guidance_scale: float = param(5.0, ge=1, doc="classifier-free guidance scale (1 = off)")
+    num_inference_steps: int = param(20, ge=1, doc="DDIM steps (img2img runs strength x steps of them)")
+    samples_per_eeg: int = param(3, ge=1, doc="generated images per EEG trial (paper: 3)")
+    dtype: Literal["float32", "float16", "bfloat16"] = param("float32", doc="pipeline dtype (half precision only on GPUs)")
+    attention_slicing: bool = param(False, doc="enable_attention_slicing() to save GPU memory")
+    resolution: int = param(32, ge=8, doc="tiny LDM: image size (pretrained: the snapshot's own)")
+    vae_channels: tuple[int, ...] = param((16, 32), doc="tiny LDM: VAE block widths (one halving per extra block)")
+    unet_channels: tuple[int, ...] = param((32, 64), doc="tiny LDM: UNet block widths")
+    vae_steps: int = param(300, ge=1, doc="tiny LDM: VAE training steps")
+    unet_steps: int = param(800, ge=1, doc="tiny LDM: UNet training steps")
+    train_batch_size: int = param(32, ge=1, doc="tiny LDM: training batch size")
+    lr: float = param(1e-3, gt=0, doc="tiny LDM: AdamW learning rate (cosine schedule)")
+    cond_dropout: float = param(0.1, ge=0, lt=1, doc="tiny LDM: fraction of training captions replaced by the empty caption")
+    seed: int = param(0, ge=0, doc="tiny LDM: training seed")
+
+    def validate(self, prefix: str) -> None:
+        if len(self.vae_channels) < 2 or len(self.unet_channels) < 2:
+            raise ConfigError(f"{prefix}.vae_channels/unet_channels: expected at least 2 widths each")
+        if self.resolution % (2 ** (len(self.vae_channels) - 1) * 2 ** (len(self.unet_channels) - 1)):
+            raise ConfigError(f"{prefix}.resolution: {self.resolution} must be divisible by the VAE and UNet downsampling "
+                              f"({2 ** (len(self.vae_channels) - 1)} x {2 ** (len(self.unet_channels) - 1)})")
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One reconstruction variant: where the init image and the prompt embedding come from."""
+
+    name: str = param("L+I", doc="name in results (paper Table 3: I, L, B, B+I, L+I)")
+    init: Literal["saliency", "noise", "gt"] = param("saliency", doc="saliency: G(z, f(x)) upsampled, img2img; noise: text-to-image; gt: the ground-truth image reduced to the saliency resolution")
+    semantics: Literal["none", "label", "image", "true_label", "true_image"] = param(
+        "label", doc="prompt embedding: none (empty caption), label/image (the stage-3 regressor on label/per-image captions), true_*: the true caption's embedding")
+    eeg: Literal["own", "other_class"] = param("own", doc="own: the trial's EEG; other_class: the EEG of a random trial of another class (chance reference)")
+    description: str = param("", doc="one line for the report")
+
+
+DEFAULT_VARIANTS = (
+    VariantConfig("I", "saliency", "none", "own", "saliency map only (empty prompt)"),
+    VariantConfig("L", "noise", "label", "own", "label-caption semantics, from pure noise"),
+    VariantConfig("B", "noise", "image", "own", "per-image-caption semantics, from pure noise"),
+    VariantConfig("B+I", "saliency", "image", "own", "per-image-caption semantics + saliency map"),
+    VariantConfig("L+I", "saliency", "label", "own", "label-caption semantics + saliency map (NeuroImagen)"),
+    VariantConfig("oracle", "gt", "true_label", "own", "true label-caption embedding + GT image at saliency resolution"),
+    VariantConfig("chance", "saliency", "label", "other_class", "variant 5 fed the EEG of a random other-class trial"),
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Reconstruction and scoring of the test split (DESIGN sec. 3): ACC, IS, SSIM per subject and variant."""
+
+    split: Literal["test", "val"] = param("test", doc="split reconstructed and scored")
+    variants: tuple[str, ...] = param(("I", "L", "B", "B+I", "L+I", "oracle", "chance"), doc="variants to run (names from eval.definitions)")
+    definitions: tuple[VariantConfig, ...] = param(DEFAULT_VARIANTS, doc="variant definitions (data, not code)")
+    subjects: Optional[tuple[int, ...]] = param(None, doc="subjects to reconstruct; null = all in the split")
+    max_trials: Optional[int] = param(None, ge=1, doc="cap on EEG trials per subject (first by dataset order); null = all")
+    classifier: Optional[str] = param(None, doc="torchvision architecture of the evaluation classifier (e.g. vit_h_14); null = the judge CNN trained on the training images")
+    classifier_weights: Optional[str] = param(None, path=True, doc="local state-dict file of eval.classifier")
+    classifier_image_size: Optional[int] = param(None, ge=32, doc="input size for ViT classifiers (SWAG ViT-H/14: 518)")
+    judge_steps: int = param(300, ge=1, doc="judge CNN training steps")
+    judge_width: int = param(16, ge=4, doc="judge CNN base width")
+    n_way: int = param(50, ge=2, doc="N of N-way top-k accuracy (clamped to the classifier's classes, with a warning)")
+    top_k: int = param(1, ge=1, doc="k of N-way top-k accuracy")
+    trials: int = param(50, ge=1, doc="distractor draws per image")
+    is_splits: int = param(10, ge=1, doc="Inception Score splits")
+    ssim_convention: Literal["dreamdiffusion", "mindeye"] = param("dreamdiffusion", doc="SSIM protocol (DESIGN sec. 3)")
+    ssim_resolution: Optional[int] = param(None, ge=7, doc="resize both images to this size before SSIM; null = the LDM's resolution (mindeye: 425)")
+    backend: Literal["ray", "local"] = param("ray", doc="ray: Ray Data actors; local: the same callables in a loop in this process")
+    actors: int = param(1, ge=1, doc="generation actors (Ray Data)")
+    batch_size: int = param(16, ge=1, doc="rows per batch through decode -> generate -> score")
+    use_gpu: bool = param(False, doc="one GPU per generation actor")
+
+    def validate(self, prefix: str) -> None:
+        names = [d.name for d in self.definitions]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"{prefix}.definitions: variant '{dup[0]}' is defined twice")
+        for v in self.variants:
+            if v not in names:
+                raise ConfigError(f"{prefix}.variants: unknown variant '{v}' (defined: {', '.join(names)})")
+        if (self.classifier is None) != (self.classifier_weights is None):
+            raise ConfigError(f"{prefix}.classifier_weights: set eval.classifier and eval.classifier_weights together "
+                              f"(got classifier={self.classifier!r}, classifier_weights={self.classifier_weights!r})")
+
+    def variant(self, name: str) -> VariantConfig:
+        return next(d for d in self.definitions if d.name == name)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How stages run: in this process, or on Ray Train with DDP."""
 
@@ -221,9 +317,13 @@ class Config:
     stages: StagesConfig = param(default_factory=StagesConfig)
     text_encoder: TextEncoderConfig = param(default_factory=TextEncoderConfig)
     train: TrainConfig = param(default_factory=TrainConfig)
+    ldm: LDMConfig = param(default_factory=LDMConfig)
+    eval: EvalConfig = param(default_factory=EvalConfig)
 
     def validate(self, prefix: str) -> None:  # noqa: ARG002 - uniform signature
-        pass
+        if self.ldm.pretrained is not None and self.text_encoder.pretrained is None:
+            raise ConfigError("text_encoder.pretrained: null, but ldm.pretrained is set; stage-3 targets must come from the "
+                              "diffusion model's own text encoder (set text_encoder.pretrained to the same snapshot)")
 
 
 # ---------------------------------------------------------------------------------------------
