@@ -147,14 +147,78 @@ def data_inspect(path, splits, images, fmt, as_json, out, config_path, overrides
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (created; re-running resumes).")
 @click.option("--stages", default=None, metavar="LIST",
-              help="Comma-separated subset of encoder,saliency,semantic (default: all, in dependency order).")
+              help="Comma-separated subset of encoder,saliency,semantic,semantic_image (default: all, in dependency order).")
 @config_options
 def train(out, stages, config_path, overrides):
-    """Train stages 1-3 (encoder, saliency GAN, semantic regressor), on Ray Train or in-process."""
+    """Train stages 1-3 (encoder, saliency GAN, semantic regressors), on Ray Train or in-process."""
     cfg = _load(config_path, overrides)
     from neuroimagen.training.run import train as run_train
 
     run_train(cfg, out, stages.split(",") if stages else None, log=lambda m: click.echo(m, err=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruct / evaluate / report
+
+
+def _run_config(run, config_path, overrides):
+    """A run's own resolved config (``RUN/config.yaml``) unless --config names another, plus --set."""
+    import os
+
+    from neuroimagen.errors import ConfigError
+
+    path = config_path or os.path.join(run, "config.yaml")
+    if config_path is None and not os.path.isfile(path):
+        raise ConfigError(f"{run}: not a run directory (no config.yaml); train one with `neuroimagen train --out {run}`")
+    return _load(path, overrides)
+
+
+def _csv_list(text, what, cast=str):
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        from neuroimagen.errors import ConfigError
+
+        raise ConfigError(f"--{what}: expected a comma-separated list of integers, got {text!r}") from None
+
+
+@cli.command()
+@click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A trained run directory.")
+@click.option("--variants", default=None, metavar="LIST", help="Comma-separated variants (default: eval.variants), "
+              "e.g. I,L,B,B+I,L+I,oracle,chance.")
+@click.option("--subjects", default=None, metavar="LIST", help="Comma-separated subject ids (default: all).")
+@config_options
+def reconstruct(run, variants, subjects, config_path, overrides):
+    """Generate images for subjects x variants x test trials x samples, and score them (resumable)."""
+    cfg = _run_config(run, config_path, overrides)
+    from neuroimagen.evaluation import reconstruct as run_reconstruct
+
+    run_reconstruct(cfg, run, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
+                    log=lambda m: click.echo(m, err=True))
+
+
+@cli.command()
+@click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A reconstructed run directory.")
+def evaluate(run):
+    """Reduce the scored shards into results/per_sample.parquet, summary.csv and protocol.json."""
+    from neuroimagen.evaluation import evaluate as run_evaluate
+    from neuroimagen.reports import summary_table
+
+    run_evaluate(run, log=lambda m: click.echo(m, err=True))
+    click.echo(summary_table(run))
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+def report(run):
+    """Write RUN/report/report.md: ablation and per-subject tables, figures, image grids, protocols."""
+    from neuroimagen.reports import write_report
+
+    path = write_report(run)
+    click.echo(str(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,325 @@
+"""Reconstruct and score a trained run: the functions behind ``neuroimagen reconstruct`` and ``evaluate``.
+
+``reconstruct`` prepares the two frozen components (the latent diffusion snapshot and the evaluation
+classifier, trained and cached by content hash for the embedded default), lists every (subject, variant,
+trial, sample) row of the evaluation split, and pushes the rows that are not finished yet through
+Decode -> Generate -> Score (Ray Data actors, or the same callables in a loop). Rows are grouped in
+*shards*, one per (subject, variant); a shard is written atomically to
+``results/shards/<fingerprint>/`` as soon as its last row is scored, so an interrupted run loses at most
+the unfinished shards, and a re-run skips the finished ones. The fingerprint covers every setting that
+changes a number (models, LDM, classifier, metric protocol), so changed settings never reuse old shards.
+
+``evaluate`` concatenates the shards into ``results/per_sample.parquet``, reduces them into
+``results/summary.csv`` (IS once per group) and writes ``results/protocol.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from neuroimagen.atomic import atomic_path, write_text
+from neuroimagen.config import Config, to_dict
+from neuroimagen.errors import ConfigError, DataError
+
+STATE = "results/state.json"
+# eval settings that do not change any number (execution only)
+_EXECUTION_KEYS = ("backend", "actors", "batch_size", "use_gpu", "variants", "subjects")
+
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _images_at(ds, size: int):
+    import torch
+
+    from neuroimagen.data.datasets import load_image
+
+    rec = ds.recording
+    seen: dict[str, int] = {}
+    imgs, labels, stems = [], [], []
+    for j in ds.indices:
+        p = rec.image_paths[int(j)]
+        if p is None or p in seen:
+            continue
+        seen[p] = len(imgs)
+        imgs.append(load_image(p, size))
+        labels.append(int(rec.labels[int(j)]))
+        stems.append(rec.stems[int(j)])
+    return (torch.stack(imgs) if imgs else torch.empty(0, 3, size, size)), torch.tensor(labels, dtype=torch.long), stems
+
+
+def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], None] = _log_default) -> tuple[str, dict]:
+    """(snapshot directory, description). Pretrained: resolved offline. Tiny: trained once, cached by hash."""
+    from neuroimagen.models import ldm
+
+    lc = cfg.ldm
+    if lc.pretrained is not None:
+        root = ldm.resolve_snapshot(lc.pretrained)
+        return str(root), {"kind": "pretrained", "identity": str(root)}
+    from neuroimagen.stages.semantic import text_encoder_for
+
+    train = splits["train"]
+    images, _, stems = _images_at(train, lc.resolution)
+    rec = train.recording
+    names = rec.class_names
+    label_by_stem = {rec.stems[int(j)]: int(rec.labels[int(j)]) for j in train.indices}
+    from neuroimagen.data.captions import label_caption
+
+    captions = [[label_caption(names[label_by_stem[s]]) for s in stems]]
+    if rec.captions is not None and all(s in rec.captions for s in stems):
+        captions.append([rec.captions[s] for s in stems])
+    te = text_encoder_for(cfg, run_dir)
+    key = ldm.tiny_ldm_key(te.identity, stems, captions, lc)
+    out = run_dir / "ldm" / f"tiny-{key}"
+    desc = {"kind": "tiny", "identity": f"tiny-ldm-{key}", "path": str(out), "trained_on": f"{len(stems)} training images",
+            "captions": ["label"] + (["image"] if len(captions) > 1 else []), "resolution": lc.resolution}
+    if (out / "model_index.json").is_file() and (out / "neuroimagen.json").is_file():
+        log(f"tiny LDM: reusing {out}")
+        desc.update(json.loads((out / "neuroimagen.json").read_text(encoding="utf-8")))
+        return str(out), desc
+    log(f"tiny LDM: training a VAE ({lc.vae_steps} steps) and a conditional UNet ({lc.unet_steps} steps) on "
+        f"{len(stems)} training images at {lc.resolution} px")
+    t0 = time.perf_counter()
+    embeds = [te.encode(c) for c in captions]
+    res = ldm.train_tiny_ldm(images, embeds, te.encode([""])[0], lc, progress=cfg.train.progress, log=log)
+    hist = res["history"]
+    tail = hist["unet"][-max(1, len(hist["unet"]) // 10):]
+    extra = {"key": key, "vae_recon_mse": hist["vae_recon_mse"], "unet_eps_mse_final": sum(tail) / len(tail),
+             "seconds": round(time.perf_counter() - t0, 1), "text_encoder": te.identity}
+    ldm.save_snapshot(out, res["vae"], res["unet"], te, extra=extra)
+    desc.update(extra)
+    log(f"tiny LDM: saved to {out} ({extra['seconds']} s)")
+    return str(out), desc
+
+
+def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int,
+                       log: Callable[[str], None] = _log_default) -> tuple[dict, dict]:
+    """(classifier spec for Score, description). Judge: trained on the training images, cached by hash."""
+    ec = cfg.eval
+    if ec.classifier is not None:
+        if not Path(ec.classifier_weights).is_file():
+            raise ConfigError(f"eval.classifier_weights: {ec.classifier_weights}: file not found")
+        spec = {"kind": "torchvision", "arch": ec.classifier, "weights": ec.classifier_weights,
+                "image_size": ec.classifier_image_size}
+        return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}"}
+    from neuroimagen.models.classifier import judge_cache_key, load_classifier, save_classifier, train_judge
+
+    images, labels, stems = _images_at(splits["train"], resolution)
+    val_images, val_labels, _ = _images_at(splits["val"], resolution)
+    key = judge_cache_key(json.dumps(stems), resolution=resolution, steps=ec.judge_steps, width=ec.judge_width,
+                          seed=cfg.seed, labels=labels.tolist())
+    out = run_dir / "judge" / f"judge-{key}"
+    spec = {"kind": "judge", "path": str(out)}
+    if (out / "classifier.json").is_file():
+        log(f"judge classifier: reusing {out}")
+        return spec, load_classifier(out).describe()
+    log(f"judge classifier: training a small CNN on {len(stems)} training images at {resolution} px "
+        f"({ec.judge_steps} steps)")
+    clf = train_judge(images, labels, splits["train"].num_classes, val_images=val_images, val_labels=val_labels,
+                      input_size=resolution, width=ec.judge_width, steps=ec.judge_steps, seed=cfg.seed,
+                      class_names=list(splits["train"].class_names), progress=cfg.train.progress)
+    save_classifier(clf, out)
+    d = clf.describe()
+    log(f"judge classifier: train accuracy {d.get('train_accuracy', float('nan')):.3f}, validation accuracy "
+        f"{d.get('val_accuracy', float('nan')):.3f} -> {out}")
+    return spec, d
+
+
+def fingerprint(cfg: Config, record: dict, snapshot: str, classifier: dict, stages: Sequence[str]) -> str:
+    ev = {k: v for k, v in to_dict(cfg.eval).items() if k not in _EXECUTION_KEYS}
+    doc = {"seed": cfg.seed, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": snapshot, "classifier": classifier,
+           "stages": {s: record["stages"][s].get("finished") for s in stages}, "data": to_dict(cfg.data)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _shard_name(subject: str, variant: str) -> str:
+    from neuroimagen.reconstruction import safe_name
+
+    return f"s{subject}__{safe_name(variant)}.parquet"
+
+
+def _read_shard(path: Path, expected: int):
+    """A finished shard's rows, or None when missing / unreadable / incomplete (then it is recomputed)."""
+    import pandas as pd
+
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except Exception:  # noqa: BLE001 - a damaged file is never trusted
+        return None
+    return df if len(df) == expected and not df.duplicated(["item", "sample"]).any() else None
+
+
+def _threads(n_procs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, n_procs))
+
+
+def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[str]] = None,
+                subjects: Optional[Sequence[int]] = None, log: Callable[[str], None] = _log_default) -> dict:
+    """Generate and score every missing shard; returns {'rows', 'computed', 'reused', 'seconds', 'state'}."""
+    import pandas as pd
+
+    from neuroimagen.data.datasets import load_splits
+    from neuroimagen.reconstruction import build_rows, needed_stages, select_variants
+    from neuroimagen.training.run import read_run
+
+    run_dir = Path(run_dir).resolve()
+    t0 = time.perf_counter()
+    names = select_variants(cfg, variants)
+    record = read_run(run_dir)
+    stages = needed_stages(cfg, names)
+    missing = [s for s in stages if s not in record["stages"]]
+    if missing:
+        raise ConfigError(f"{run_dir}: variants {', '.join(names)} need trained stage(s) {', '.join(missing)}; run "
+                          f"`neuroimagen train --out {run_dir} --stages {','.join(missing)}` first")
+    splits = load_splits(cfg.data, image_mode="path")
+    snapshot, ldm_desc = prepare_ldm(cfg, run_dir, splits, log)
+    from neuroimagen.models.ldm import load_img2img, pipeline_resolution
+
+    resolution = pipeline_resolution(load_img2img(snapshot)) if cfg.ldm.pretrained else cfg.ldm.resolution
+    clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, resolution, log)
+    fp = fingerprint(cfg, record, snapshot, clf_spec, stages)
+    rows = build_rows(cfg, splits["train"].recording, names, subjects)
+    shard_dir = run_dir / "results" / "shards" / fp
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_shard_name(r["subject"], r["variant"]), []).append(r)
+    todo = [r for name, rs in groups.items() if _read_shard(shard_dir / name, len(rs)) is None for r in rs]
+    reused = len(groups) - len({_shard_name(r["subject"], r["variant"]) for r in todo})
+    state = {"fingerprint": fp, "variants": names, "subjects": sorted({r["subject"] for r in rows}, key=lambda s: (len(s), s)),
+             "shards": {n: len(rs) for n, rs in groups.items()}, "ldm": {**ldm_desc, **to_dict(cfg.ldm)},
+             "classifier": {**clf_desc, "spec": clf_spec}, "eval": to_dict(cfg.eval), "seed": cfg.seed,
+             "data": {"format": cfg.data.format, "eeg": cfg.data.eeg, "split": cfg.eval.split,
+                      "split_file": cfg.data.splits, "split_num": cfg.data.split_num},
+             "variant_definitions": {n: dataclasses.asdict(cfg.eval.variant(n)) for n in names},
+             "resolution": resolution}
+    write_text(run_dir / STATE, json.dumps(state, indent=1, default=str))
+    log(f"reconstruct: {len(rows)} images in {len(groups)} shards ({len(names)} variants x "
+        f"{len(state['subjects'])} subjects x {cfg.ldm.samples_per_eeg} samples); {reused} shards already done, "
+        f"{len(todo)} images to generate ({cfg.eval.backend} backend)")
+    pending = {n: {} for n in groups}
+    done = {"shards": 0}
+
+    def on_batch(batch: dict) -> None:
+        cols = list(batch)
+        n = len(batch["item"])
+        for i in range(n):
+            row = {c: (batch[c][i].tolist() if c == "probs" else batch[c][i]) for c in cols}
+            row["subject"], row["variant"] = str(row["subject"]), str(row["variant"])
+            name = _shard_name(row["subject"], row["variant"])
+            pending[name][(int(row["item"]), int(row["sample"]))] = row  # a retried batch overwrites, never duplicates
+            if len(pending[name]) == len(groups[name]):
+                df = pd.DataFrame(sorted(pending[name].values(), key=lambda r: (int(r["item"]), int(r["sample"]))))
+                with atomic_path(shard_dir / name) as tmp:
+                    df.to_parquet(tmp, index=False)
+                pending[name] = {}
+                done["shards"] += 1
+                log(f"reconstruct: shard {name[:-8]} done ({done['shards']}/{len(groups) - reused})")
+
+    if todo:
+        decode_kw = {"run_dir": str(run_dir), "cfg": to_dict(cfg), "variants": names}
+        device = "cuda" if cfg.eval.use_gpu else "cpu"
+        gen_kw = {"snapshot": snapshot, "ldm": to_dict(cfg.ldm), "device": device}
+        score_kw = {"run_dir": str(run_dir), "classifier": clf_spec, "eval_cfg": {**to_dict(cfg.eval), "ssim_resolution":
+                    cfg.eval.ssim_resolution}}
+        if cfg.eval.backend == "local":
+            run_local(todo, decode_kw, {**gen_kw, "threads": _threads(1)}, score_kw, cfg.eval.batch_size, on_batch,
+                      progress=cfg.train.progress)
+        else:
+            from neuroimagen.distributed.data import run_on_ray
+            from neuroimagen.distributed.train import init_ray
+
+            init_ray(cfg)
+            run_on_ray(todo, decode_kw, {**gen_kw, "threads": _threads(cfg.eval.actors)}, score_kw, cfg.eval,
+                       on_batch, progress=cfg.train.progress)
+    left = [n for n, p in pending.items() if p]
+    if left:
+        raise DataError(f"reconstruct: shard(s) {', '.join(left)} incomplete after the run (rows were lost)")
+    secs = round(time.perf_counter() - t0, 1)
+    log(f"reconstruct: {len(todo)} images generated and scored in {secs} s")
+    return {"rows": len(rows), "computed": len(todo), "reused": reused, "seconds": secs, "state": state}
+
+
+def run_local(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, batch_size: int,
+              on_batch: Callable[[dict], None], progress: bool = True) -> None:
+    """The Ray Data pipeline's callables in a plain loop over batches (same outputs, one process)."""
+    from tqdm.auto import tqdm
+
+    from neuroimagen.metrics.scoring import Score
+    from neuroimagen.reconstruction import Decode, Generate, rows_to_batch
+
+    decode, generate, score = Decode(**decode_kw), Generate(**gen_kw), Score(**score_kw)
+    with tqdm(total=len(rows), desc="reconstruct", unit="img", disable=None if progress else True, leave=False) as bar:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i: i + batch_size]
+            on_batch(score(generate(decode(rows_to_batch(chunk)))))
+            bar.update(len(chunk))
+
+
+def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
+    """Shards -> ``per_sample.parquet``, ``summary.csv``, ``protocol.json``; returns the summary DataFrame."""
+    import pandas as pd
+
+    from neuroimagen.metrics.nway import effective_n
+    from neuroimagen.metrics.scoring import summarize
+
+    run_dir = Path(run_dir).resolve()
+    sp = run_dir / STATE
+    if not sp.is_file():
+        raise DataError(f"{sp}: not found; run `neuroimagen reconstruct --run {run_dir}` first")
+    state = json.loads(sp.read_text(encoding="utf-8"))
+    shard_dir = run_dir / "results" / "shards" / state["fingerprint"]
+    frames = []
+    for name, n in state["shards"].items():
+        df = _read_shard(shard_dir / name, n)
+        if df is None:
+            raise DataError(f"{shard_dir / name}: missing or incomplete; re-run `neuroimagen reconstruct --run {run_dir}` "
+                            f"(finished shards are reused)")
+        frames.append(df)
+    per_sample = pd.concat(frames, ignore_index=True)
+    ev = state["eval"]
+    summary = summarize(per_sample, k=ev["top_k"], is_splits=ev["is_splits"])
+    num_classes = len(per_sample["probs"].iloc[0])
+    n_eff, warning = effective_n(ev["n_way"], num_classes)
+    clf = state["classifier"]
+    pooled_gt = per_sample.drop_duplicates(["subject", "item"])
+    gt_acc = float((pooled_gt["judge_gt_top1"] == pooled_gt["label"]).mean())
+    protocol = {
+        "data": {**state["data"], "subjects": state["subjects"], "n_trials": int(len(pooled_gt))},
+        "classifier": {**{k: v for k, v in clf.items() if k != "spec"}, "num_classes": num_classes,
+                       "gt_accuracy": gt_acc,
+                       "gt_accuracy_protocol": f"top-1 against dataset labels on the {state['data']['split']} split's "
+                                               f"ground-truth images at {state['resolution']} px"},
+        "acc": {"n": ev["n_way"], "k": ev["top_k"], "trials": ev["trials"], "n_eff": n_eff, "warning": warning,
+                "seed": "per image: the row seed (seed, trial, sample)",
+                "true_class": "the classifier's top-1 on the ground-truth image (MinD-Vis protocol)"},
+        "is": {"splits": ev["is_splits"], "classifier_note": (
+            "IS computed with the judge CNN trained on the training images, not Inception-v3; comparable only within "
+            "this report" if clf.get("kind") == "judge" else f"IS computed with {clf.get('identity')}"),
+            "groups": "all generations of one (subject, variant); splits = min(is_splits, n)"},
+        "ssim": {"convention": ev["ssim_convention"],
+                 "resolution": ev["ssim_resolution"] or (425 if ev["ssim_convention"] == "mindeye" else state["resolution"])},
+        "ldm": {"kind": state["ldm"]["kind"], "identity": state["ldm"]["identity"], "strength": state["ldm"]["strength"],
+                "guidance_scale": state["ldm"]["guidance_scale"], "num_inference_steps": state["ldm"]["num_inference_steps"],
+                "samples_per_eeg": state["ldm"]["samples_per_eeg"], "resolution": state["resolution"],
+                "scheduler": "DDIM (eta 0), SD 1.x noise schedule"},
+        "variants": state["variant_definitions"],
+    }
+    res = run_dir / "results"
+    with atomic_path(res / "per_sample.parquet") as tmp:
+        per_sample.to_parquet(tmp, index=False)
+    with atomic_path(res / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    write_text(res / "protocol.json", json.dumps(protocol, indent=1, default=str))
+    if warning:
+        log(f"evaluate: {warning}")
+    log(f"evaluate: {len(per_sample)} images -> {res / 'summary.csv'}")
+    return summary
