@@ -132,9 +132,11 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
     return spec, d
 
 
-def fingerprint(cfg: Config, record: dict, snapshot: str, classifier: dict, stages: Sequence[str]) -> str:
+def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identity: str, stages: Sequence[str]) -> str:
+    """Hash of everything that changes a number; paths of the run itself are left out, so a copied or
+    moved run directory keeps its finished shards."""
     ev = {k: v for k, v in to_dict(cfg.eval).items() if k not in _EXECUTION_KEYS}
-    doc = {"seed": cfg.seed, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": snapshot, "classifier": classifier,
+    doc = {"seed": cfg.seed, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": ldm_identity, "classifier": classifier_identity,
            "stages": {s: record["stages"][s].get("finished") for s in stages}, "data": to_dict(cfg.data)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -186,7 +188,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
 
     resolution = pipeline_resolution(load_img2img(snapshot)) if cfg.ldm.pretrained else cfg.ldm.resolution
     clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, resolution, log)
-    fp = fingerprint(cfg, record, snapshot, clf_spec, stages)
+    fp = fingerprint(cfg, record, ldm_desc["identity"], clf_desc["identity"], stages)
     rows = build_rows(cfg, splits["train"].recording, names, subjects)
     shard_dir = run_dir / "results" / "shards" / fp
     groups: dict[str, list[dict]] = {}

@@ -91,3 +91,26 @@ def ray_session():
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+DEMO_SETS = ["train.backend=local", "eval.backend=local", "train.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The quick demo with local backends, run once per session (about 2.5 minutes on 2 cores): a trained,
+    reconstructed, scored and reported run directory. Read-only: tests copy it before changing anything.
+
+    Returns (run directory, the demo's return value, what it printed on stdout).
+    """
+    import contextlib
+    import io
+
+    from neuroimagen.config import load_config
+    from neuroimagen.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = run_demo(load_config(None, DEMO_SETS), str(out), quick=True, user_overrides=DEMO_SETS)
+    return out, res, buf.getvalue()

@@ -14,7 +14,9 @@ CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.
         "neuroimagen.models.text_encoder", "neuroimagen.metrics.embedding", "neuroimagen.metrics.nway",
         "neuroimagen.metrics.inception_score", "neuroimagen.metrics.ssim", "neuroimagen.training.loop",
         "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.training.run",
-        "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic"]
+        "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic",
+        "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.reconstruction",
+        "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.reports"]
 
 
 def run(code: str) -> str:

@@ -232,14 +232,14 @@ def load_img2img(path: str, device: str | torch.device = "cpu", dtype: str = "fl
     root = resolve_snapshot(path)
     try:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-            str(root), local_files_only=True, torch_dtype=_DTYPES[dtype], safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+            str(root), local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
     except Exception as exc:  # noqa: BLE001 - any loading failure is a bad snapshot
         text = " ".join(str(exc).split())[:200] or exc.__class__.__name__
         raise ConfigError(f"ldm.pretrained: {path}: cannot load a Stable Diffusion img2img pipeline ({text})") from exc
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False,
                                                steps_offset=1)
-    pipe = pipe.to(device)
+    pipe = pipe.to(device, _DTYPES[dtype]) if dtype != "float32" else pipe.to(device)
     if attention_slicing:
         pipe.enable_attention_slicing()
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,167 @@
+"""Reconstruction and scoring: rows, the three batch callables without Ray, resumable shards, the Ray Data
+pipeline against the plain loop, and the commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import assert_one_line_error
+from neuroimagen.config import load_config, override, to_dict
+
+pytestmark = pytest.mark.slow
+
+KEY = ["subject", "variant", "item", "sample"]
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("report", "images"))
+    return dst
+
+
+def _shards(run):
+    state = json.loads((run / "results" / "state.json").read_text())
+    return run / "results" / "shards" / state["fingerprint"], state
+
+
+def _same_results(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    a, b = a.sort_values(KEY).reset_index(drop=True), b.sort_values(KEY).reset_index(drop=True)
+    assert a[KEY + ["seed", "judge_gt_top1"]].equals(b[KEY + ["seed", "judge_gt_top1"]])
+    np.testing.assert_allclose(a["ssim"], b["ssim"], atol=2e-4)
+    np.testing.assert_allclose(np.stack(a["probs"]), np.stack(b["probs"]), atol=2e-3)
+
+
+def test_rows_pair_variants_and_pick_other_class_trials(demo_run):
+    from neuroimagen.data.datasets import load_recording
+    from neuroimagen.reconstruction import build_rows
+
+    run, _, _ = demo_run
+    cfg = load_config(run / "config.yaml")
+    rec = load_recording(cfg.data, check_images=False)
+    rows = build_rows(cfg, rec, ["L+I", "chance"], subjects=[2])
+    assert len(rows) == 2 * 12 * 3 and {r["subject"] for r in rows} == {"2"}
+    by = {(r["variant"], r["item"], r["sample"]): r for r in rows}
+    for (v, item, k), r in by.items():
+        assert r["seed"] == by[("L+I", item, k)]["seed"]  # every variant of (trial, sample) starts from the same noise
+        if v == "chance":
+            assert rec.labels[r["eeg_item"]] != rec.labels[item] and rec.subjects[r["eeg_item"]] == 2
+        else:
+            assert r["eeg_item"] == item
+    assert len({r["seed"] for r in rows if r["variant"] == "L+I"}) == 36
+    from neuroimagen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="subject 9 has no trials"):
+        build_rows(cfg, rec, ["I"], subjects=[9])
+
+
+def test_the_callables_run_without_ray(demo_run):
+    from neuroimagen.metrics.scoring import Score
+    from neuroimagen.reconstruction import Decode, Generate, build_rows, rows_to_batch
+
+    run, _, _ = demo_run
+    cfg = load_config(run / "config.yaml")
+    _, state = _shards(run)
+    variants = ["I", "L", "oracle"]
+    decode = Decode(str(run), to_dict(cfg), variants)
+    rows = build_rows(cfg, decode.recording, variants, subjects=[1])
+    rows = [r for r in rows if r["sample"] == 0 and r["item"] == rows[0]["item"]]  # one trial, three variants
+    batch = decode(rows_to_batch(rows))
+    assert batch["init"].shape == (3, 3, 32, 32) and batch["prompt"].shape[0] == 3
+    kinds = dict(zip(batch["variant"], batch["init_kind"]))
+    assert kinds == {"I": "saliency", "L": "noise", "oracle": "gt"}
+    i_row = list(batch["variant"]).index("I")
+    assert np.allclose(batch["prompt"][i_row], decode.empty.numpy())  # variant I: the empty caption
+    assert np.all(batch["init"][list(batch["variant"]).index("L")] == 0)
+    gen = Generate(state["ldm"]["path"], to_dict(cfg.ldm))
+    out = gen(batch)
+    assert out["image"].shape == (3, 3, 32, 32) and "prompt" not in out
+    score = Score(str(run), state["classifier"]["spec"], {**to_dict(cfg.eval)}, write_images=False)
+    scored = score(out)
+    assert scored["probs"].shape == (3, 6) and np.allclose(scored["probs"].sum(1), 1, atol=1e-5)
+    assert ((scored["acc_hit"] >= 0) & (scored["acc_hit"] <= 1)).all() and (scored["acc_n"] == 6).all()
+    per = pd.read_parquet(run / "results" / "per_sample.parquet")
+    ref = per.set_index(KEY).loc[[("1", v, int(i), 0) for v, i in zip(scored["variant"], scored["item"])]]
+    np.testing.assert_allclose(scored["ssim"], ref["ssim"], atol=2e-4)  # same numbers as the demo's batches
+
+
+def test_rerun_reuses_finished_shards_and_recomputes_missing_or_damaged_ones(demo_run, tmp_path):
+    from neuroimagen.evaluation import evaluate, reconstruct
+
+    run = _copy(demo_run[0], tmp_path)
+    before = pd.read_parquet(run / "results" / "per_sample.parquet")
+    shard_dir, state = _shards(run)
+    (shard_dir / "s1__L+I.parquet").unlink()
+    (shard_dir / "s2__B.parquet").write_bytes((shard_dir / "s2__B.parquet").read_bytes()[:100])  # truncated
+    cfg = load_config(run / "config.yaml", ["train.progress=false"])
+    logs = []
+    info = reconstruct(cfg, run, log=logs.append)
+    assert info["computed"] == 2 * 12 * 3 and info["reused"] == 12, logs
+    assert "tiny LDM: reusing" in " ".join(logs) and "judge classifier: reusing" in " ".join(logs)
+    evaluate(run, log=lambda m: None)
+    _same_results(pd.read_parquet(run / "results" / "per_sample.parquet"), before)
+    # nothing left to do: a third run computes nothing
+    assert reconstruct(cfg, run, log=lambda m: None)["computed"] == 0
+
+
+def test_changed_settings_never_reuse_old_shards(demo_run, tmp_path):
+    from neuroimagen.evaluation import reconstruct
+
+    run = _copy(demo_run[0], tmp_path)
+    cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.trials=7"])
+    info = reconstruct(cfg, run, variants=["chance"], subjects=[1], log=lambda m: None)
+    assert info["computed"] == 36 and info["reused"] == 0
+
+
+def test_ray_data_pipeline_matches_the_plain_loop(demo_run, tmp_path, ray_session):
+    from neuroimagen.evaluation import evaluate, reconstruct
+
+    run = _copy(demo_run[0], tmp_path)
+    before = pd.read_parquet(run / "results" / "per_sample.parquet")
+    shard_dir, _ = _shards(run)
+    for name in ("s1__I.parquet", "s2__L+I.parquet", "s1__B.parquet"):
+        (shard_dir / name).unlink()
+    cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.backend=ray", "eval.batch_size=12"])
+    info = reconstruct(cfg, run, log=lambda m: None)
+    assert info["computed"] == 3 * 36 and info["reused"] == 11
+    evaluate(run, log=lambda m: None)
+    after = pd.read_parquet(run / "results" / "per_sample.parquet")
+    assert len(after) == len(before) and not after.duplicated(KEY).any()
+    _same_results(after, before)
+    assert (run / after.loc[after["variant"] == "I", "image"].iloc[0]).is_file()  # PNGs written by the Score actor
+
+
+def test_summary_reduces_is_once_per_group(demo_run):
+    from neuroimagen.metrics.inception_score import inception_score
+
+    run, _, _ = demo_run
+    per = pd.read_parquet(run / "results" / "per_sample.parquet")
+    s = pd.read_csv(run / "results" / "summary.csv", dtype={"subject": str}).set_index(["subject", "variant"])
+    g = per[(per["subject"] == "2") & (per["variant"] == "L+I")].sort_values(["item", "sample"])
+    is_mean, _ = inception_score(torch.tensor(np.stack(g["probs"]), dtype=torch.float64), splits=10)
+    assert s.loc[("2", "L+I"), "is"] == pytest.approx(is_mean, rel=1e-5)
+    acc_max = g.groupby("item")["acc_hit"].max().mean()
+    assert s.loc[("2", "L+I"), "acc_max"] == pytest.approx(acc_max, rel=1e-5)
+    pooled = per[per["variant"] == "L+I"]
+    assert s.loc[("all", "L+I"), "acc"] == pytest.approx(pooled["acc_hit"].mean(), rel=1e-5)
+    assert s.loc[("all", "L+I"), "n"] == len(pooled) == 72
+
+
+def test_commands(demo_run, tmp_path, run_cli):
+    run = _copy(demo_run[0], tmp_path)
+    res = run_cli("evaluate", "--run", run)
+    assert res.code == 0 and "| 5 (L+I)" in res.out
+    res = run_cli("report", str(run))
+    assert res.code == 0 and (run / "report" / "report.md").is_file()
+    assert_one_line_error(run_cli("reconstruct", "--run", tmp_path / "nothing"), "not a run directory")
+    assert_one_line_error(run_cli("reconstruct", "--run", run, "--variants", "L+I,XL"), "unknown variant 'XL'")
+    assert_one_line_error(run_cli("reconstruct", "--run", run, "--subjects", "1,x"), "--subjects")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert_one_line_error(run_cli("evaluate", "--run", fresh), "state.json: not found")
+    assert_one_line_error(run_cli("report", str(fresh)), "not found")
