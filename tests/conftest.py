@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback test clusters run without token auth
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # as init_ray: reports acknowledged in 0.1 s, not 2 s
 
 REPO = Path(__file__).resolve().parents[1]
 
