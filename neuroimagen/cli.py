@@ -201,6 +201,22 @@ def reconstruct(run, variants, subjects, config_path, overrides):
 
 
 @cli.command()
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (created; re-running resumes).")
+@click.option("--variants", default=None, metavar="LIST", help="Comma-separated variants (default: eval.variants).")
+@click.option("--subjects", default=None, metavar="LIST", help="Comma-separated subject ids (default: all).")
+@config_options
+def ablation(out, variants, subjects, config_path, overrides):
+    """Train what the variants need, reconstruct and score all subjects x variants, write the report."""
+    cfg = _load(config_path, overrides)
+    from neuroimagen.evaluation import ablation as run_ablation
+    from neuroimagen.reports import summary_table
+
+    run_ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
+                 log=lambda m: click.echo(m, err=True))
+    click.echo(summary_table(out))
+
+
+@cli.command()
 @click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A reconstructed run directory.")
 def evaluate(run):
     """Reduce the scored shards into results/per_sample.parquet, summary.csv and protocol.json."""
@@ -226,7 +242,7 @@ def report(run):
 
 
 @cli.command()
-@click.option("--quick", is_flag=True, help="Smaller twin and shorter runs (about a minute).")
+@click.option("--quick", is_flag=True, help="Smaller twin, shorter runs, in-process backends (under 3 minutes).")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @config_options

@@ -28,7 +28,10 @@ _COMMON = ["data.image_size=32", "synth.image_size=32", "stages.encoder.embed_di
 QUICK = _COMMON + ["synth.classes=6", "synth.images_per_class=20", "synth.subjects=2", "synth.channels=16",
                    "stages.encoder.epochs=10", "stages.saliency.epochs=40", "stages.semantic.epochs=30",
                    "ldm.unet_channels=[16,32]", "ldm.vae_steps=100", "ldm.unet_steps=400", "ldm.num_inference_steps=10",
-                   "eval.judge_steps=200", "eval.batch_size=32"]
+                   "eval.judge_steps=200", "eval.batch_size=32",
+                   # In-process backends: Ray Train's fixed start-up (~25 s per stage here) alone would take the
+                   # quick demo past 3 minutes; the default demo, `train`, `reconstruct` and the jobs use Ray.
+                   "train.backend=local", "eval.backend=local"]
 FULL = _COMMON + ["synth.classes=10", "synth.images_per_class=30", "synth.subjects=3", "synth.channels=32",
                   "stages.encoder.epochs=20", "stages.saliency.epochs=60", "stages.semantic.epochs=40",
                   "ldm.vae_steps=250", "ldm.unet_steps=1000", "ldm.num_inference_steps=20", "eval.batch_size=32"]
