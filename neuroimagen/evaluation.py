@@ -266,6 +266,12 @@ def run_local(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, b
             bar.update(len(chunk))
 
 
+def _dataset_name(data: dict) -> str:
+    eeg = Path(str(data.get("eeg") or ""))
+    twin = " (synthetic twin)" if eeg.parent.name == "twin" or "twin" in eeg.parts[-3:-1] else ""
+    return f"{data.get('format')} `{eeg.name}`{twin}, split file `{Path(str(data.get('split_file') or '')).name}` #{data.get('split_num')}"
+
+
 def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
     """Shards -> ``per_sample.parquet``, ``summary.csv``, ``protocol.json``; returns the summary DataFrame."""
     import pandas as pd
@@ -295,7 +301,8 @@ def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
     pooled_gt = per_sample.drop_duplicates(["subject", "item"])
     gt_acc = float((pooled_gt["judge_gt_top1"] == pooled_gt["label"]).mean())
     protocol = {
-        "data": {**state["data"], "subjects": state["subjects"], "n_trials": int(len(pooled_gt))},
+        "data": {"dataset": _dataset_name(state["data"]), **state["data"], "subjects": state["subjects"],
+                 "n_trials": int(len(pooled_gt))},
         "classifier": {**{k: v for k, v in clf.items() if k != "spec"}, "num_classes": num_classes,
                        "gt_accuracy": gt_acc,
                        "gt_accuracy_protocol": f"top-1 against dataset labels on the {state['data']['split']} split's "
@@ -325,3 +332,31 @@ def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
         log(f"evaluate: {warning}")
     log(f"evaluate: {len(per_sample)} images -> {res / 'summary.csv'}")
     return summary
+
+
+def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = None,
+             subjects: Optional[Sequence[int]] = None, log: Callable[[str], None] = _log_default) -> Path:
+    """Train the stages the variants need (those not finished in ``out``), reconstruct, evaluate, report.
+
+    The function behind ``neuroimagen ablation`` and ``jobs/ablation.py``; every step resumes.
+    """
+    from neuroimagen.reconstruction import needed_stages, select_variants
+    from neuroimagen.reports import write_report
+    from neuroimagen.training.run import prepare_data, read_run, train
+
+    run_dir = Path(out).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = select_variants(cfg, variants)
+    done = read_run(run_dir)["stages"]
+    todo = [s for s in needed_stages(cfg, names) if s not in done]
+    if todo:
+        log(f"ablation: training {', '.join(todo)} (needed by {', '.join(names)})")
+        train(cfg, run_dir, todo, log=log)
+    else:
+        log(f"ablation: reusing the trained stages in {run_dir}")
+    cfg = prepare_data(cfg, run_dir, log)
+    reconstruct(cfg, run_dir, names, subjects, log=log)
+    evaluate(run_dir, log=log)
+    path = write_report(run_dir)
+    log(f"ablation: report -> {path}")
+    return path
