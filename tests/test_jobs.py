@@ -27,8 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """A Ray head on 127.0.0.1 with its own ports, started with this venv first on PATH; stopped by its pid."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -42,7 +42,8 @@ def ray_head(tmp_path):
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={short_tmp}",
            *[f"{k}={v}" for k, v in ports.items()]]
-    log = open(tmp_path / "head.log", "w")
+    log_path = tmp_path_factory.mktemp("head") / "head.log"
+    log = open(log_path, "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
@@ -51,7 +52,7 @@ def ray_head(tmp_path):
         if r.returncode == 0:
             break
         if head.poll() is not None:
-            pytest.fail(f"ray head exited: {(tmp_path / 'head.log').read_text()[-2000:]}")
+            pytest.fail(f"ray head exited: {log_path.read_text()[-2000:]}")
         time.sleep(2)
     else:
         pytest.fail("ray head did not come up in 90 s")
@@ -67,17 +68,14 @@ def ray_head(tmp_path):
         shutil.rmtree(short_tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_trains_every_stage(ray_head, tmp_path):
+def _submit(ray_head, *args) -> tuple[str, str]:
+    """``ray job submit --no-wait`` (the CLI, as a user types it); waits for the end; (status, logs)."""
     address, env, ray_bin = ray_head
-    out = tmp_path / "run"
-    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
-           "python", "jobs/train.py", "--config", "configs/quick.yaml", "--out", str(out),
-           "--set", "stages.encoder.epochs=2", "--set", "stages.saliency.epochs=2",
-           "--set", "stages.semantic.epochs=2", "--set", "train.progress=false"]
+    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr).group(0)
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)  # status polling only; the submission above is the CLI's
     deadline = time.time() + 600
@@ -85,7 +83,23 @@ def test_ray_job_submit_trains_every_stage(ray_head, tmp_path):
     while not status.is_terminal() and time.time() < deadline:
         time.sleep(5)
         status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
+    return status, client.get_job_logs(job_id)
+
+
+@pytest.fixture(scope="module")
+def job_run(ray_head, tmp_path_factory):
+    """Stages 1-3 trained by ``jobs/train.py`` submitted to the loopback head."""
+    out = tmp_path_factory.mktemp("job") / "run"
+    status, logs = _submit(ray_head, "python", "jobs/train.py", "--config", "configs/quick.yaml", "--out", str(out),
+                           "--set", "stages.encoder.epochs=2", "--set", "stages.saliency.epochs=2",
+                           "--set", "stages.semantic.epochs=2", "--set", "train.progress=false")
+    return out, status, logs
+
+
+def test_ray_job_submit_trains_every_stage(job_run):
+    from ray.job_submission import JobStatus
+
+    out, status, logs = job_run
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     record = json.loads((out / "run.json").read_text())
     assert set(record["stages"]) == {"encoder", "saliency", "semantic", "semantic_image"}
@@ -96,3 +110,23 @@ def test_ray_job_submit_trains_every_stage(ray_head, tmp_path):
     assert "val_knn_acc" in m and m["chance"] == pytest.approx(1 / 6)
     assert json.loads((out / "semantic" / "metrics.json").read_text())["val_nearest_class_acc"] >= 0
     assert "[semantic] done:" in logs  # the one-line summaries reach the job log
+
+
+def test_ray_job_submit_runs_the_ablation_on_the_trained_run(ray_head, job_run):
+    """jobs/ablation.py reuses the trained stages, trains the tiny LDM and the judge, reconstructs with Ray Data."""
+    import pandas as pd
+    from ray.job_submission import JobStatus
+
+    out, status, _ = job_run
+    assert status == JobStatus.SUCCEEDED
+    status, logs = _submit(ray_head, "python", "jobs/ablation.py", "--config", "configs/quick.yaml", "--out", str(out),
+                           "--variants", "L+I,chance", "--subjects", "1", "--set", "ldm.vae_steps=10",
+                           "--set", "ldm.unet_steps=10", "--set", "ldm.samples_per_eeg=1", "--set", "eval.judge_steps=30",
+                           "--set", "stages.encoder.epochs=2", "--set", "stages.saliency.epochs=2",
+                           "--set", "stages.semantic.epochs=2", "--set", "train.progress=false")
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "ablation: reusing the trained stages" in logs and "reconstruct: 24 images" in logs
+    summary = pd.read_csv(out / "results" / "summary.csv", dtype={"subject": str})
+    assert set(zip(summary["subject"], summary["variant"])) == {("1", "L+I"), ("all", "L+I"), ("1", "chance"),
+                                                                  ("all", "chance")}
+    assert (out / "report" / "report.md").is_file() and "| 5 (L+I)" in logs
