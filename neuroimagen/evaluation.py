@@ -184,10 +184,11 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                           f"`neuroimagen train --out {run_dir} --stages {','.join(missing)}` first")
     splits = load_splits(cfg.data, image_mode="path")
     snapshot, ldm_desc = prepare_ldm(cfg, run_dir, splits, log)
-    from neuroimagen.models.ldm import load_img2img, pipeline_resolution
+    from neuroimagen.models.ldm import snapshot_resolution
 
-    resolution = pipeline_resolution(load_img2img(snapshot)) if cfg.ldm.pretrained else cfg.ldm.resolution
-    clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, resolution, log)
+    resolution = snapshot_resolution(snapshot) if cfg.ldm.pretrained else cfg.ldm.resolution
+    # the judge sees images resized to at most 64 px (its input size), whatever the LDM's resolution
+    clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, min(resolution, 64), log)
     fp = fingerprint(cfg, record, ldm_desc["identity"], clf_desc["identity"], stages)
     rows = build_rows(cfg, splits["train"].recording, names, subjects)
     shard_dir = run_dir / "results" / "shards" / fp

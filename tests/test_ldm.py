@@ -41,11 +41,11 @@ def test_snapshot_has_the_stable_diffusion_layout(snapshot):
     assert index["_class_name"] == "StableDiffusionImg2ImgPipeline" and index["unet"][1] == "UNet2DConditionModel"
 
 
-def test_real_path_loader_reads_the_snapshot_offline(pipe, monkeypatch):
+def test_real_path_loader_reads_the_snapshot_offline(pipe, snapshot, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert type(pipe).__name__ == "StableDiffusionImg2ImgPipeline"
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.steps_offset == 1
-    assert ldm.pipeline_resolution(pipe) == R
+    assert ldm.pipeline_resolution(pipe) == R == ldm.snapshot_resolution(str(snapshot))
     assert pipe.safety_checker is None
 
 

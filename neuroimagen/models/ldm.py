@@ -255,6 +255,17 @@ def text2img_from(img2img_pipe):
     return pipe
 
 
+def snapshot_resolution(path: str) -> int:
+    """The image size of a snapshot's UNet, from its config files alone (no weights loaded)."""
+    root = resolve_snapshot(path)
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"ldm.pretrained: {path}: unreadable unet/ or vae/ config.json ({exc.__class__.__name__})") from None
+
+
 def pipeline_resolution(pipe) -> int:
     """The image size the UNet was trained for: ``unet.sample_size * vae_scale_factor``."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
