@@ -158,6 +158,45 @@ def train(out, stages, config_path, overrides):
 
 
 # ---------------------------------------------------------------------------------------------
+# tune
+
+
+@cli.command()
+@click.option("--space", "space_path", type=click.Path(dir_okay=False), default=None,
+              help="Search space YAML (e.g. tune_spaces/gan.yaml).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Sweep directory (default: runs/tune-<stage>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Resume the interrupted sweep in this directory (its space and config are reused).")
+@config_options
+def tune(space_path, out, resume_dir, config_path, overrides):
+    """Sweep one stage's hyperparameters with Ray Tune (ASHA), on validation data; writes best.yaml."""
+    import os
+
+    from neuroimagen.errors import ConfigError
+    from neuroimagen.tuning import load_space
+
+    if resume_dir is not None:
+        saved = os.path.join(resume_dir, "space.json")
+        if not os.path.isfile(saved):
+            raise ConfigError(f"--resume {resume_dir}: no sweep there (expected {saved})")
+        space_path = space_path or json.load(open(saved, encoding="utf-8"))["space"]
+        out = resume_dir
+    if space_path is None:
+        raise ConfigError("--space: required (e.g. --space tune_spaces/gan.yaml), or --resume DIR")
+    space, cfg = load_space(space_path, config_path, overrides)
+    from neuroimagen.distributed.tune import run_sweep
+
+    res = run_sweep(space, cfg, out or os.path.join("runs", f"tune-{space.stage}"), resume=resume_dir is not None,
+                    log=lambda m: click.echo(m, err=True))
+    table = res["results"]
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    b = res["best"]
+    click.echo(f"best trial {b['best_trial']}: {b['metric']}={b['best_value']:.4g} (validation) with {b['best_params']}; "
+               f"{b['stopped_early']}/{b['trials']} trials stopped early")
+    click.echo(f"best config: {res['best_config']}  (neuroimagen train --config {res['best_config']} --out RUN)")
+
+
+# ---------------------------------------------------------------------------------------------
 # reconstruct / evaluate / report
 
 

@@ -21,9 +21,10 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_yaml_loads_strictly(path):
     if path.parent.name == "tune_spaces":
-        from neuroimagen.config import read_yaml_mapping
+        from neuroimagen.tuning import load_space
 
-        assert read_yaml_mapping(path)  # a search space; fully validated by its own loader
+        space, cfg = load_space(path)  # a search space: its keys, distributions and base config, strictly
+        assert space.params and isinstance(cfg, Config)
         return
     cfg = load_config(path)
     assert isinstance(cfg, Config)

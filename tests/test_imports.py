@@ -16,7 +16,7 @@ CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.
         "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.training.run",
         "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic",
         "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.reconstruction",
-        "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.reports"]
+        "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.reports", "neuroimagen.tuning"]
 
 
 def run(code: str) -> str:

@@ -110,8 +110,11 @@ def latest_stored(storage: Path) -> Optional[Path]:
     return best
 
 
-def trainer_for(name: str, cfg: Config, inputs: dict, run_dir: Path) -> TorchTrainer:
-    """The ``TorchTrainer`` of stage ``name`` (fixed run name per stage, so re-runs resume)."""
+def trainer_for(name: str, cfg: Config, inputs: dict, run_dir: Path, run_name: Optional[str] = None,
+                callbacks: Optional[list] = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of stage ``name`` (fixed run name per stage, so re-runs resume).
+
+    ``run_name``/``callbacks``: a Tune trial's own name and its ``TuneReportCallback``."""
     tc = cfg.train
     storage = tc.storage_path or str(run_dir / "ray")
     threads = tc.threads_per_worker or max(1, int(tc.cpus_per_worker))
@@ -123,7 +126,7 @@ def trainer_for(name: str, cfg: Config, inputs: dict, run_dir: Path) -> TorchTra
                            "storage_dir": str(Path(storage) / name) if "://" not in storage else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=run_name or name, storage_path=storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep)),
     )

@@ -1,0 +1,214 @@
+"""Ray Tune: sweep one stage's hyperparameters (``neuroimagen tune --space tune_spaces/gan.yaml``).
+
+The pattern current Ray recommends for Train + Tune: one *driver function* per trial that builds and fits
+its own ``TorchTrainer`` (``ray.tune.integration.ray_train.TuneReportCallback`` forwards every epoch's
+report to Tune, so ASHA can stop weak trials after any epoch). ``trainer: local`` in the space file runs the
+same ``fit()`` inside the trial instead (no nested worker group: the fast path on a laptop).
+
+Layout of a sweep directory::
+
+    base/          the stages the swept stage needs (trained once, shared by every trial), and the twin
+    sweep/         Ray Tune's experiment folder (``--resume`` restores it)
+    trials/<id>/   each trial's Ray Train storage and exported stage
+    results.csv / results.parquet   one row per trial: parameters, best and last metric, epochs run, status
+    best.yaml      the base config with the best trial's parameters: ``neuroimagen train --config best.yaml``
+    trials.png     the metric per trial over epochs
+    space.json     the validated space
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray import tune
+
+from neuroimagen.config import Config, from_dict, to_dict, write_config
+from neuroimagen.errors import ConfigError
+from neuroimagen.tuning import Space, apply_values, best_row, plot_trials
+
+
+def _distribution(dist: str, args: tuple):
+    if dist == "uniform":
+        return tune.uniform(*args)
+    if dist == "loguniform":
+        return tune.loguniform(*args)
+    if dist == "quniform":
+        return tune.quniform(*args)
+    if dist == "randint":
+        return tune.randint(int(args[0]), int(args[1]))
+    if dist == "choice":
+        return tune.choice(list(args))
+    return tune.grid_search(list(args))
+
+
+def param_space(space: Space) -> dict:
+    """Tune's flat param space: dotted config keys -> Tune distributions."""
+    return {k: _distribution(d, a) for k, (d, a) in space.params.items()}
+
+
+def _search_alg(space: Space):
+    if space.search["type"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=space.search["seed"])
+    if space.search["type"] == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=space.search["seed"])
+    return None  # Tune's default random/grid generator honours max_concurrent_trials (an explicit one would not)
+
+
+class _TuneReporter:
+    """``fit()``'s reporter inside a trial (trainer: local): metrics and checkpoint to Tune every epoch."""
+
+    def restore(self):
+        from neuroimagen.training.checkpoint import load_checkpoint
+
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(d)
+
+    def report(self, metrics: dict, payload) -> None:
+        from neuroimagen.training.checkpoint import save_checkpoint
+
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if payload is None:
+            tune.report(scalars)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, payload)
+            tune.report(scalars, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def trial_fn(config: dict, base: dict, inputs: dict, stage: str, trainer: str, root: str, threads: int) -> None:
+    """One trial: the base config with this trial's values; fits ``stage`` (its own TorchTrainer, or in-process)."""
+    from neuroimagen.stages import epochs_of
+    from neuroimagen.training.run import export_stage
+
+    cfg = apply_values(from_dict(Config, base), config)
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(root) / "trials" / trial_id
+    if trainer == "ray":
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from neuroimagen.distributed.train import trainer_for
+
+        result = trainer_for(stage, cfg, inputs, trial_dir, run_name=f"{stage}-{trial_id}",
+                             callbacks=[TuneReportCallback()]).fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+        payload = None
+        if result.checkpoint is not None:
+            from neuroimagen.training.checkpoint import load_checkpoint
+
+            with result.checkpoint.as_directory() as d:
+                payload = load_checkpoint(d)
+    else:
+        from neuroimagen.stages import build_stage
+        from neuroimagen.training.context import RunContext, set_threads
+        from neuroimagen.training.loop import fit
+
+        set_threads(threads)
+        reporter = _TuneReporter()
+        st = build_stage(stage, cfg, RunContext(), inputs)
+        epochs, val_every = epochs_of(cfg, stage)
+        fit(st, RunContext(), reporter, epochs=epochs, val_every=val_every, seed=cfg.seed, log=None)
+        payload = reporter.restore()
+    if payload is not None and payload.get("best"):
+        export_stage(stage, cfg, trial_dir, payload)
+
+
+def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
+              log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) a sweep into ``out``; returns {'results': DataFrame, 'best': dict, 'best_config': path}."""
+    import pandas as pd
+
+    from neuroimagen.atomic import atomic_path, write_text
+    from neuroimagen.distributed.train import init_ray
+    from neuroimagen.stages import REQUIRES, epochs_of
+    from neuroimagen.training.run import prepare_data, read_run, stage_inputs, train
+
+    out = Path(out).resolve()
+    exp = out / "sweep"
+    if resume and not (exp / "tuner.pkl").is_file():
+        raise ConfigError(f"--resume {out}: no sweep to resume there (expected {exp}/tuner.pkl)")
+    if not resume and exp.exists():
+        raise ConfigError(f"{out}: a sweep already exists there; use --resume {out} to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    base_dir = out / "base"
+    need = [s for s in REQUIRES[space.stage] if s not in read_run(base_dir)["stages"]]
+    if need:
+        log(f"tune: training {', '.join(need)} once for every trial -> {base_dir}")
+        train(cfg, base_dir, need, log=log)
+    cfg = prepare_data(cfg, base_dir, log)
+    inputs = stage_inputs(space.stage, cfg, base_dir, read_run(base_dir))
+    epochs, _ = epochs_of(cfg, space.stage)
+    write_text(out / "space.json", json.dumps({**space.describe(), "epochs": epochs}, indent=1))
+    init_ray(cfg)
+    threads = cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker))
+    fn = tune.with_parameters(trial_fn, base=to_dict(cfg), inputs=inputs, stage=space.stage, trainer=space.trainer,
+                              root=str(out), threads=threads)
+    # trainer=ray: the trial function only waits for its TorchTrainer, whose workers hold the CPUs;
+    # trainer=local: the trial itself trains. Either way trials queue instead of deadlocking on 2 cores.
+    fn = tune.with_resources(fn, {"cpu": 0.5} if space.trainer == "ray" else {"cpu": space.cpu, "gpu": space.gpu})
+    if resume:
+        log(f"tune: resuming {exp}")
+        tuner = tune.Tuner.restore(str(exp), trainable=fn, resume_errored=True)
+    else:
+        sched = space.scheduler
+        if sched["type"] == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(sched["max_epochs"] or epochs),
+                                      grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
+        else:
+            from ray.tune.schedulers import FIFOScheduler
+
+            scheduler = FIFOScheduler()
+        tuner = tune.Tuner(
+            fn, param_space=param_space(space),
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
+                                        search_alg=_search_alg(space), num_samples=space.num_samples,
+                                        max_concurrent_trials=space.max_concurrent_trials),
+            run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=1),
+        )
+        log(f"tune: {space.num_samples} trial(s) of stage {space.stage}, {space.metric} ({space.mode}) on the "
+            f"validation split, {sched['type']} scheduler, {space.search['type']} search, up to "
+            f"{space.max_concurrent_trials} at a time ({space.trainer} trainer)")
+    grid = tuner.fit()
+    rows, histories = [], {}
+    for r in grid:
+        tid = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        df = r.metrics_dataframe
+        hist = []
+        if df is not None and space.metric in df:
+            hist = [(int(i) - 1, float(v)) for i, v in zip(df["training_iteration"], df[space.metric]) if v == v]
+        histories[tid] = hist
+        vals = [v for _, v in hist]
+        best = (max(vals) if space.mode == "max" else min(vals)) if vals else float("nan")
+        row = {"trial_id": tid, **{k: r.config.get(k) for k in space.params}, f"best_{space.metric}": best,
+               f"last_{space.metric}": vals[-1] if vals else float("nan"), "epochs_run": len(hist),
+               "stopped_early": bool(r.error is None and 0 < len(hist) < epochs), "error": str(r.error) if r.error else ""}
+        rows.append(row)
+    results = pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
+    with atomic_path(out / "results.csv") as tmp:
+        results.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out / "results.parquet") as tmp:
+        results.to_parquet(tmp, index=False)
+    best = best_row(results, space.metric, space.mode)
+    best_values = {k: (best[k].item() if hasattr(best[k], "item") else best[k]) for k in space.params}
+    best_cfg = apply_values(cfg, best_values)
+    path = write_config(best_cfg, out, name="best.yaml")
+    plot_trials(histories, space.metric, out / "trials.png",
+                f"{space.stage}: {space.metric} per trial ({space.scheduler['type']}; short lines were stopped early)")
+    summary = {"best_trial": best["trial_id"], "best_value": float(best[f"best_{space.metric}"]),
+               "best_params": best_values, "metric": space.metric, "mode": space.mode,
+               "stopped_early": int(results["stopped_early"].sum()), "trials": len(results)}
+    write_text(out / "best.json", json.dumps(summary, indent=1, default=str))
+    return {"results": results, "best": summary, "best_config": path}
