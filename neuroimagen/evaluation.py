@@ -231,8 +231,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
         decode_kw = {"run_dir": str(run_dir), "cfg": to_dict(cfg), "variants": names}
         device = "cuda" if cfg.eval.use_gpu else "cpu"
         gen_kw = {"snapshot": snapshot, "ldm": to_dict(cfg.ldm), "device": device}
-        score_kw = {"run_dir": str(run_dir), "classifier": clf_spec, "eval_cfg": {**to_dict(cfg.eval), "ssim_resolution":
-                    cfg.eval.ssim_resolution}}
+        score_kw = {"run_dir": str(run_dir), "classifier": clf_spec, "eval_cfg": to_dict(cfg.eval), "device": device}
         if cfg.eval.backend == "local":
             run_local(todo, decode_kw, {**gen_kw, "threads": _threads(1)}, score_kw, cfg.eval.batch_size, on_batch,
                       progress=cfg.train.progress)

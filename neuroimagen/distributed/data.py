@@ -1,9 +1,10 @@
 """Ray Data: reconstruction and scoring of many rows across actors (DESIGN sec. 6).
 
     from_items(rows) -> map_batches(Decode)   one CPU actor: EEG -> saliency map + prompt embedding
-                     -> map_batches(Generate) ``eval.actors`` actors, a GPU each when ``eval.use_gpu``:
+                     -> map_batches(Generate) ``eval.actors`` actors, 0.75 GPU each when ``eval.use_gpu``:
                                               the frozen LDM, loaded once per actor
-                     -> map_batches(Score)    one CPU actor: classifier, N-way hits, SSIM, PNGs
+                     -> map_batches(Score)    one actor (a quarter GPU with eval.use_gpu): classifier, N-way
+                                              hits, SSIM, PNGs
                      -> iter_batches on the driver, which writes each (subject, variant) shard when complete
 
 The callables are the plain classes of ``neuroimagen.reconstruction`` / ``neuroimagen.metrics.scoring``;
@@ -30,9 +31,11 @@ def build_dataset(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dic
     ds = ds.map_batches(Decode, fn_constructor_kwargs=decode_kw, batch_size=B, batch_format="numpy",
                         compute=ActorPoolStrategy(size=1), num_cpus=0.5)
     ds = ds.map_batches(Generate, fn_constructor_kwargs=gen_kw, batch_size=B, batch_format="numpy",
-                        compute=ActorPoolStrategy(size=ec.actors), num_cpus=1, num_gpus=1 if ec.use_gpu else 0)
+                        compute=ActorPoolStrategy(size=ec.actors), num_cpus=1, num_gpus=0.75 if ec.use_gpu else 0)
+    # With GPUs, a generation actor takes 0.75 of one and the scoring actor 0.25, so eval.actors = the number of
+    # GPUs always leaves room for scoring (whole GPUs for both would deadlock when actors == GPUs).
     return ds.map_batches(Score, fn_constructor_kwargs=score_kw, batch_size=B, batch_format="numpy",
-                          compute=ActorPoolStrategy(size=1), num_cpus=0.5)
+                          compute=ActorPoolStrategy(size=1), num_cpus=0.5, num_gpus=0.25 if ec.use_gpu else 0)
 
 
 def run_on_ray(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, ec,

@@ -55,11 +55,14 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 class Score:
     """Generated rows -> per-image scores (see the module docstring); drops the image arrays."""
 
-    def __init__(self, run_dir: str, classifier: dict, eval_cfg: dict, write_images: bool = True, threads: int = 0):
+    def __init__(self, run_dir: str, classifier: dict, eval_cfg: dict, write_images: bool = True, threads: int = 0,
+                 device: str = "cpu"):
         if threads:
             torch.set_num_threads(int(threads))
         self.run_dir = Path(run_dir)
         self.clf = load_classifier_spec(classifier)
+        if device.startswith("cuda") and torch.cuda.is_available():
+            self.clf.to(device)  # a ViT-H/14 judge belongs on the GPU; probabilities come back on the CPU
         self.ec = eval_cfg
         self.write_images = write_images
         self._gt_cache: dict[tuple[str, int], torch.Tensor] = {}
