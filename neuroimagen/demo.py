@@ -32,9 +32,10 @@ QUICK = _COMMON + ["synth.classes=6", "synth.images_per_class=20", "synth.subjec
                    # In-process backends: Ray Train's fixed start-up (~25 s per stage here) alone would take the
                    # quick demo past 3 minutes; the default demo, `train`, `reconstruct` and the jobs use Ray.
                    "train.backend=local", "eval.backend=local"]
-FULL = _COMMON + ["synth.classes=10", "synth.images_per_class=30", "synth.subjects=3", "synth.channels=32",
-                  "stages.encoder.epochs=20", "stages.saliency.epochs=60", "stages.semantic.epochs=40",
-                  "ldm.vae_steps=250", "ldm.unet_steps=1000", "ldm.num_inference_steps=20", "eval.batch_size=32"]
+FULL = _COMMON + ["synth.classes=8", "synth.images_per_class=24", "synth.subjects=3", "synth.channels=32",
+                  "stages.encoder.epochs=15", "stages.saliency.epochs=30", "stages.semantic.epochs=25",
+                  "ldm.unet_channels=[16,32]", "ldm.vae_steps=150", "ldm.unet_steps=600", "ldm.num_inference_steps=15",
+                  "eval.batch_size=32"]
 
 
 def _step(i: int, n: int, text: str) -> float:
