@@ -1,4 +1,5 @@
-"""The real cluster path, on loopback: `ray start --head`, `ray job submit -- python jobs/train.py`."""
+"""The real cluster path, on loopback: a head and a worker node (`ray start`), `ray job submit -- python
+jobs/train.py` and `jobs/ablation.py`, with the ablation's work observed on both nodes."""
 
 from __future__ import annotations
 
@@ -27,9 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head on 127.0.0.1 with its own ports, started with this venv first on PATH; stopped by its pid."""
+def _stop(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # --block: the node shuts its processes down on SIGTERM
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _cluster(tmp_path_factory, nodes: int):
+    """A Ray cluster on 127.0.0.1: a head (4 CPUs alone, 2 with a second node) and optionally a worker node
+    (2 CPUs, resource ``second_node``), each with its own ports, this venv first on PATH; stopped by pid."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     dash = free_port()
@@ -40,7 +49,7 @@ def ray_head(tmp_path_factory):
     ray_bin = str(Path(sys.executable).parent / "ray")
     short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={short_tmp}",
+           f"--num-cpus={4 if nodes == 1 else 2}", "--include-dashboard=true", f"--temp-dir={short_tmp}",
            *[f"{k}={v}" for k, v in ports.items()]]
     log_path = tmp_path_factory.mktemp("head") / "head.log"
     log = open(log_path, "w")
@@ -56,22 +65,57 @@ def ray_head(tmp_path_factory):
         time.sleep(2)
     else:
         pytest.fail("ray head did not come up in 90 s")
+    wports = {k: free_port() for k in ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                                       "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                       "--runtime-env-agent-port")}
+    if nodes == 1:
+        try:
+            yield address, env, ray_bin
+        finally:
+            _stop(head)
+            log.close()
+            shutil.rmtree(short_tmp, ignore_errors=True)
+        return
+    worker = subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{ports['--port']}", "--block",
+                               "--node-ip-address=127.0.0.1", "--num-cpus=2", '--resources={"second_node": 1}',
+                               f"--temp-dir={short_tmp}",
+                               *[f"{k}={v}" for k, v in wports.items()]],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        from ray.util.state import list_nodes
+
+        deadline = time.time() + 90
+        while len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) < 2:
+            if time.time() > deadline or worker.poll() is not None:
+                pytest.fail(f"worker node did not join: {log_path.read_text()[-2000:]}")
+            time.sleep(2)
         yield address, env, ray_bin
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head shuts its processes down on SIGTERM
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop(worker)
+        _stop(head)
         log.close()
         shutil.rmtree(short_tmp, ignore_errors=True)
 
 
-def _submit(ray_head, *args) -> tuple[str, str]:
-    """``ray job submit --no-wait`` (the CLI, as a user types it); waits for the end; (status, logs)."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    yield from _cluster(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(tmp_path_factory):
+    yield from _cluster(tmp_path_factory, 2)
+
+
+def _submit(ray_head, *args, working_dir: bool = True) -> tuple[str, str]:
+    """``ray job submit --no-wait`` (the CLI, as a user types it); waits for the end; (status, logs).
+
+    Without ``working_dir`` the entry point runs the installed package from absolute paths: two nodes on one
+    host share Ray's runtime-resources folder, and one node's clean-up of a working_dir package removes the
+    other's (the job's current directory) -- an artefact of simulating a cluster on one machine."""
     address, env, ray_bin = ray_head
-    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--", *args]
+    wd = ["--working-dir", str(REPO)] if working_dir else []
+    cmd = [ray_bin, "job", "submit", "--address", address, *wd, "--no-wait", "--", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr).group(0)
@@ -112,21 +156,28 @@ def test_ray_job_submit_trains_every_stage(job_run):
     assert "[semantic] done:" in logs  # the one-line summaries reach the job log
 
 
-def test_ray_job_submit_runs_the_ablation_on_the_trained_run(ray_head, job_run):
+def test_ray_job_submit_runs_the_ablation_on_the_trained_run(ray_two_nodes, job_run):
     """jobs/ablation.py reuses the trained stages, trains the tiny LDM and the judge, reconstructs with Ray Data."""
     import pandas as pd
     from ray.job_submission import JobStatus
 
     out, status, _ = job_run
     assert status == JobStatus.SUCCEEDED
-    status, logs = _submit(ray_head, "python", "jobs/ablation.py", "--config", "configs/quick.yaml", "--out", str(out),
+    status, logs = _submit(ray_two_nodes, sys.executable, str(REPO / "jobs" / "ablation.py"), "--config",
+                           str(REPO / "configs" / "quick.yaml"), "--out", str(out),
                            "--variants", "L+I,chance", "--subjects", "1", "--set", "ldm.vae_steps=10",
                            "--set", "ldm.unet_steps=10", "--set", "ldm.samples_per_eeg=1", "--set", "eval.judge_steps=30",
                            "--set", "stages.encoder.epochs=2", "--set", "stages.saliency.epochs=2",
-                           "--set", "stages.semantic.epochs=2", "--set", "train.progress=false")
+                           "--set", "stages.semantic.epochs=2", "--set", "train.progress=false", "--set", "eval.actors=2", working_dir=False)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "ablation: reusing the trained stages" in logs and "reconstruct: 24 images" in logs
     summary = pd.read_csv(out / "results" / "summary.csv", dtype={"subject": str})
     assert set(zip(summary["subject"], summary["variant"])) == {("1", "L+I"), ("all", "L+I"), ("1", "chance"),
                                                                   ("all", "chance")}
     assert (out / "report" / "report.md").is_file() and "| 5 (L+I)" in logs
+    # the Ray Data actors of the ablation (two generation actors: more CPUs than one node has) ran on both nodes
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(address=ray_two_nodes[0], limit=1000, detail=True)
+              if "MapBatches" in (a.class_name or "")]
+    assert len({a.node_id for a in actors}) == 2, [(a.class_name, a.node_id) for a in actors]
