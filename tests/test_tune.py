@@ -114,3 +114,37 @@ def test_triplet_margin_sweep_each_trial_fits_its_own_torch_trainer(tmp_path, ra
     assert metrics["encoder"]["val_knn_acc"] == pytest.approx(best["best_value"], abs=0.05)
     # an existing sweep is never overwritten silently
     assert_one_line_error(run_cli("tune", "--space", _write(tmp_path, doc), "--out", out), "--resume")
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_with_the_same_trial_set(tmp_path, ray_session):
+    """`neuroimagen tune` killed (SIGKILL) after its first finished trial; `--resume` finishes the same trials."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from neuroimagen.distributed.tune import run_sweep
+
+    doc = {**GAN, "stage": "encoder", "metric": "val_knn_acc", "num_samples": 4, "max_concurrent_trials": 1,
+           "params": {"stages.encoder.margin": {"uniform": [0.05, 1.0]}}, "scheduler": {"type": "fifo"},
+           "set": ["stages.encoder.epochs=4", "train.backend=local", "train.progress=false"]}
+    space_path = _write(tmp_path, doc)
+    out = tmp_path / "sweep"
+    address = ray_session.get_runtime_context().gcs_address  # the driver dies; the cluster (and its logs) stay
+    proc = subprocess.Popen([sys.executable, "-m", "neuroimagen.cli", "tune", "--space", str(space_path), "--out",
+                             str(out), "--set", f"train.ray_address={address}"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / "trials").glob("*/encoder/metrics.json")):
+        assert time.time() < deadline and proc.poll() is None, "no trial finished"
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.csv").exists()  # it really was interrupted
+    space, cfg = load_space(space_path, extra_sets=[f"train.ray_address={address}"])
+    res = run_sweep(space, cfg, out, resume=True, log=lambda m: None)
+    results = res["results"]
+    assert len(results) == 4 and results["trial_id"].is_unique
+    assert results["error"].astype(str).isin(["", "nan"]).all() and (results["epochs_run"] == 4).all()

@@ -188,7 +188,11 @@ def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
         df = r.metrics_dataframe
         hist = []
         if df is not None and space.metric in df:
-            hist = [(int(i) - 1, float(v)) for i, v in zip(df["training_iteration"], df[space.metric]) if v == v]
+            # by the stage's own epoch counter: a trial resumed after an interruption re-reports epochs under
+            # new training_iteration numbers; the last report of each epoch wins
+            ep = df["epoch"] if "epoch" in df else df["training_iteration"] - 1
+            last = {int(e): float(v) for e, v in zip(ep, df[space.metric]) if v == v}
+            hist = sorted(last.items())
         histories[tid] = hist
         vals = [v for _, v in hist]
         best = (max(vals) if space.mode == "max" else min(vals)) if vals else float("nan")
