@@ -180,4 +180,4 @@ def test_ray_job_submit_runs_the_ablation_on_the_trained_run(ray_two_nodes, job_
 
     actors = [a for a in list_actors(address=ray_two_nodes[0], limit=1000, detail=True)
               if "MapBatches" in (a.class_name or "")]
-    assert len({a.node_id for a in actors}) == 2, [(a.class_name, a.node_id) for a in actors]
+    assert len({a.node_id for a in actors if a.node_id}) == 2, [(a.class_name, a.node_id) for a in actors]
