@@ -36,23 +36,29 @@ def _log_default(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _images_at(ds, size: int):
-    import torch
-
-    from neuroimagen.data.datasets import load_image
-
+def _unique_images(ds) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, stems) of a split's distinct images, in dataset order (nothing decoded)."""
     rec = ds.recording
-    seen: dict[str, int] = {}
-    imgs, labels, stems = [], [], []
+    seen: set[str] = set()
+    paths, labels, stems = [], [], []
     for j in ds.indices:
         p = rec.image_paths[int(j)]
         if p is None or p in seen:
             continue
-        seen[p] = len(imgs)
-        imgs.append(load_image(p, size))
+        seen.add(p)
+        paths.append(p)
         labels.append(int(rec.labels[int(j)]))
         stems.append(rec.stems[int(j)])
-    return (torch.stack(imgs) if imgs else torch.empty(0, 3, size, size)), torch.tensor(labels, dtype=torch.long), stems
+    return paths, labels, stems
+
+
+def _decode(paths: list[str], size: int):
+    """Images (N, 3, size, size) in [0, 1]; only called when a cached model has to be (re)trained."""
+    import torch
+
+    from neuroimagen.data.datasets import load_image
+
+    return torch.stack([load_image(p, size) for p in paths]) if paths else torch.empty(0, 3, size, size)
 
 
 def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], None] = _log_default) -> tuple[str, dict]:
@@ -66,7 +72,7 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], N
     from neuroimagen.stages.semantic import text_encoder_for
 
     train = splits["train"]
-    images, _, stems = _images_at(train, lc.resolution)
+    paths, _, stems = _unique_images(train)
     rec = train.recording
     names = rec.class_names
     label_by_stem = {rec.stems[int(j)]: int(rec.labels[int(j)]) for j in train.indices}
@@ -88,7 +94,7 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], N
         f"{len(stems)} training images at {lc.resolution} px")
     t0 = time.perf_counter()
     embeds = [te.encode(c) for c in captions]
-    res = ldm.train_tiny_ldm(images, embeds, te.encode([""])[0], lc, progress=cfg.train.progress, log=log)
+    res = ldm.train_tiny_ldm(_decode(paths, lc.resolution), embeds, te.encode([""])[0], lc, progress=cfg.train.progress, log=log)
     hist = res["history"]
     tail = hist["unet"][-max(1, len(hist["unet"]) // 10):]
     extra = {"key": key, "vae_recon_mse": hist["vae_recon_mse"], "unet_eps_mse_final": sum(tail) / len(tail),
@@ -111,10 +117,11 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
         return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}"}
     from neuroimagen.models.classifier import judge_cache_key, load_classifier, save_classifier, train_judge
 
-    images, labels, stems = _images_at(splits["train"], resolution)
-    val_images, val_labels, _ = _images_at(splits["val"], resolution)
+    import torch
+
+    paths, labels, stems = _unique_images(splits["train"])
     key = judge_cache_key(json.dumps(stems), resolution=resolution, steps=ec.judge_steps, width=ec.judge_width,
-                          seed=cfg.seed, labels=labels.tolist())
+                          seed=cfg.seed, labels=labels)
     out = run_dir / "judge" / f"judge-{key}"
     spec = {"kind": "judge", "path": str(out)}
     if (out / "classifier.json").is_file():
@@ -122,7 +129,9 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
         return spec, load_classifier(out).describe()
     log(f"judge classifier: training a small CNN on {len(stems)} training images at {resolution} px "
         f"({ec.judge_steps} steps)")
-    clf = train_judge(images, labels, splits["train"].num_classes, val_images=val_images, val_labels=val_labels,
+    val_paths, val_labels, _ = _unique_images(splits["val"])
+    clf = train_judge(_decode(paths, resolution), torch.tensor(labels, dtype=torch.long), splits["train"].num_classes,
+                      val_images=_decode(val_paths, resolution), val_labels=torch.tensor(val_labels, dtype=torch.long),
                       input_size=resolution, width=ec.judge_width, steps=ec.judge_steps, seed=cfg.seed,
                       class_names=list(splits["train"].class_names), progress=cfg.train.progress)
     save_classifier(clf, out)
