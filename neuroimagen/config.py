@@ -206,7 +206,8 @@ class LDMConfig:
     num_inference_steps: int = param(20, ge=1, doc="DDIM steps (img2img runs strength x steps of them)")
     samples_per_eeg: int = param(3, ge=1, doc="generated images per EEG trial (paper: 3)")
     dtype: Literal["float32", "float16", "bfloat16"] = param("float32", doc="pipeline dtype (half precision only on GPUs)")
-    attention_slicing: bool = param(False, doc="enable_attention_slicing() to save GPU memory")
+    attention_slicing: bool = param(False, doc="enable_attention_slicing() to save GPU memory (sliced attention replaces ldm.attention)")
+    attention: Literal["sdpa", "eager"] = param("sdpa", doc="attention of the UNet and VAE: sdpa = torch scaled_dot_product_attention (fused kernels on GPUs); eager = explicit matmul + softmax")
     resolution: int = param(32, ge=8, doc="tiny LDM: image size (pretrained: the snapshot's own)")
     vae_channels: tuple[int, ...] = param((16, 32), doc="tiny LDM: VAE block widths (one halving per extra block)")
     unet_channels: tuple[int, ...] = param((32, 64), doc="tiny LDM: UNet block widths")
@@ -305,6 +306,9 @@ class TrainConfig:
     checkpoints_to_keep: int = param(2, ge=1, doc="checkpoints kept per stage")
     fault_injection_epoch: Optional[int] = param(None, ge=0, doc="testing: kill rank 0 once during this epoch to exercise recovery")
     progress: bool = param(True, doc="print one line per epoch")
+    precision: Literal["fp32", "bf16"] = param("fp32", doc="training compute: bf16 = torch.autocast(bfloat16) around forward passes (fast on Ampere+ GPUs; correct but usually slower on CPUs); weights, optimiser, losses and validation stay fp32")
+    channels_last: bool = param(False, doc="channels_last memory format for the image models (saliency G, D) and their batches (faster convolutions on tensor-core GPUs)")
+    compile: bool = param(False, doc="torch.compile the trained modules (the first steps pay the compile time; needs a C++ compiler on CPU)")
 
 
 @dataclass(frozen=True)

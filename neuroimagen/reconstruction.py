@@ -212,7 +212,8 @@ class Generate:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("eval.use_gpu: true, but this worker has no CUDA device")
         self.ldm = ldm
-        self.pipe = load_img2img(snapshot, device=device, dtype=ldm["dtype"], attention_slicing=ldm["attention_slicing"])
+        self.pipe = load_img2img(snapshot, device=device, dtype=ldm["dtype"], attention_slicing=ldm["attention_slicing"],
+                                 attention=ldm.get("attention", "sdpa"))
         self.t2i = text2img_from(self.pipe)
         te = TextEncoder(self.pipe.tokenizer, self.pipe.text_encoder, identity=snapshot)
         self.empty = te.encode([""])[0]  # (L, E): the negative prompt of classifier-free guidance

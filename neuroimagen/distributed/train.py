@@ -79,14 +79,14 @@ class RayReporter:
 def worker_loop(config: dict) -> None:
     """The per-worker training function (runs on every rank)."""
     from neuroimagen.stages import build_stage, epochs_of
-    from neuroimagen.training.context import RunContext, set_threads
+    from neuroimagen.training.context import RunContext, perf_options, set_threads
     from neuroimagen.training.loop import fit
 
     tctx = ray.train.get_context()
-    ctx = RunContext(rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
-                     local_rank=tctx.get_local_rank(), device=ray.train.torch.get_device())
-    set_threads(config["threads"])
     cfg = from_dict(Config, config["cfg"])
+    ctx = RunContext(rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
+                     local_rank=tctx.get_local_rank(), device=ray.train.torch.get_device(), **perf_options(cfg.train))
+    set_threads(config["threads"])
     stage = build_stage(config["stage"], cfg, ctx, config["inputs"])
     epochs, val_every = epochs_of(cfg, config["stage"])
     fit(stage, ctx, RayReporter(config.get("storage_dir")), epochs=epochs, val_every=val_every, seed=cfg.seed,

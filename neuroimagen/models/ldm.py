@@ -222,8 +222,13 @@ def resolve_snapshot(path: str) -> Path:
 
 
 def load_img2img(path: str, device: str | torch.device = "cpu", dtype: str = "float32",
-                 attention_slicing: bool = False):
-    """``StableDiffusionImg2ImgPipeline`` from a local snapshot, offline, DDIM (eta 0) scheduler, no safety checker."""
+                 attention_slicing: bool = False, attention: str = "sdpa"):
+    """``StableDiffusionImg2ImgPipeline`` from a local snapshot, offline, DDIM (eta 0) scheduler, no safety checker.
+
+    ``attention``: ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``: flash / memory-efficient
+    kernels on GPUs) or ``eager`` (explicit matmul + softmax) in every UNet and VAE attention layer; the two
+    agree to float tolerance. ``attention_slicing`` then replaces both with sliced attention.
+    """
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
     _quiet_diffusers()
@@ -240,10 +245,23 @@ def load_img2img(path: str, device: str | torch.device = "cpu", dtype: str = "fl
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False,
                                                steps_offset=1)
     pipe = pipe.to(device, _DTYPES[dtype]) if dtype != "float32" else pipe.to(device)
+    set_attention(pipe, attention)
     if attention_slicing:
         pipe.enable_attention_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def set_attention(pipe, attention: str) -> None:
+    """Use ``sdpa`` or ``eager`` attention processors in the pipeline's UNet and VAE."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    kinds = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
+    if attention not in kinds:
+        raise ConfigError(f"ldm.attention: expected one of {', '.join(kinds)}, got {attention!r}")
+    for model in (pipe.unet, pipe.vae):
+        if model.attn_processors:
+            model.set_attn_processor(kinds[attention]())
 
 
 def text2img_from(img2img_pipe):

@@ -70,8 +70,9 @@ class EncoderStage(Stage):
 
     def train_step(self, batch: dict) -> dict[str, float]:
         opt = self._optimizers["encoder"]
-        emb = self.model(batch["eeg"])  # (B, D)
-        loss, stats = triplet_loss(emb, batch["label"], self.sc.margin, self.sc.mining, self.sc.squared)
+        with self.ctx.autocast():
+            emb = self.model(batch["eeg"])  # (B, D)
+        loss, stats = triplet_loss(emb.float(), batch["label"], self.sc.margin, self.sc.mining, self.sc.squared)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -71,8 +71,8 @@ class SaliencyStage(Stage):
             "discriminator": {"builder": "discriminator", "kwargs": {"cond_dim": D, "resolution": R, "width": sc.d_width}},
         }
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.G = ctx.wrap(build_from_spec(self._specs["generator"]))
-        self.D = ctx.wrap(build_from_spec(self._specs["discriminator"]))
+        self.G = ctx.wrap(build_from_spec(self._specs["generator"]), image=True)
+        self.D = ctx.wrap(build_from_spec(self._specs["discriminator"]), image=True)
         self._modules = {"generator": self.G, "discriminator": self.D}
         self._optimizers = {
             "generator": torch.optim.Adam(self.G.parameters(), lr=sc.lr, betas=tuple(sc.betas)),
@@ -92,24 +92,30 @@ class SaliencyStage(Stage):
         return {"generator": self.G}
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        sc, dev = self.sc, self.ctx.device
-        real, c = batch["image"], batch["feat"]  # (B, 3, R, R) in [-1, 1], (B, D)
+        ctx, sc, dev = self.ctx, self.sc, self.ctx.device
+        real, c = ctx.image_batch(batch["image"]), batch["feat"]  # (B, 3, R, R) in [-1, 1], (B, D)
         B = real.shape[0]
         opt_g, opt_d = self._optimizers["generator"], self._optimizers["discriminator"]
         # --- D step (eq. 2): one forward over augmented real + fake
-        with torch.no_grad():
-            fake = self.G(sample_z(B, sc.z_dim, device=dev), c)
+        with torch.no_grad(), ctx.autocast():
+            fake = self.G(sample_z(B, sc.z_dim, device=dev), c).float()
         pair = torch.cat([diff_augment(real, sc.diffaugment), diff_augment(fake, sc.diffaugment)])  # (2B, 3, R, R)
-        logits = self.D(pair, torch.cat([c, c]))  # (2B,)
+        with ctx.autocast():
+            logits = self.D(ctx.image_batch(pair), torch.cat([c, c])).float()  # (2B,)
         d_loss = hinge_d_loss(logits[:B], logits[B:])
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        # --- G step (eq. 6): two z per condition for mode seeking, one G forward
+        # --- G step (eq. 6): two z per condition for mode seeking, one G forward; losses in float32
         z1, z2 = sample_z(B, sc.z_dim, device=dev), sample_z(B, sc.z_dim, device=dev)
-        out = self.G(torch.cat([z1, z2]), torch.cat([c, c]))  # (2B, 3, R, R)
+        with ctx.autocast():
+            out = self.G(torch.cat([z1, z2]), torch.cat([c, c])).float()  # (2B, 3, R, R)
         f1, f2 = out[:B], out[B:]
-        adv = hinge_g_loss(self.D(diff_augment(f1, sc.diffaugment), c)) if sc.alpha2 > 0 else out.new_zeros(())
+        if sc.alpha2 > 0:
+            with ctx.autocast():
+                adv = hinge_g_loss(self.D(ctx.image_batch(diff_augment(f1, sc.diffaugment)), c).float())
+        else:
+            adv = out.new_zeros(())
         ms = mode_seeking_loss(f1, f2, z1, z2) if sc.alpha1 > 0 else out.new_zeros(())
         ss = ssim_loss((f1 + 1) / 2, (real + 1) / 2) if sc.alpha3 > 0 else out.new_zeros(())
         g_loss = sc.alpha2 * adv + sc.alpha1 * ms + sc.alpha3 * ss

@@ -139,9 +139,10 @@ class SemanticStage(Stage):
     def train_step(self, batch: dict) -> dict[str, float]:
         opt = self._optimizers["regressor"]
         std = unwrap(self.model).target_std  # (L, E)
-        h = self.model(batch["eeg"])  # (B, L, E), through DDP so gradients are averaged
+        with self.ctx.autocast():
+            h = self.model(batch["eeg"])  # (B, L, E), through DDP so gradients are averaged
         # eq. 7 in standardised target units (see SemanticRegressor): mean of ((h - t) / std)^2
-        loss = F.mse_loss(h / std, batch["target"] / std)
+        loss = F.mse_loss(h.float() / std, batch["target"] / std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

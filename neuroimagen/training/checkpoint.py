@@ -76,9 +76,10 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, dict]]
 
 
 def state_to_cpu(state: dict) -> dict:
-    """A detached CPU copy of a (possibly nested) state dict."""
+    """A detached, contiguous CPU copy of a (possibly nested) state dict (channels_last weights are saved in
+    the ordinary layout, so a checkpoint does not depend on ``train.channels_last``)."""
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        return state.detach().to("cpu", copy=True).contiguous()
     if isinstance(state, dict):
         return {k: state_to_cpu(v) for k, v in state.items()}
     if isinstance(state, list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -17,12 +18,24 @@ class RunContext:
 
     With ``world_size > 1`` a ``torch.distributed`` process group must already be initialised (Ray
     Train does it: gloo on CPU, nccl on GPU); ``wrap`` then returns a DDP module.
+
+    Performance options (``train.precision``, ``train.channels_last``, ``train.compile``) live here so
+    that every stage applies them the same way: ``autocast()`` around forward passes, ``wrap(image=True)``
+    and ``image_batch`` for the image models, and ``torch.compile`` on top of DDP in ``wrap``. Weights,
+    optimiser state, losses and validation stay in float32 whatever the precision.
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
 
     @property
     def is_main(self) -> bool:
@@ -32,13 +45,32 @@ class RunContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """Move to the device; DDP-wrap when distributed (gradients averaged across ranks)."""
+    def wrap(self, module: nn.Module, image: bool = False) -> nn.Module:
+        """Move to the device (channels_last for an ``image`` model when asked); DDP-wrap when distributed
+        (gradients averaged across ranks); ``torch.compile`` the result when asked (compile after DDP, as
+        PyTorch recommends, so DDP's bucketing sees the compiled graph's gradients)."""
         module = module.to(self.device)
-        if not self.distributed or not any(p.requires_grad for p in module.parameters()):
-            return module
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if image and self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        trainable = any(p.requires_grad for p in module.parameters())
+        if self.distributed and trainable:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if self.compile and trainable:
+            module = torch.compile(module)
+        return module
+
+    def autocast(self):
+        """``torch.autocast`` to bfloat16 on this device for ``precision='bf16'``; a no-op otherwise."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def image_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch (B, C, H, W) in the memory format of the image models."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over ranks (identity when not distributed)."""
@@ -61,6 +93,11 @@ def unwrap(module: nn.Module) -> nn.Module:
             module = module._orig_mod
         else:
             return module
+
+
+def perf_options(tc) -> dict:
+    """The ``RunContext`` performance keywords from a ``TrainConfig``."""
+    return {"precision": tc.precision, "channels_last": tc.channels_last, "compile": tc.compile}
 
 
 def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:

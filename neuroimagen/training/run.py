@@ -242,10 +242,10 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
 def fit_local(name: str, cfg: Config, inputs: dict, run_dir: Path, log: Callable[[str], None]) -> dict:
     """Run ``fit()`` for one stage in this process; returns the final checkpoint payload."""
     from neuroimagen.stages import build_stage
-    from neuroimagen.training.context import RunContext
+    from neuroimagen.training.context import RunContext, perf_options
     from neuroimagen.training.loop import LocalReporter, fit
 
-    ctx = RunContext()
+    ctx = RunContext(**perf_options(cfg.train))
     reporter = LocalReporter(run_dir / "checkpoints" / name, keep=cfg.train.checkpoints_to_keep)
     stage = build_stage(name, cfg, ctx, inputs)
     epochs, val_every = epochs_of(cfg, name)
