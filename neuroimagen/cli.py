@@ -12,7 +12,7 @@ import sys
 import click
 
 from neuroimagen import __version__
-from neuroimagen.errors import NeuroimagenError
+from neuroimagen.errors import NeuroimagenError, one_line
 
 SET_HELP = "Override one config key, e.g. --set data.split_num=1 (repeatable; the value is YAML)."
 
@@ -308,13 +308,17 @@ def main(argv=None) -> None:
         if exc.__class__.__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # bare `neuroimagen data`
             click.echo(exc.ctx.get_help())
             sys.exit(0)
-        msg = " ".join(exc.format_message().split())
+        msg = one_line(exc.format_message())
         hint = f" (try '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         click.echo(f"neuroimagen: error: {msg}{hint}", err=True)
         sys.exit(2)
     except click.ClickException as exc:
-        click.echo(f"neuroimagen: error: {' '.join(exc.format_message().split())}", err=True)
+        click.echo(f"neuroimagen: error: {one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the OS refused a path no library check caught (not a directory, disk full, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"neuroimagen: error: {' '.join(f'{where}{exc.strerror or exc}'.split())}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("neuroimagen: aborted", err=True)
         sys.exit(130)

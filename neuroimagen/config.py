@@ -12,6 +12,7 @@ data); paths given with ``--set`` are resolved against the working directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -25,6 +26,7 @@ from typing import Any, Literal, Optional, Sequence
 from neuroimagen.errors import ConfigError
 
 CONFIG_FILENAME = "config.yaml"
+INT64 = (-(2**63), 2**63 - 1)  # integer fields end up in numpy / torch int64
 
 # ---------------------------------------------------------------------------------------------
 # Field helpers
@@ -385,12 +387,16 @@ def _check_bounds(value, meta: dict) -> bool:
 
 def _fail(dotted: str, tp: Any, meta: dict, value: Any) -> ConfigError:
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        shown = f"an integer of {value.bit_length()} bits (at most 64 fit)"
     return ConfigError(f"{dotted}: expected {_describe(tp, meta)}, got {shown}")
 
 
 def _convert(value: Any, tp: Any, meta: dict, dotted: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if meta.get("path") and isinstance(value, str) and "\x00" in value:
+        raise ConfigError(f"{dotted}: expected a path without NUL characters, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -420,13 +426,15 @@ def _convert(value: Any, tp: Any, meta: dict, dotted: str) -> Any:
             return value
         raise _fail(dotted, tp, meta, value)
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool) and _check_bounds(value, meta):
+        if (isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
+                and _check_bounds(value, meta)):
             return value
         raise _fail(dotted, tp, meta, value)
     if tp is float:
         out = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out = float(value)
+            with contextlib.suppress(OverflowError):  # an int beyond the float range
+                out = float(value)
         elif isinstance(value, str):
             # PyYAML reads '1e-3' (no dot) as a string: accept any numeric string for a float field.
             try:
@@ -457,7 +465,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if not isinstance(key, str) or key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
-            raise ConfigError(f"{_join(prefix, str(key))}: unknown key{hint}")
+            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)  # '', 'a b', 1, None
+            raise ConfigError(f"{_join(prefix, shown)}: unknown key{hint}")
     kwargs = {}
     for name, f in known.items():
         if name in data:
@@ -495,7 +504,7 @@ def _resolve_paths(cls, data: dict, base: Path) -> dict:
         if f.name not in out:
             continue
         v = out[f.name]
-        if f.metadata.get("path") and isinstance(v, str) and v:
+        if f.metadata.get("path") and isinstance(v, str) and v and "\x00" not in v:  # NUL: refused by from_dict
             p = Path(os.path.expanduser(v))
             out[f.name] = str(p if p.is_absolute() else (base / p).resolve())
         elif dataclasses.is_dataclass(hints[f.name]) and isinstance(v, dict):
@@ -513,6 +522,11 @@ def _yaml():
     return yaml
 
 
+# Besides YAMLError, PyYAML's constructors raise these for well-formed but impossible scalars
+# ('2024-13-45', '!!int abc', a 5000-digit integer) and its composer recurses once per nesting level.
+YAML_CONSTRUCT_ERRORS = (ValueError, TypeError, OverflowError, RecursionError)
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict:
     """Read a YAML file that must hold a mapping; any problem is one ConfigError naming the file."""
     yaml = _yaml()
@@ -528,8 +542,10 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        problem = getattr(exc, "problem", None) or str(exc)[:200] or exc.__class__.__name__
         raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
+    except YAML_CONSTRUCT_ERRORS as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc.__class__.__name__}: {str(exc)[:200]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -565,7 +581,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text}: expected dotted.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, *YAML_CONSTRUCT_ERRORS):
         value = raw
     return key, value
 
@@ -598,7 +614,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         key, value = parse_override(text)
         src = f"--set {text}"
         tp, meta = _field_type(cls, key, src)
-        if meta.get("path") and isinstance(value, str) and value:
+        if meta.get("path") and isinstance(value, str) and value and "\x00" not in value:
             value = str(Path(os.path.expanduser(value)).resolve())
         try:
             _convert(value, tp, meta, key)

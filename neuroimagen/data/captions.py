@@ -52,7 +52,7 @@ def load_captions(path: str | os.PathLike) -> dict[str, str]:
         raise DataError(f"{p}: captions file not found (expected JSON {{stem: caption}})")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, bad JSON, a >4300-digit int
         raise DataError(f"{p}: cannot read captions ({exc.__class__.__name__}: {exc}); expected JSON {{stem: caption}}") from None
     if not isinstance(data, dict):
         raise DataError(f"{p}: expected a JSON object {{stem: caption}}, got {type(data).__name__}")

@@ -75,10 +75,9 @@ class Recording:
             x = x[:, self.window[0]: self.window[1]]
         x = x.float()
         if self.norm is not None:
-            mean, std = self.norm  # (C, 1) or per-sample (C, T_full)
-            if mean.shape[1] > 1:
-                start = self.window[0] if self.window is not None else 0
-                mean, std = mean[:, start: start + x.shape[1]], std[:, start: start + x.shape[1]]
+            start = self.window[0] if self.window is not None else 0
+            # each of mean, std is (C, 1) or per-sample (C, T_full); only the per-sample ones are windowed
+            mean, std = (v[:, start: start + x.shape[1]] if v.shape[1] > 1 else v for v in self.norm)
             x = (x - mean) / std
         return x.contiguous()
 

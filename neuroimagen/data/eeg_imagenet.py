@@ -34,7 +34,7 @@ from neuroimagen.data.datasets import SPLITS, Recording, check_finite, image_mis
 from neuroimagen.data.imagenet_classes import CLASS_NAMES
 from neuroimagen.errors import DataError
 
-STEM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+STEM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # used with fullmatch ('$' would pass a trailing newline)
 RAW_KEYS = ("means", "stddevs")
 
 
@@ -48,7 +48,10 @@ def torch_load_dict(path: str | os.PathLike, key: str) -> dict:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        # A refused pickle is explained on torch's 'WeightsUnpickler error:' line, after generic advice.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = [ln.split("WeightsUnpickler error:", 1)[1].split(". ")[0] for ln in lines if "WeightsUnpickler error:" in ln]
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", (why or lines or [""])[0]).strip()[:160]
         raise DataError(
             f"{key}: {p}: cannot read as a torch-saved file (truncated, corrupt or not a .pth of "
             f"plain data: {exc.__class__.__name__}{': ' + reason if reason else ''})"
@@ -99,7 +102,7 @@ class EEGImageNetFile:
         if not isinstance(images, (list, tuple)) or not all(isinstance(s, str) for s in images):
             raise DataError(f"{where}: 'images' must be a list of image stem strings")
         for i, s in enumerate(images):
-            if not STEM_RE.match(s) or ".." in s:
+            if not STEM_RE.fullmatch(s) or ".." in s:
                 raise DataError(
                     f"{where}: images[{i}]: invalid image stem {s!r} (expected '<wnid>_<number>', no path separators)"
                 )
@@ -123,8 +126,12 @@ class EEGImageNetFile:
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 raise DataError(f"{where}: dataset[{i}]['eeg']: expected a float tensor, got {type(x).__name__}"
                                 + (f" of {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+            if x.layout != torch.strided:
+                raise DataError(f"{where}: dataset[{i}]['eeg']: expected a dense tensor, got layout {x.layout}")
             if x.dim() != 2:
                 raise DataError(f"{where}: dataset[{i}]['eeg']: expected a 2-D tensor (channels, time), got shape {tuple(x.shape)}")
+            if x.shape[0] == 0:
+                raise DataError(f"{where}: dataset[{i}]['eeg']: expected at least one channel, got shape {tuple(x.shape)}")
             if channels is None:
                 channels = x.shape[0]
             elif x.shape[0] != channels:
@@ -134,8 +141,8 @@ class EEGImageNetFile:
                 if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < hi:
                     raise DataError(f"{where}: dataset[{i}]['{k}']: expected an integer in [0, {hi}), got {v!r}")
             s = d["subject"]
-            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-                raise DataError(f"{where}: dataset[{i}]['subject']: expected a non-negative integer, got {s!r}")
+            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63:
+                raise DataError(f"{where}: dataset[{i}]['subject']: expected a non-negative integer (64-bit), got {s!r}")
             eeg[i] = x
             lab[i], img[i], sub[i] = d["label"], d["image"], s
             lengths[i] = x.shape[1]
@@ -168,7 +175,7 @@ class EEGImageNetFile:
             return v.reshape(1, 1).expand(C, 1).contiguous()
         if v.dim() == 1 and v.shape[0] == C:
             return v[:, None]  # (C, 1)
-        if v.dim() == 2 and v.shape[0] == C:
+        if v.dim() == 2 and v.shape[0] == C and v.shape[1] >= 1:
             return v  # (C, 1) or per-sample (C, T_full)
         raise DataError(f"{where}: '{name}': expected shape ({C},), ({C}, 1) or ({C}, T), got {tuple(v.shape)}")
 
@@ -226,6 +233,16 @@ def read_split_file(path: str, key: str = "data.splits") -> list[dict[str, list[
     return out
 
 
+def first_out_of_range(idx: list[int], n: int) -> Optional[int]:
+    """The first index of ``idx`` outside [0, n), or None."""
+    try:
+        a = np.asarray(idx, dtype=np.int64)
+    except OverflowError:  # beyond int64, so out of range whatever n is
+        return next(i for i in idx if not 0 <= i < n)
+    bad = a[(a < 0) | (a >= n)]
+    return int(bad[0]) if bad.size else None
+
+
 def map_split_indices(f: EEGImageNetFile, split: dict[str, list[int]], semantics: str,
                       subjects: list[int], where: str) -> dict[str, np.ndarray]:
     """Split indices -> positions in ``f.segments`` (before the subject and length filters)."""
@@ -233,25 +250,23 @@ def map_split_indices(f: EEGImageNetFile, split: dict[str, list[int]], semantics
     n = len(f.segments)
     if semantics == "all":
         for name, idx in split.items():
-            a = np.asarray(idx, dtype=np.int64)
-            bad = a[(a < 0) | (a >= n)]
-            if bad.size:
-                raise DataError(f"{where}['{name}']: index {int(bad[0])} out of range for {n} segments (_all indices point into the whole dataset list)")
-            out[name] = a
+            bad = first_out_of_range(idx, n)
+            if bad is not None:
+                raise DataError(f"{where}['{name}']: index {bad} out of range for {n} segments (_all indices point into the whole dataset list)")
+            out[name] = np.asarray(idx, dtype=np.int64)
         return out
     # single: indices point into the list filtered to one subject; apply them to each subject.
     per_subject = {s: np.flatnonzero(f.subjects == s) for s in subjects}
     for name, idx in split.items():
-        a = np.asarray(idx, dtype=np.int64)
         parts = []
         for s, positions in per_subject.items():
-            bad = a[(a < 0) | (a >= len(positions))]
-            if bad.size:
+            bad = first_out_of_range(idx, len(positions))
+            if bad is not None:
                 raise DataError(
-                    f"{where}['{name}']: index {int(bad[0])} out of range for subject {s}'s {len(positions)} "
+                    f"{where}['{name}']: index {bad} out of range for subject {s}'s {len(positions)} "
                     f"segments (_single indices point into one subject's list)"
                 )
-            parts.append(positions[a])
+            parts.append(positions[np.asarray(idx, dtype=np.int64)])
         out[name] = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     return out
 
@@ -308,8 +323,9 @@ def load_eeg_imagenet(cfg, check_images: bool = True) -> Recording:
 
     used = np.unique(np.concatenate(list(split_idx.values())))
     check_finite(f.segments, used, f"data.eeg: {cfg.eeg}", "dataset")
-    if window is not None and f.norm is not None and f.norm[0].shape[1] > 1 and f.norm[0].shape[1] < window[1]:
-        raise DataError(f"data.eeg: {cfg.eeg}: 'means' covers {f.norm[0].shape[1]} samples, fewer than the window stop {window[1]}")
+    for name, v in zip(RAW_KEYS, f.norm or ()):
+        if window is not None and 1 < v.shape[1] < window[1]:
+            raise DataError(f"data.eeg: {cfg.eeg}: '{name}' covers {v.shape[1]} samples, fewer than the window stop {window[1]}")
 
     image_paths: list[Optional[str]] = [None] * len(f.segments)
     if cfg.images is not None:

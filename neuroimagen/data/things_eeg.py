@@ -36,8 +36,8 @@ def load_trusted_npy_dict(path: str | os.PathLike, key: str) -> dict:
     """Load a THINGS-EEG2 ``.npy`` that stores a pickled dict.
 
     This is the one place in neuroimagen that unpickles: ``np.load(..., allow_pickle=True)`` can
-    run code embedded in the file, so only point it at files from the official release or written
-    by ``neuroimagen data synth``. Everything else reads with ``weights_only=True`` or plain formats.
+    run code embedded in the file, so it is for trusted input only: files from the official release or
+    written by ``neuroimagen data synth``. Everything else reads with ``weights_only=True`` or plain formats.
     """
     p = Path(path)
     if not p.is_file():
@@ -67,12 +67,26 @@ def read_things_file(path: Path, key: str = "data.eeg") -> tuple[np.ndarray, lis
     if data.ndim != 4:
         raise DataError(f"{where}: 'preprocessed_eeg_data': expected 4-D [images, repetitions, channels, time], got shape {data.shape}")
     n, r, c, t = data.shape
-    ch = list(obj["ch_names"])
-    times = np.asarray(obj["times"])
+    if min(data.shape) == 0:
+        raise DataError(f"{where}: 'preprocessed_eeg_data': expected at least one image, repetition, channel and "
+                        f"sample, got shape {data.shape}")
+    ch = obj["ch_names"]
+    if isinstance(ch, np.ndarray):
+        ch = ch.tolist() if ch.ndim == 1 else None
+    if not isinstance(ch, (list, tuple)) or not all(isinstance(x, str) for x in ch):
+        raise DataError(f"{where}: 'ch_names': expected a list of {c} channel name strings, "
+                        f"got {type(obj['ch_names']).__name__}")
+    ch = [str(x) for x in ch]  # plain str (numpy's str_ too), so the inspect report is JSON
     if len(ch) != c:
         raise DataError(f"{where}: 'ch_names' has {len(ch)} names for {c} channels")
-    if times.ndim != 1 or len(times) != t:
-        raise DataError(f"{where}: 'times' has shape {times.shape} for {t} samples")
+    try:
+        times = np.asarray(obj["times"])
+    except (ValueError, TypeError):  # a ragged list
+        times = None
+    if times is None or times.ndim != 1 or len(times) != t or times.dtype == bool or not (
+            np.issubdtype(times.dtype, np.integer) or np.issubdtype(times.dtype, np.floating)):
+        shown = f"shape {times.shape} of {times.dtype}" if times is not None else "a ragged list"
+        raise DataError(f"{where}: 'times': expected {t} sample times (a 1-D array of numbers), got {shown}")
     if not np.isfinite(data).all():
         bad = int(np.argwhere(~np.isfinite(data))[0][0])
         raise DataError(f"{where}: 'preprocessed_eeg_data'[{bad}] contains NaN or Inf (expected finite values)")
@@ -166,7 +180,8 @@ def load_things_eeg(cfg, check_images: bool = True) -> Recording:  # noqa: ARG00
             elif data.shape[2:] != shape_ref:
                 raise DataError(f"data.eeg: {path}: channels x time {data.shape[2:]} differ from {shape_ref} of the first file")
             if cfg.things_average_repetitions:
-                arr = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1), dtype=np.float32))  # (N, C, T)
+                # float64 accumulator: a float32 sum of large (finite) repetitions would overflow to Inf
+                arr = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float64), dtype=np.float32))  # (N, C, T)
                 views = [(i, arr[i]) for i in range(arr.shape[0])]
             else:
                 arr = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))  # (N, R, C, T)
