@@ -1,9 +1,18 @@
 """neuroimagen benchmarks: every figure is a ratio measured side by side in one run (medians).
 
-    python bench/run.py [--only io,cli] [--repeats 5] [--out bench/RESULTS.md]
+    python bench/run.py [--only io,cli,train] [--repeats 5] [--quick] [--out bench/RESULTS.md]
 
 Results go to bench/RESULTS.md with the machine described. Absolute times are printed for context
-only; the targets are on the ratios, which survive a noisy machine.
+only; the targets are on the ratios, which survive a noisy machine. Groups that train, start Ray or
+load models run each measurement in a fresh interpreter (bench/probe.py) and cache their prepared runs
+(twin, small trained stages, tiny LDM, judge) under $TMPDIR/neuroimagen-bench, keyed by the settings and
+the package source. ``--quick`` shrinks every group (fewer epochs, rows and runs, only the quick demo) to
+smoke-test it in a few minutes; its numbers are not for RESULTS.md.
+
+Groups: io, cli, ray_report; train (Ray Train 1 worker vs local), ddp (2 workers vs 1), data (Ray Data vs
+the local loop, 2 actors vs 1), scale (reconstruct() with 1x/2x/4x rows), flops (achieved FLOP/s of a GAN
+step vs a matmul peak), gpu (GPU options vs fp32; a "not measured" row without a GPU), demo (both demos:
+wall time and peak memory of the process tree).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +44,8 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, no GPU used; Python {platform.python_version()}, "
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.system()} {platform.machine()}")
 
 
@@ -135,22 +146,73 @@ def bench_ray_report(repeats: int) -> list[dict]:
              f"{statistics.median(fits['0.1']):.1f} s vs {statistics.median(fits['2.0']):.1f} s (start-up included)"}]
 
 
-BENCHES = {"io": bench_io, "cli": bench_cli, "ray_report": bench_ray_report}
+sys.path.insert(0, str(HERE))
+from bench_compute import bench_flops, bench_gpu  # noqa: E402
+from bench_data import bench_data, bench_scale  # noqa: E402
+from bench_demo import bench_demo  # noqa: E402
+from bench_train import bench_ddp, bench_train  # noqa: E402
+
+# name -> (function, takes the quick flag)
+BENCHES = {"io": (bench_io, False), "cli": (bench_cli, False), "ray_report": (bench_ray_report, False),
+           "train": (bench_train, True), "ddp": (bench_ddp, True), "data": (bench_data, True),
+           "scale": (bench_scale, True), "flops": (bench_flops, True), "gpu": (bench_gpu, True),
+           "demo": (bench_demo, True)}
+PENDING = "not yet analysed: the final run's numbers decide"
 
 
-def render(rows: list[dict], mach: str, cmd: str) -> str:
+def _ratio(r: dict) -> str:
+    return "—" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+
+
+def _met(r: dict) -> str:
+    return "—" if r.get("met") is None else ("yes" if r["met"] else "**no**")
+
+
+def _value(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    if isinstance(v, list):
+        shown = ", ".join(_value(x) for x in v[:24])
+        return f"[{shown}{', ...' if len(v) > 24 else ''}]"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _sections(bd: dict, title=None):
+    """(title, {key: scalar or list}) tables of a nested breakdown; nested dicts become their own tables."""
+    flat = {k: v for k, v in bd.items() if not isinstance(v, dict)}
+    if flat:
+        yield title, flat
+    for k, v in bd.items():
+        if isinstance(v, dict):
+            yield from _sections(v, f"{title} / {k}" if title else k)
+
+
+def render(rows: list[dict], mach: str, cmd: str, breakdowns: dict | None = None) -> str:
     lines = ["# neuroimagen benchmarks", "",
              f"Machine: {mach}.", "",
              f"Command: `{cmd}`. Each ratio is measured side by side in one run (medians, interleaved).", "",
              "| what | compared with | ratio | target | met | detail |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['what']} | {r['compared with']} | {r['ratio']:.2f}x | {r['target']} | "
-                     f"{'yes' if r['met'] else '**no**'} | {r['detail']} |")
-    missed = [r for r in rows if not r["met"]]
+        lines.append(f"| {r['what']} | {r['compared with']} | {_ratio(r)} | {r['target']} | {_met(r)} | {r['detail']} |")
+    missed = [r for r in rows if r.get("met") is False]
     if missed:
         lines += ["", "## Missed targets, and why", ""]
-        lines += [f"- {r['what']}: {r.get('why', 'not yet analysed')}" for r in missed]
-    lines += ["", "Rows for training, Ray Data and the demo are added as those parts land.", ""]
+        lines += [f"- {r['what']}: {r.get('why') or PENDING}" for r in missed]
+    if breakdowns:
+        lines += ["", "## Timing breakdowns", "",
+                  "Fixed costs (Ray start, worker-group / actor start, model load) are kept apart from steady state.", ""]
+        for group, bd in breakdowns.items():
+            lines += [f"### {group}", ""]
+            for title, values in _sections(bd):
+                if title is None:
+                    lines += [f"- {k}: {_value(v)}" for k, v in values.items()]
+                    continue
+                lines += ["", f"**{title}**", "", "| | |", "|---|---|"]
+                lines += [f"| {k} | {_value(v)} |" for k, v in values.items()]
+            lines += [""]
+    lines += [""]
     return "\n".join(lines)
 
 
@@ -158,20 +220,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: " + ", ".join(BENCHES))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="small sizes, one run each: a smoke test of every group")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        ap.error(f"--only: unknown group '{unknown[0]}' (known: {', '.join(BENCHES)})")
     store = HERE / "results.json"  # rows of every bench; running a subset replaces only those
     saved = json.loads(store.read_text()) if store.is_file() else {}
-    for name in args.only.split(","):
+    breakdowns = saved.setdefault("breakdowns", {})  # per-group timing breakdowns, shown in RESULTS.md
+    failed = []
+    for name in names:
         print(f"running {name} ...", file=sys.stderr)
-        saved[name] = BENCHES[name](args.repeats)
+        t = time.perf_counter()
+        fn, takes_quick = BENCHES[name]
+        try:
+            res = fn(args.repeats, quick=args.quick) if takes_quick else fn(args.repeats)
+        except Exception:  # noqa: BLE001 - one broken group must not lose the others' results
+            traceback.print_exc()
+            print(f"{name}: FAILED after {time.perf_counter() - t:.0f} s; its previous rows are kept", file=sys.stderr)
+            failed.append(name)
+            continue
+        if isinstance(res, dict):
+            saved[name] = res["rows"]
+            breakdowns[name] = {**res.get("breakdown", {}), "bench": {"group wall, s": time.perf_counter() - t,
+                                                                       "quick": args.quick, "repeats": args.repeats}}
+        else:
+            saved[name] = res
+            breakdowns.pop(name, None)
+        print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
         for r in saved[name]:
             print(json.dumps(r))
-    store.write_text(json.dumps(saved, indent=1), encoding="utf-8")
+        store.write_text(json.dumps(saved, indent=1, default=str), encoding="utf-8")  # after every group
     rows = [r for name in BENCHES if name in saved for r in saved[name]]
-    text = render(rows, machine(), "python bench/run.py " + " ".join(sys.argv[1:]))
+    text = render(rows, machine(), "python bench/run.py " + " ".join(sys.argv[1:]),
+                  {n: breakdowns[n] for n in BENCHES if n in breakdowns})
     Path(args.out).write_text(text, encoding="utf-8")
     print(f"wrote {args.out}", file=sys.stderr)
+    if failed:
+        sys.exit(f"failed groups: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
