@@ -37,6 +37,45 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or exc.__class__.__name__
 
 
+def _torch_write_failure(exc: BaseException) -> bool:
+    """``torch.save`` reports a failed write (disk full, file size limit) as a RuntimeError, not an OSError."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
+
+
+_TORCH_WRITE = "write failed: no space left on device or file too large"
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p`` whose failure (a parent that is a file, no permission, disk full) is one ``OutputError``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the directory ({_describe(exc)})") from exc
+    return path
+
+
+def remove_partials(root: str | os.PathLike) -> int:
+    """Delete the ``*.partial-*`` leftovers of interrupted writers under ``root``; returns how many.
+
+    Only for a directory this process owns (no other writer running there): a live writer's temporary
+    file would be removed too.
+    """
+    n = 0
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    for p in sorted(root.rglob(f"*{PARTIAL_TAG}*"), key=lambda q: len(q.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            n += 1
+    return n
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success rename it over ``final``.
@@ -60,8 +99,10 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise OutputError(f"{final}: cannot write ({_describe(exc)})") from exc
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if _torch_write_failure(exc):
+            raise OutputError(f"{final}: cannot write ({_TORCH_WRITE})") from exc
         raise
 
 
@@ -116,13 +157,20 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
-        os.replace(stage, final)
+        try:
+            os.replace(stage, final)
+        except OSError:
+            if old is not None:  # put the previous version back: ``final`` is never left missing
+                os.replace(old, final)
+            raise
         _fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         raise OutputError(f"{final}: cannot write ({_describe(exc)})") from exc
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
+        if _torch_write_failure(exc):
+            raise OutputError(f"{final}: cannot write ({_TORCH_WRITE})") from exc
         raise

@@ -317,7 +317,7 @@ def main(argv=None) -> None:
         sys.exit(exc.exit_code)
     except OSError as exc:  # the OS refused a path no library check caught (not a directory, disk full, ...)
         where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"neuroimagen: error: {' '.join(f'{where}{exc.strerror or exc}'.split())}", err=True)
+        click.echo(f"neuroimagen: error: {one_line(f'{where}{exc.strerror or exc}')}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("neuroimagen: aborted", err=True)

@@ -275,6 +275,8 @@ class EvalConfig:
     actors: int = param(1, ge=1, doc="generation actors (Ray Data)")
     batch_size: int = param(16, ge=1, doc="rows per batch through decode -> generate -> score")
     use_gpu: bool = param(False, doc="one GPU per generation actor")
+    fault_injection_batch: Optional[int] = param(None, ge=0, doc="testing: a generation actor kills itself (SIGKILL) once, on its Nth batch (from 0), to exercise Ray Data's retries")
+    fault_injection_shard: Optional[int] = param(None, ge=0, doc="testing: the driver kills itself (SIGKILL) once, halfway through writing its Nth shard (from 0)")
 
     def validate(self, prefix: str) -> None:
         names = [d.name for d in self.definitions]

@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from neuroimagen.atomic import atomic_path, write_text
+from neuroimagen.atomic import atomic_path, make_dir, remove_partials, write_text
 from neuroimagen.config import Config, to_dict
 from neuroimagen.errors import ConfigError, DataError
 
 STATE = "results/state.json"
 # eval settings that do not change any number (execution only)
-_EXECUTION_KEYS = ("backend", "actors", "batch_size", "use_gpu", "variants", "subjects")
+_EXECUTION_KEYS = ("backend", "actors", "batch_size", "use_gpu", "variants", "subjects", "fault_injection_batch",
+                   "fault_injection_shard")
 
 
 def _log_default(msg: str) -> None:
@@ -169,6 +170,17 @@ def _read_shard(path: Path, expected: int):
     return df if len(df) == expected and not df.duplicated(["item", "sample"]).any() else None
 
 
+def _die_mid_write(tmp: Path, marker: Path) -> None:
+    """Testing hook (``eval.fault_injection_shard``): leave ``tmp`` half-written and SIGKILL this process, once."""
+    from neuroimagen.training.loop import kill_once
+
+    if marker.exists():
+        return
+    data = tmp.read_bytes()
+    tmp.write_bytes(data[: len(data) // 2])
+    kill_once(marker)
+
+
 def _threads(n_procs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, n_procs))
 
@@ -201,6 +213,9 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     fp = fingerprint(cfg, record, ldm_desc["identity"], clf_desc["identity"], stages)
     rows = build_rows(cfg, splits["train"].recording, names, subjects)
     shard_dir = run_dir / "results" / "shards" / fp
+    stale = remove_partials(run_dir / "results")  # temporary files of an interrupted run: never read, never kept
+    if stale:
+        log(f"reconstruct: removed {stale} partial file(s) left by an interrupted run")
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(_shard_name(r["subject"], r["variant"]), []).append(r)
@@ -219,6 +234,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
         f"{len(todo)} images to generate ({cfg.eval.backend} backend)")
     pending = {n: {} for n in groups}
     done = {"shards": 0}
+    finished: set[str] = set()
 
     def on_batch(batch: dict) -> None:
         cols = list(batch)
@@ -227,19 +243,26 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
             row = {c: (batch[c][i].tolist() if c == "probs" else batch[c][i]) for c in cols}
             row["subject"], row["variant"] = str(row["subject"]), str(row["variant"])
             name = _shard_name(row["subject"], row["variant"])
+            if name in finished:  # a row delivered again (a retried task) after its shard was written
+                continue
             pending[name][(int(row["item"]), int(row["sample"]))] = row  # a retried batch overwrites, never duplicates
             if len(pending[name]) == len(groups[name]):
                 df = pd.DataFrame(sorted(pending[name].values(), key=lambda r: (int(r["item"]), int(r["sample"]))))
                 with atomic_path(shard_dir / name) as tmp:
                     df.to_parquet(tmp, index=False)
+                    if cfg.eval.fault_injection_shard == done["shards"]:
+                        _die_mid_write(tmp, run_dir / "results" / "fault-injected-shard")
                 pending[name] = {}
+                finished.add(name)
                 done["shards"] += 1
                 log(f"reconstruct: shard {name[:-8]} done ({done['shards']}/{len(groups) - reused})")
 
     if todo:
         decode_kw = {"run_dir": str(run_dir), "cfg": to_dict(cfg), "variants": names}
         device = "cuda" if cfg.eval.use_gpu else "cpu"
-        gen_kw = {"snapshot": snapshot, "ldm": to_dict(cfg.ldm), "device": device}
+        gen_kw = {"snapshot": snapshot, "ldm": to_dict(cfg.ldm), "device": device,
+                  "fault_batch": cfg.eval.fault_injection_batch,
+                  "fault_marker": str(run_dir / "results" / "fault-injected-batch")}
         score_kw = {"run_dir": str(run_dir), "classifier": clf_spec, "eval_cfg": to_dict(cfg.eval), "device": device}
         if cfg.eval.backend == "local":
             run_local(todo, decode_kw, {**gen_kw, "threads": _threads(1)}, score_kw, cfg.eval.batch_size, on_batch,
@@ -293,6 +316,7 @@ def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
     if not sp.is_file():
         raise DataError(f"{sp}: not found; run `neuroimagen reconstruct --run {run_dir}` first")
     state = json.loads(sp.read_text(encoding="utf-8"))
+    remove_partials(run_dir / "results")
     shard_dir = run_dir / "results" / "shards" / state["fingerprint"]
     frames = []
     for name, n in state["shards"].items():
@@ -353,8 +377,7 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     from neuroimagen.reports import write_report
     from neuroimagen.training.run import prepare_data, read_run, train
 
-    run_dir = Path(out).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_dir(Path(out).resolve())
     names = select_variants(cfg, variants)
     done = read_run(run_dir)["stages"]
     todo = [s for s in needed_stages(cfg, names) if s not in done]

@@ -203,7 +203,8 @@ class Generate:
     The pipeline is loaded once per instance (per Ray actor) from a snapshot directory.
     """
 
-    def __init__(self, snapshot: str, ldm: dict, device: str = "cpu", threads: int = 0):
+    def __init__(self, snapshot: str, ldm: dict, device: str = "cpu", threads: int = 0,
+                 fault_batch: Optional[int] = None, fault_marker: Optional[str] = None):
         from neuroimagen.models.ldm import load_img2img, text2img_from
         from neuroimagen.models.text_encoder import TextEncoder
 
@@ -217,9 +218,17 @@ class Generate:
         self.t2i = text2img_from(self.pipe)
         te = TextEncoder(self.pipe.tokenizer, self.pipe.text_encoder, identity=snapshot)
         self.empty = te.encode([""])[0]  # (L, E): the negative prompt of classifier-free guidance
+        # testing hook (eval.fault_injection_batch): this process dies on its Nth batch, once per run
+        self.fault_batch, self.fault_marker, self.calls = fault_batch, fault_marker, 0
 
     def __call__(self, batch: dict) -> dict:
         from neuroimagen.models.ldm import img2img, pipeline_resolution, text2img
+
+        if self.fault_batch is not None and self.calls == self.fault_batch:
+            from neuroimagen.training.loop import kill_once
+
+            kill_once(Path(self.fault_marker))
+        self.calls += 1
 
         kinds = np.asarray(batch["init_kind"]).astype(str)
         prompt = torch.from_numpy(np.asarray(batch["prompt"], dtype=np.float32))  # (B, L, E)

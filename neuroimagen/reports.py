@@ -21,12 +21,13 @@ import json
 import math
 import os
 import re
+import shutil
 import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from neuroimagen.atomic import atomic_path, write_text
-from neuroimagen.errors import DataError
+from neuroimagen.atomic import atomic_dir, atomic_path, write_text
+from neuroimagen.errors import DataError, OutputError
 
 PAPER_VARIANTS = ("I", "L", "B", "B+I", "L+I")  # the paper's numbering: 1=I, 2=L, 3=B, 4=B+I, 5=L+I
 CONTROL_VARIANTS = ("oracle", "chance")
@@ -612,11 +613,25 @@ def write_report(run_dir: str | os.PathLike, *, title: Optional[str] = None,
                  extra_sections: Optional[list[str]] = None, grid_items: int = 4) -> Path:
     """Write ``RUN/report/report.md`` and its figures; return the path of ``report.md``.
 
-    Raises DataError (one line) when a results file is missing or unreadable.
+    Raises DataError (one line) when a results file is missing or unreadable. The report directory is
+    built beside ``RUN/report`` and swapped in by one rename, so a failed write (a full disk) leaves the
+    previous report whole, or none, never a new ``report.md`` with old figures or the reverse.
     """
     run_dir = Path(run_dir)
     per_sample, summary, protocol = load_results(run_dir)
-    out_dir = run_dir / REPORT
+    for stale in run_dir.glob(f"{REPORT}.partial-*"):  # the staging directory of an interrupted report
+        shutil.rmtree(stale, ignore_errors=True)
+    final = run_dir / REPORT
+    with atomic_dir(final, overwrite=True) as out_dir:
+        try:
+            _compose_report(run_dir, out_dir, per_sample, summary, protocol, title, extra_sections, grid_items)
+        except OutputError as exc:  # name the report's own path, not its staging directory
+            raise OutputError(str(exc).replace(str(out_dir), str(final))) from exc
+    return final / "report.md"
+
+
+def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol, title: Optional[str],
+                    extra_sections: Optional[list[str]], grid_items: int) -> Path:
     variants = _order_variants(list(summary["variant"]) + list(per_sample["variant"]))
     subjects = _subjects(summary)
     main = main_variant(list(summary["variant"]))

@@ -57,13 +57,16 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(ray_session, twin, t
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, twin, tmp_path):
+    """Rank 0 SIGKILLed mid-epoch: the group restarts from the last checkpoint and ends exactly where an
+    uninterrupted run with the same seed ends (same history, same final validation metrics)."""
     from neuroimagen.training.run import train
 
-    cfg = load_config(None, _twin_sets(twin) + [
+    base = _twin_sets(twin) + [
         "stages.encoder.epochs=3", "stages.encoder.embed_dim=16", "stages.encoder.classes_per_batch=3",
-        "stages.encoder.samples_per_class=3", "train.fault_injection_epoch=1", "train.max_failures=1",
-    ])
-    results = train(cfg, tmp_path / "run", ["encoder"], log=lambda m: None)
+        "stages.encoder.samples_per_class=3", "train.max_failures=1",
+    ]
+    results = train(load_config(None, base + ["train.fault_injection_epoch=1"]), tmp_path / "run", ["encoder"],
+                    log=lambda m: None)
     m = results["encoder"]
     # the rank-0 worker was SIGKILLed during epoch 1; the group restarted and resumed after epoch 0
     assert (tmp_path / "run" / "ray" / "encoder-fault-injected").is_file()
@@ -71,3 +74,19 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, twin, tmp_p
     history = json.loads((tmp_path / "run" / "encoder" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert (tmp_path / "run" / "encoder" / "model" / "encoder.pt").is_file()
+
+    ref = train(load_config(None, base), tmp_path / "ref", ["encoder"], log=lambda m: None)["encoder"]
+    assert ref["resumed_at_epochs"] == [] and not (tmp_path / "ref" / "ray" / "encoder-fault-injected").exists()
+    ref_history = json.loads((tmp_path / "ref" / "encoder" / "history.json").read_text())
+    assert len(history) == len(ref_history)
+    for h, r in zip(history, ref_history):  # every epoch's training losses and validation metrics
+        assert set(h) == set(r)
+        assert {k: v for k, v in h.items() if k != "epoch_seconds"} == pytest.approx(
+            {k: v for k, v in r.items() if k != "epoch_seconds"}, abs=1e-6), h["epoch"]
+    val = sorted(k for k in ref if k.startswith("val_"))
+    assert val and {k: m[k] for k in val} == pytest.approx({k: ref[k] for k in val}, abs=1e-6)
+    assert m["best_epoch"] == ref["best_epoch"]
+    a = torch.load(tmp_path / "run" / "encoder" / "model" / "encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "encoder" / "model" / "encoder.pt", weights_only=True)
+    for k, v in b.items():
+        assert torch.allclose(a[k], v, atol=1e-6), k  # the exported best weights are the same too

@@ -10,6 +10,11 @@
 The callables are the plain classes of ``neuroimagen.reconstruction`` / ``neuroimagen.metrics.scoring``;
 this module only wires them. Decode and Score ask for half a CPU each so that on a 2-core machine (a local
 instance declares 4 logical CPUs) the generation actors never starve the stages around them.
+
+A dead actor (OOM, lost node, ``eval.fault_injection_batch``) is restarted and its in-flight batches are
+retried: Ray Data 2.60 creates pool actors with ``max_restarts=-1, max_task_retries=-1`` unless told
+otherwise (``ActorPoolMapOperator._apply_default_remote_args``). Delivery is therefore at least once;
+the driver keys rows by (item, sample) per shard, so a re-delivered row is written once.
 """
 
 from __future__ import annotations

@@ -27,12 +27,37 @@ def save_checkpoint(directory: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` = {'meta', 'modules', 'optimizers', 'best'} into ``directory`` (must be new/empty)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    files = {}
     for group, prefix in (("modules", "module"), ("optimizers", "optimizer"), ("best", "best")):
         for name, state in payload.get(group, {}).items():
-            torch.save(state, d / f"{prefix}-{name}.pt")
-    meta = dict(payload["meta"], schema_version=SCHEMA_VERSION)
-    (d / "meta.json").write_text(json.dumps(meta, indent=1, default=float), encoding="utf-8")  # written last: marks it complete
+            f = d / f"{prefix}-{name}.pt"
+            torch.save(state, f)
+            files[f.name] = f.stat().st_size
+    # meta.json is written last and lists every file with its size: a copy cut short (a killed upload to
+    # shared storage, a full disk) is recognised as incomplete even when its meta.json arrived
+    meta = dict(payload["meta"], schema_version=SCHEMA_VERSION, files=files)
+    (d / "meta.json").write_text(json.dumps(meta, indent=1, default=float), encoding="utf-8")
     return d
+
+
+def checkpoint_problem(directory: str | os.PathLike) -> Optional[str]:
+    """Why ``directory`` is not a complete checkpoint (None when it is): meta.json missing or unreadable,
+    or a listed file missing or of another size than written."""
+    d = Path(directory)
+    try:
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable meta.json"
+    if not isinstance(meta, dict) or "epoch" not in meta:
+        return "meta.json without an epoch"
+    for name, size in (meta.get("files") or {}).items():
+        try:
+            actual = (d / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were written"
+    return None
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict:
@@ -44,6 +69,9 @@ def load_checkpoint(directory: str | os.PathLike) -> dict:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{d}: checkpoint schema {meta.get('schema_version')} (expected {SCHEMA_VERSION})")
+    problem = checkpoint_problem(d)
+    if problem is not None:
+        raise DataError(f"{d}: incomplete checkpoint ({problem})")
     out: dict[str, Any] = {"meta": meta, "modules": {}, "optimizers": {}, "best": {}}
     for group, prefix in (("modules", "module"), ("optimizers", "optimizer"), ("best", "best")):
         for f in sorted(d.glob(f"{prefix}-*.pt")):

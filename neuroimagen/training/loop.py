@@ -39,9 +39,14 @@ class LocalReporter:
     def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.glob("epoch-*") if (p / "meta.json").is_file() and ".partial-" not in p.name)
+        from neuroimagen.training.checkpoint import checkpoint_problem
+
+        return sorted(p for p in self.dir.glob("epoch-*") if ".partial-" not in p.name and checkpoint_problem(p) is None)
 
     def restore(self) -> Optional[dict]:
+        from neuroimagen.atomic import remove_partials
+
+        remove_partials(self.dir)  # a checkpoint interrupted mid-write is never resumed; drop its staging dir
         done = self._complete()
         return load_checkpoint(done[-1]) if done else None
 
@@ -72,8 +77,10 @@ def _better(value: float, best: Optional[float], mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _fault(marker: Optional[Path]) -> None:
-    """Testing hook: kill this process the first time (a marker file makes it fire once)."""
+def kill_once(marker: Optional[Path]) -> None:
+    """Testing hook: SIGKILL this process the first time (a marker file makes it fire once).
+
+    Also used by reconstruction's ``eval.fault_injection_*`` hooks."""
     if marker is None or marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +131,7 @@ def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: i
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
             if fault_epoch is not None and epoch == fault_epoch and step == 0 and ctx.is_main:
-                _fault(fault_marker)
+                kill_once(fault_marker)
         train = ctx.mean({f"train_{k}": v / max(n, 1) for k, v in sums.items()})
         validate = (epoch + 1) % val_every == 0 or epoch == epochs - 1
         val = stage.validate() if validate else {}

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from neuroimagen.atomic import write_text
+from neuroimagen.atomic import make_dir, write_text
 from neuroimagen.config import Config, load_config, write_config
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.stages import CAPTION_KIND, REQUIRES, STAGE_ORDER, epochs_of, stage_config
@@ -199,7 +199,7 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     """
     run_dir = Path(out).resolve()
     names = resolve_stages(stages)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     cfg = prepare_data(cfg, run_dir, log)
     if stages is None and cfg.data.captions is None and "semantic_image" in names:
         names.remove("semantic_image")
