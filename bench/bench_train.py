@@ -95,17 +95,26 @@ def bench_train(repeats: int, quick: bool = False) -> dict:
     return {"rows": rows, "breakdown": bd}
 
 
-def bench_ddp(repeats: int, quick: bool = False) -> dict:
-    """DDP on the saliency GAN: 2 workers x batch b vs 1 worker x 2b (same global batch), 1 thread each."""
-    repeats = 1 if quick else repeats
+# Two model sizes: the quick demo's (small 32 px models, steps dominated by per-step overheads) and the
+# stage defaults of the paper's setting (64 px, G/D width 64), whose steps are compute-bound.
+DDP_SIZES = {
+    "demo": ("demo --quick model sizes (32 px, G/D width 16)", ["synth.classes=10", "synth.images_per_class=40"]),
+    "paper": ("stage-default model sizes (64 px, G/D width 64, z 128)",
+              ["synth.classes=10", "synth.images_per_class=16", "synth.image_size=64", "data.image_size=64",
+               "stages.saliency.resolution=64", "stages.saliency.g_width=64", "stages.saliency.d_width=64",
+               "stages.saliency.z_dim=128"]),
+}
+
+
+def _ddp_size(key: str, repeats: int, quick: bool) -> tuple[dict, dict]:
+    label, sizes = DDP_SIZES[key]
     epochs = 4 if quick else 5
     b = 16
-    preset = demo_preset() + [
-        "synth.classes=10", "synth.images_per_class=40", "synth.subjects=2",  # ~640 training segments
-        "stages.encoder.epochs=2", f"stages.saliency.epochs={epochs}", "stages.saliency.val_every=1000",
-        "train.threads_per_worker=1", "train.cpus_per_worker=1"]
+    preset = demo_preset() + sizes + [
+        "synth.subjects=2", "stages.encoder.epochs=2", f"stages.saliency.epochs={epochs}",
+        "stages.saliency.val_every=1000", "train.threads_per_worker=1", "train.cpus_per_worker=1"]
     preset = [s for s in preset if not s.startswith("train.threads_per_worker=2")]
-    base = prepared("ddp", {"overrides": preset, "stages": ["encoder"]})
+    base = prepared(f"ddp-{key}", {"overrides": preset, "stages": ["encoder"]})
     fits: dict[int, list[dict]] = {1: [], 2: []}
     ray_start = []
     with tempfile.TemporaryDirectory(prefix="nbench-ddp-") as tmp:
@@ -121,27 +130,39 @@ def bench_ddp(repeats: int, quick: bool = False) -> dict:
     used = (n // (2 * b)) * 2 * b
     t1, t2 = median(st[1]), median(st[2])
     speed = t1 / t2 if t1 and t2 else None
-    bd = {"config": {"stage": "saliency (GAN), demo --quick model sizes (32 px, G/D width 16)",
+    bd = {"config": {"stage": f"saliency (GAN), {label}",
                      "training segments": n, "segments per epoch (whole global batches)": used,
                      "global batch": 2 * b, "epochs per fit": epochs, "fits per config": repeats,
                      "threads per worker": 1, "validation": "last epoch only (excluded)"},
-          "1 worker x batch 32": {"steady epoch (median), s": t1, "samples/s": used / t1 if t1 else None,
-                                  "fit wall (median), s": median([f["fit_wall_s"] for f in fits[1]]),
-                                  "epochs, s": [round(x, 3) for f in fits[1] for x in f["epoch_s"]]},
-          "2 workers x batch 16": {"steady epoch (median), s": t2, "samples/s": used / t2 if t2 else None,
-                                   "fit wall (median), s": median([f["fit_wall_s"] for f in fits[2]]),
-                                   "epochs, s": [round(x, 3) for f in fits[2] for x in f["epoch_s"]]},
+          f"1 worker x batch {2 * b}": {"steady epoch (median), s": t1, "samples/s": used / t1 if t1 else None,
+                                        "fit wall (median), s": median([f["fit_wall_s"] for f in fits[1]]),
+                                        "epochs, s": [round(x, 3) for f in fits[1] for x in f["epoch_s"]]},
+          f"2 workers x batch {b}": {"steady epoch (median), s": t2, "samples/s": used / t2 if t2 else None,
+                                     "fit wall (median), s": median([f["fit_wall_s"] for f in fits[2]]),
+                                     "epochs, s": [round(x, 3) for f in fits[2] for x in f["epoch_s"]]},
           "fixed costs": {"Ray start, s": median(ray_start)}}
     met = speed is not None and speed >= 1.7
     why = None if met else (
         "two single-threaded ranks need both cores for themselves, but the 2 cores also run Ray's raylet, GCS, the Train "
         "controller and the driver, and every step waits on three gloo all-reduces (D's gradients in the D step, G's and "
-        "D's in the G step) over loopback; a step of these small 32 px models is short, so the fixed per-step "
-        "synchronisation is a large share of it.")
-    rows = [{"what": f"Ray Train DDP, 2 workers x 1 thread, saliency GAN, global batch {2 * b} ({used} samples per epoch)",
-             "compared with": f"1 worker x 1 thread, batch {2 * b}",
-             "ratio": speed, "target": ">= 1.7x samples/s", "met": met,
-             "detail": (f"{used / t2:.0f} vs {used / t1:.0f} samples/s (median epoch {t2:.2f} s vs {t1:.2f} s, "
-                        f"{len(st[1])} epochs each)" if speed else "incomplete"),
-             **({"why": why} if why else {})}]
+        "D's in the G step) over loopback; the smaller the step, the larger the share of this fixed synchronisation.")
+    row = {"what": f"Ray Train DDP, 2 workers x 1 thread, saliency GAN at {label}, global batch {2 * b} "
+                   f"({used} samples per epoch)",
+           "compared with": f"1 worker x 1 thread, batch {2 * b}",
+           "ratio": speed, "target": ">= 1.7x samples/s", "met": met,
+           "detail": (f"{used / t2:.1f} vs {used / t1:.1f} samples/s (median epoch {t2:.2f} s vs {t1:.2f} s, "
+                      f"{len(st[1])} epochs each)" if speed else "incomplete"),
+           **({"why": why} if why else {})}
+    return row, bd
+
+
+def bench_ddp(repeats: int, quick: bool = False) -> dict:
+    """DDP on the saliency GAN: 2 workers x batch b vs 1 worker x 2b (same global batch), 1 thread each, at two
+    model sizes."""
+    repeats = 1 if quick else repeats
+    rows, bd = [], {}
+    for key in DDP_SIZES:
+        row, b = _ddp_size(key, repeats, quick)
+        rows.append(row)
+        bd[key] = b
     return {"rows": rows, "breakdown": bd}

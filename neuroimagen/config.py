@@ -273,6 +273,7 @@ class EvalConfig:
     ssim_resolution: Optional[int] = param(None, ge=7, doc="resize both images to this size before SSIM; null = the LDM's resolution (mindeye: 425)")
     backend: Literal["ray", "local"] = param("ray", doc="ray: Ray Data actors; local: the same callables in a loop in this process")
     actors: int = param(1, ge=1, doc="generation actors (Ray Data)")
+    pipeline: Literal["fused", "staged"] = param("fused", doc="Ray Data layout: fused = decode -> generate -> score inside each of eval.actors actors (no object-store hops, no actors competing for the same cores; measured faster on CPUs); staged = three actor pools (decode, eval.actors generators, one scorer)")
     batch_size: int = param(16, ge=1, doc="rows per batch through decode -> generate -> score")
     use_gpu: bool = param(False, doc="one GPU per generation actor")
     fault_injection_batch: Optional[int] = param(None, ge=0, doc="testing: a generation actor kills itself (SIGKILL) once, on its Nth batch (from 0), to exercise Ray Data's retries")

@@ -29,7 +29,7 @@ from neuroimagen.errors import ConfigError, DataError
 
 STATE = "results/state.json"
 # eval settings that do not change any number (execution only)
-_EXECUTION_KEYS = ("backend", "actors", "batch_size", "use_gpu", "variants", "subjects", "fault_injection_batch",
+_EXECUTION_KEYS = ("backend", "actors", "pipeline", "batch_size", "use_gpu", "variants", "subjects", "fault_injection_batch",
                    "fault_injection_shard")
 
 

@@ -88,6 +88,15 @@ def test_the_callables_run_without_ray(demo_run):
     per = pd.read_parquet(run / "results" / "per_sample.parquet")
     ref = per.set_index(KEY).loc[[("1", v, int(i), 0) for v, i in zip(scored["variant"], scored["item"])]]
     np.testing.assert_allclose(scored["ssim"], ref["ssim"], atol=2e-4)  # same numbers as the demo's batches
+    # the fused Ray Data stage is the same three callables in one (still Ray-free) class
+    from neuroimagen.distributed.data import Reconstruct
+
+    fused = Reconstruct({"run_dir": str(run), "cfg": to_dict(cfg), "variants": variants},
+                        {"snapshot": state["ldm"]["path"], "ldm": to_dict(cfg.ldm)},
+                        {"run_dir": str(run), "classifier": state["classifier"]["spec"], "eval_cfg": to_dict(cfg.eval),
+                         "write_images": False})(rows_to_batch(rows))
+    np.testing.assert_allclose(fused["ssim"], scored["ssim"], atol=1e-6)
+    assert list(fused["acc_hit"]) == list(scored["acc_hit"])
 
 
 def test_rerun_reuses_finished_shards_and_recomputes_missing_or_damaged_ones(demo_run, tmp_path):
@@ -118,7 +127,8 @@ def test_changed_settings_never_reuse_old_shards(demo_run, tmp_path):
     assert info["computed"] == 36 and info["reused"] == 0
 
 
-def test_ray_data_pipeline_matches_the_plain_loop(demo_run, tmp_path, ray_session):
+@pytest.mark.parametrize("pipeline", ["fused", "staged"])
+def test_ray_data_pipeline_matches_the_plain_loop(demo_run, tmp_path, ray_session, pipeline):
     from neuroimagen.evaluation import evaluate, reconstruct
 
     run = _copy(demo_run[0], tmp_path)
@@ -126,7 +136,8 @@ def test_ray_data_pipeline_matches_the_plain_loop(demo_run, tmp_path, ray_sessio
     shard_dir, _ = _shards(run)
     for name in ("s1__I.parquet", "s2__L+I.parquet", "s1__B.parquet"):
         (shard_dir / name).unlink()
-    cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.backend=ray", "eval.batch_size=12"])
+    cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.backend=ray", "eval.batch_size=12",
+                                                        f"eval.pipeline={pipeline}"])
     info = reconstruct(cfg, run, log=lambda m: None)
     assert info["computed"] == 3 * 36 and info["reused"] == 11
     evaluate(run, log=lambda m: None)

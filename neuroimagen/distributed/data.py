@@ -1,5 +1,11 @@
 """Ray Data: reconstruction and scoring of many rows across actors (DESIGN sec. 6).
 
+    eval.pipeline: fused (default)
+    from_items(rows) -> map_batches(Reconstruct) ``eval.actors`` actors (a whole GPU each with eval.use_gpu), each
+                                              running Decode -> Generate -> Score on its batches
+                     -> iter_batches on the driver, which writes each (subject, variant) shard when complete
+
+    eval.pipeline: staged
     from_items(rows) -> map_batches(Decode)   one CPU actor: EEG -> saliency map + prompt embedding
                      -> map_batches(Generate) ``eval.actors`` actors, 0.75 GPU each when ``eval.use_gpu``:
                                               the frozen LDM, loaded once per actor
@@ -29,10 +35,27 @@ from neuroimagen.metrics.scoring import Score
 from neuroimagen.reconstruction import Decode, Generate
 
 
+class Reconstruct:
+    """Decode -> Generate -> Score in one callable: the ``fused`` layout, one actor doing a batch's whole
+    journey (the batch never crosses the object store between stages, and no two actors compete for the
+    same cores). A plain class: ``Reconstruct(d, g, s)(batch)`` is the local loop's ``score(generate(decode(b)))``."""
+
+    def __init__(self, decode_kw: dict, gen_kw: dict, score_kw: dict):
+        self.decode, self.generate, self.score = Decode(**decode_kw), Generate(**gen_kw), Score(**score_kw)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.score(self.generate(self.decode(batch)))
+
+
 def build_dataset(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, ec) -> "ray.data.Dataset":
     """The lazy Dataset of scored rows (nothing runs until it is iterated)."""
     B = ec.batch_size
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // B, 64)))
+    if ec.pipeline == "fused":
+        return ds.map_batches(Reconstruct, fn_constructor_kwargs={"decode_kw": decode_kw, "gen_kw": gen_kw,
+                                                                  "score_kw": score_kw},
+                              batch_size=B, batch_format="numpy", compute=ActorPoolStrategy(size=ec.actors),
+                              num_cpus=1, num_gpus=1 if ec.use_gpu else 0)
     ds = ds.map_batches(Decode, fn_constructor_kwargs=decode_kw, batch_size=B, batch_format="numpy",
                         compute=ActorPoolStrategy(size=1), num_cpus=0.5)
     ds = ds.map_batches(Generate, fn_constructor_kwargs=gen_kw, batch_size=B, batch_format="numpy",
