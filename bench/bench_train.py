@@ -31,12 +31,18 @@ def _steady(runs: list[dict], stage: str, key: str, skip_last: bool = False) -> 
     return out
 
 
-def bench_train(repeats: int, quick: bool = False) -> dict:
+def bench_train_1t(repeats: int, quick: bool = False) -> dict:
+    """``bench_train`` with one torch thread on both sides (the worker then leaves a core to Ray's own processes)."""
+    return bench_train(repeats, quick, threads=1)
+
+
+def bench_train(repeats: int, quick: bool = False, threads: int = 2) -> dict:
     """Steady-state epoch of each stage on Ray Train with 1 worker vs the local backend, same config and threads."""
     epochs = 3 if quick else 6
     repeats = 1 if quick else repeats
     preset = demo_preset() + [f"stages.{s}.epochs={epochs}" for s in STAGES] + ["train.num_workers=1"]
-    threads = next(int(s.split("=")[1]) for s in preset if s.startswith("train.threads_per_worker="))
+    preset = [s for s in preset if not s.startswith("train.threads_per_worker=")] + [
+        f"train.threads_per_worker={threads}", f"train.cpus_per_worker={threads}"]
     base = prepared("train", {"overrides": preset})
     runs: dict[str, list[dict]] = {"local": [], "ray": []}
     with tempfile.TemporaryDirectory(prefix="nbench-train-") as tmp:
@@ -87,7 +93,7 @@ def bench_train(repeats: int, quick: bool = False) -> dict:
     bd["fixed costs"] = {"Ray start (init_ray, local instance), s": ray_start,
                          **{f"Train worker-group start, {st} (Ray start-up before epoch 1 minus local), s": ws[st] for st in STAGES},
                          **{f"Train teardown + result, {st} (Ray minus local), s": td[st] for st in STAGES}}
-    rows.append({"what": "Ray Train fixed costs per stage (start-up before epoch 1 and teardown, Ray minus local)",
+    rows.append({"what": f"Ray Train fixed costs per stage, {threads} thread(s) (start-up before epoch 1 and teardown, Ray minus local)",
                  "compared with": "-", "ratio": None, "target": "(reported separately from steady state)", "met": None,
                  "detail": f"Ray start {ray_start:.1f} s once; worker-group start " +
                            ", ".join(f"{st} {ws[st]:.1f} s" for st in STAGES) + "; teardown " +

@@ -215,7 +215,8 @@ def data_probe(a: dict) -> dict:
     from neuroimagen.training.run import prepare_data
 
     run_dir = Path(a["run_dir"])
-    cfg = _cfg(a["overrides"] + ["train.progress=false", f"eval.actors={a.get('actors', 1)}"])
+    cfg = _cfg(a["overrides"] + ["train.progress=false", f"eval.actors={a.get('actors', 1)}",
+                                 f"eval.pipeline={a.get('pipeline', 'fused')}"])
     cfg = prepare_data(cfg, run_dir, _log)
     rows, decode_kw, gen_kw, score_kw = _eval_parts(run_dir, cfg, a["variants"], a.get("subjects"))
     gen_kw["threads"] = a["threads"]

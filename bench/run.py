@@ -150,11 +150,11 @@ sys.path.insert(0, str(HERE))
 from bench_compute import bench_flops, bench_gpu  # noqa: E402
 from bench_data import bench_data, bench_scale  # noqa: E402
 from bench_demo import bench_demo  # noqa: E402
-from bench_train import bench_ddp, bench_train  # noqa: E402
+from bench_train import bench_ddp, bench_train, bench_train_1t  # noqa: E402
 
 # name -> (function, takes the quick flag)
 BENCHES = {"io": (bench_io, False), "cli": (bench_cli, False), "ray_report": (bench_ray_report, False),
-           "train": (bench_train, True), "ddp": (bench_ddp, True), "data": (bench_data, True),
+           "train": (bench_train, True), "train_1t": (bench_train_1t, True), "ddp": (bench_ddp, True), "data": (bench_data, True),
            "scale": (bench_scale, True), "flops": (bench_flops, True), "gpu": (bench_gpu, True),
            "demo": (bench_demo, True)}
 PENDING = "not yet analysed: the final run's numbers decide"

@@ -272,7 +272,7 @@ class EvalConfig:
     ssim_convention: Literal["dreamdiffusion", "mindeye"] = param("dreamdiffusion", doc="SSIM protocol (DESIGN sec. 3)")
     ssim_resolution: Optional[int] = param(None, ge=7, doc="resize both images to this size before SSIM; null = the LDM's resolution (mindeye: 425)")
     backend: Literal["ray", "local"] = param("ray", doc="ray: Ray Data actors; local: the same callables in a loop in this process")
-    actors: int = param(1, ge=1, doc="generation actors (Ray Data)")
+    actors: int = param(1, ge=1, doc="generation actors (Ray Data), one CPU and one torch thread each")
     pipeline: Literal["fused", "staged"] = param("fused", doc="Ray Data layout: fused = decode -> generate -> score inside each of eval.actors actors (no object-store hops, no actors competing for the same cores; measured faster on CPUs); staged = three actor pools (decode, eval.actors generators, one scorer)")
     batch_size: int = param(16, ge=1, doc="rows per batch through decode -> generate -> score")
     use_gpu: bool = param(False, doc="one GPU per generation actor")

@@ -24,7 +24,9 @@ from neuroimagen.config import Config, load_config, write_config
 _COMMON = ["data.image_size=32", "synth.image_size=32", "stages.encoder.embed_dim=32",
            "stages.saliency.resolution=32", "stages.saliency.z_dim=32", "stages.saliency.g_width=16",
            "stages.saliency.d_width=16", "stages.saliency.batch_size=16", "stages.semantic.embed_dim=32",
-           "stages.semantic.hidden=64", "train.threads_per_worker=2"]
+           "stages.semantic.hidden=64"]
+# train.threads_per_worker stays 0: all cores in-process, one thread per 1-CPU Ray worker (two threads per Ray
+# worker were measured 1.2-1.5x slower per epoch than one on 2 cores: bench/RESULTS.md)
 QUICK = _COMMON + ["synth.classes=6", "synth.images_per_class=20", "synth.subjects=2", "synth.channels=16",
                    "stages.encoder.epochs=10", "stages.saliency.epochs=40", "stages.semantic.epochs=30",
                    "ldm.unet_channels=[16,32]", "ldm.vae_steps=100", "ldm.unet_steps=400", "ldm.num_inference_steps=10",
