@@ -158,6 +158,22 @@ BENCHES = {"io": (bench_io, False), "cli": (bench_cli, False), "ray_report": (be
            "scale": (bench_scale, True), "flops": (bench_flops, True), "gpu": (bench_gpu, True),
            "demo": (bench_demo, True)}
 PENDING = "not yet analysed: the final run's numbers decide"
+READING = """How to read these rows:
+
+- A ratio compares two things timed in the same run, interleaved, on the same machine; the time of one run
+  of each is in the row's detail and the breakdowns below. Groups can be rerun alone (`--only ddp`), which
+  replaces only their rows.
+- Fixed costs (Ray start, Train worker-group start, Ray Data actor start and model load) are reported in
+  their own rows and breakdowns, never mixed into the steady-state ratios.
+- "hot-path fix" rows are before/after measurements of a change to the product, both sides in one run.
+- FLOP/s: FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` over one real training step (G and D,
+  forward and backward), divided by the median step time; the reference is a 2048x2048 fp32 matmul measured
+  in the same process, not the processor's theoretical peak.
+- Demo memory: the whole process tree is sampled every 0.5 s. Summed RSS counts the pages that Ray's
+  worker processes share (torch, the object store) once per process; PSS counts each shared page once and is
+  the memory the run actually needs.
+- GPU options are measured only when a CUDA device is present; their correctness on the CPU is tested
+  (`tests/test_perf_options.py`)."""
 
 
 def _ratio(r: dict) -> str:
@@ -196,6 +212,7 @@ def render(rows: list[dict], mach: str, cmd: str, breakdowns: dict | None = None
              "| what | compared with | ratio | target | met | detail |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['what']} | {r['compared with']} | {_ratio(r)} | {r['target']} | {_met(r)} | {r['detail']} |")
+    lines += ["", READING]
     missed = [r for r in rows if r.get("met") is False]
     if missed:
         lines += ["", "## Missed targets, and why", ""]
