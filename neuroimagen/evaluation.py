@@ -181,10 +181,6 @@ def _die_mid_write(tmp: Path, marker: Path) -> None:
     kill_once(marker)
 
 
-def _threads(n_procs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, n_procs))
-
-
 def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[str]] = None,
                 subjects: Optional[Sequence[int]] = None, log: Callable[[str], None] = _log_default) -> dict:
     """Generate and score every missing shard; returns {'rows', 'computed', 'reused', 'seconds', 'state'}."""
@@ -265,7 +261,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                   "fault_marker": str(run_dir / "results" / "fault-injected-batch")}
         score_kw = {"run_dir": str(run_dir), "classifier": clf_spec, "eval_cfg": to_dict(cfg.eval), "device": device}
         if cfg.eval.backend == "local":
-            run_local(todo, decode_kw, {**gen_kw, "threads": _threads(1)}, score_kw, cfg.eval.batch_size, on_batch,
+            run_local(todo, decode_kw, {**gen_kw, "threads": os.cpu_count() or 1}, score_kw, cfg.eval.batch_size, on_batch,
                       progress=cfg.train.progress)
         else:
             from neuroimagen.distributed.data import run_on_ray
@@ -289,14 +285,13 @@ def run_local(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, b
     """The Ray Data pipeline's callables in a plain loop over batches (same outputs, one process)."""
     from tqdm.auto import tqdm
 
-    from neuroimagen.metrics.scoring import Score
-    from neuroimagen.reconstruction import Decode, Generate, rows_to_batch
+    from neuroimagen.reconstruction import Reconstruct, rows_to_batch
 
-    decode, generate, score = Decode(**decode_kw), Generate(**gen_kw), Score(**score_kw)
+    pipeline = Reconstruct(decode_kw, gen_kw, score_kw)
     with tqdm(total=len(rows), desc="reconstruct", unit="img", disable=None if progress else True, leave=False) as bar:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i: i + batch_size]
-            on_batch(score(generate(decode(rows_to_batch(chunk)))))
+            on_batch(pipeline(rows_to_batch(chunk)))
             bar.update(len(chunk))
 
 

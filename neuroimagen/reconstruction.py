@@ -254,3 +254,17 @@ class Generate:
         out = {k: v for k, v in batch.items() if k != "prompt"}
         out["image"] = images.numpy().astype(np.float32)
         return out
+
+
+class Reconstruct:
+    """Decode -> Generate -> Score in one callable: a batch's whole journey in one process. The local loop
+    runs it, and so does every actor of Ray Data's ``fused`` layout (the batch never crosses the object store
+    between steps, and no two actors compete for the same cores)."""
+
+    def __init__(self, decode_kw: dict, gen_kw: dict, score_kw: dict):
+        from neuroimagen.metrics.scoring import Score
+
+        self.decode, self.generate, self.score = Decode(**decode_kw), Generate(**gen_kw), Score(**score_kw)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.score(self.generate(self.decode(batch)))

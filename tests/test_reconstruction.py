@@ -88,8 +88,8 @@ def test_the_callables_run_without_ray(demo_run):
     per = pd.read_parquet(run / "results" / "per_sample.parquet")
     ref = per.set_index(KEY).loc[[("1", v, int(i), 0) for v, i in zip(scored["variant"], scored["item"])]]
     np.testing.assert_allclose(scored["ssim"], ref["ssim"], atol=2e-4)  # same numbers as the demo's batches
-    # the fused Ray Data stage is the same three callables in one (still Ray-free) class
-    from neuroimagen.distributed.data import Reconstruct
+    # the fused Ray Data stage (and the local loop) is the same three callables in one Ray-free class
+    from neuroimagen.reconstruction import Reconstruct
 
     fused = Reconstruct({"run_dir": str(run), "cfg": to_dict(cfg), "variants": variants},
                         {"snapshot": state["ldm"]["path"], "ldm": to_dict(cfg.ldm)},

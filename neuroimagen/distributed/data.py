@@ -32,19 +32,7 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from neuroimagen.metrics.scoring import Score
-from neuroimagen.reconstruction import Decode, Generate
-
-
-class Reconstruct:
-    """Decode -> Generate -> Score in one callable: the ``fused`` layout, one actor doing a batch's whole
-    journey (the batch never crosses the object store between stages, and no two actors compete for the
-    same cores). A plain class: ``Reconstruct(d, g, s)(batch)`` is the local loop's ``score(generate(decode(b)))``."""
-
-    def __init__(self, decode_kw: dict, gen_kw: dict, score_kw: dict):
-        self.decode, self.generate, self.score = Decode(**decode_kw), Generate(**gen_kw), Score(**score_kw)
-
-    def __call__(self, batch: dict) -> dict:
-        return self.score(self.generate(self.decode(batch)))
+from neuroimagen.reconstruction import Decode, Generate, Reconstruct
 
 
 def build_dataset(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, ec) -> "ray.data.Dataset":

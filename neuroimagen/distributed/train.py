@@ -98,19 +98,12 @@ def worker_loop(config: dict) -> None:
 def latest_stored(storage: Path) -> Optional[Path]:
     """The highest-epoch complete checkpoint (``meta.json`` present, every file it lists whole) under a Ray
     Train run folder."""
-    import json
-
-    from neuroimagen.training.checkpoint import checkpoint_problem
+    from neuroimagen.training.checkpoint import complete_epoch
 
     best, best_epoch = None, -1
     for p in storage.glob("checkpoint_*"):
-        try:
-            epoch = int(json.loads((p / "meta.json").read_text())["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # incomplete or foreign: never trusted
-        if checkpoint_problem(p) is not None:
-            continue  # a copy cut short: never trusted
-        if epoch > best_epoch:
+        epoch = complete_epoch(p)  # None: incomplete, cut short or foreign, never trusted
+        if epoch is not None and epoch > best_epoch:
             best, best_epoch = p, epoch
     return best
 

@@ -40,38 +40,46 @@ def save_checkpoint(directory: str | os.PathLike, payload: dict) -> Path:
     return d
 
 
-def checkpoint_problem(directory: str | os.PathLike) -> Optional[str]:
-    """Why ``directory`` is not a complete checkpoint (None when it is): meta.json missing or unreadable,
-    or a listed file missing or of another size than written."""
-    d = Path(directory)
+def _read_complete(d: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(meta, None) for a complete checkpoint, else (None, why): meta.json missing or unreadable, no integer
+    epoch, or a file it lists missing or of another size than written."""
     try:
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "no readable meta.json"
-    if not isinstance(meta, dict) or "epoch" not in meta:
-        return "meta.json without an epoch"
+        return None, "no readable meta.json"
+    if not isinstance(meta, dict) or not isinstance(meta.get("epoch"), int):
+        return None, "meta.json without an integer epoch"
     for name, size in (meta.get("files") or {}).items():
         try:
             actual = (d / name).stat().st_size
         except OSError:
-            return f"{name} is missing"
+            return None, f"{name} is missing"
         if actual != size:
-            return f"{name} has {actual} bytes, {size} were written"
-    return None
+            return None, f"{name} has {actual} bytes, {size} were written"
+    return meta, None
+
+
+def checkpoint_problem(directory: str | os.PathLike) -> Optional[str]:
+    """Why ``directory`` is not a complete checkpoint, or None when it is."""
+    return _read_complete(Path(directory))[1]
+
+
+def complete_epoch(directory: str | os.PathLike) -> Optional[int]:
+    """The epoch of a complete checkpoint directory, or None (incomplete, cut short or foreign)."""
+    meta, _ = _read_complete(Path(directory))
+    return None if meta is None else meta["epoch"]
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict:
     """Read a checkpoint directory back into the payload structure."""
     d = Path(directory)
-    meta_path = d / "meta.json"
-    if not meta_path.is_file():
+    if not (d / "meta.json").is_file():
         raise DataError(f"{d}: not a neuroimagen checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{d}: checkpoint schema {meta.get('schema_version')} (expected {SCHEMA_VERSION})")
-    problem = checkpoint_problem(d)
+    meta, problem = _read_complete(d)
     if problem is not None:
         raise DataError(f"{d}: incomplete checkpoint ({problem})")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{d}: checkpoint schema {meta.get('schema_version')} (expected {SCHEMA_VERSION})")
     out: dict[str, Any] = {"meta": meta, "modules": {}, "optimizers": {}, "best": {}}
     for group, prefix in (("modules", "module"), ("optimizers", "optimizer"), ("best", "best")):
         for f in sorted(d.glob(f"{prefix}-*.pt")):

@@ -39,9 +39,10 @@ class LocalReporter:
     def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        from neuroimagen.training.checkpoint import checkpoint_problem
+        from neuroimagen.atomic import PARTIAL_TAG
+        from neuroimagen.training.checkpoint import complete_epoch
 
-        return sorted(p for p in self.dir.glob("epoch-*") if ".partial-" not in p.name and checkpoint_problem(p) is None)
+        return sorted(p for p in self.dir.glob("epoch-*") if PARTIAL_TAG not in p.name and complete_epoch(p) is not None)
 
     def restore(self) -> Optional[dict]:
         from neuroimagen.atomic import remove_partials
