@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= demo-out
 
-.PHONY: demo demo-quick test test-fast install clean
+.PHONY: demo demo-quick test test-fast test-avx2 install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo-quick: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The precision/layout tests again on a simulated AVX2-only CPU (no AVX-512, no native bf16 or AMX), whatever
+# this machine has: a submission must not pass only on a newer CPU. ONEDNN_MAX_CPU_ISA limits oneDNN's kernels,
+# ATEN_CPU_CAPABILITY ATen's vectorised ones.
+test-avx2: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -m isa
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow'

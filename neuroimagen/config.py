@@ -311,7 +311,7 @@ class TrainConfig:
     checkpoints_to_keep: int = param(2, ge=1, doc="checkpoints kept per stage")
     fault_injection_epoch: Optional[int] = param(None, ge=0, doc="testing: kill rank 0 once during this epoch to exercise recovery")
     progress: bool = param(True, doc="print one line per epoch")
-    precision: Literal["fp32", "bf16"] = param("fp32", doc="training compute: bf16 = torch.autocast(bfloat16) around forward passes (fast on Ampere+ GPUs; correct but usually slower on CPUs); weights, optimiser, losses and validation stay fp32")
+    precision: Literal["fp32", "bf16"] = param("fp32", doc="training compute: bf16 = torch.autocast(bfloat16) around forward passes (fast on Ampere+ GPUs; correct but usually slower on CPUs; on a CPU without a bf16 LSTM kernel, e.g. AVX2-only, LSTM layers run in fp32); weights, optimiser, losses and validation stay fp32")
     channels_last: bool = param(False, doc="channels_last memory format for the image models (saliency G, D) and their batches (faster convolutions on tensor-core GPUs)")
     compile: bool = param(False, doc="torch.compile the trained modules (the first steps pay the compile time; needs a C++ compiler on CPU)")
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback test clusters run without token auth
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # as init_ray: reports acknowledged in 0.1 s, not 2 s
+
+# A fresh TorchInductor cache per test session: its cache key does not include the CPU capability that ATen and
+# oneDNN were limited to (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA), so kernels compiled by a `make test-avx2`
+# session were reused by a native session and crashed it (SIGSEGV in test_torch_compile_matches_eager...).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache = tempfile.mkdtemp(prefix="neuroimagen-inductor-")
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -107,7 +107,7 @@ def ray_two_nodes(tmp_path_factory):
     yield from _cluster(tmp_path_factory, 2)
 
 
-def _submit(ray_head, *args, working_dir: bool = True) -> tuple[str, str]:
+def _submit(ray_head, *args, working_dir: bool = True, env_vars: dict | None = None) -> tuple[str, str]:
     """``ray job submit --no-wait`` (the CLI, as a user types it); waits for the end; (status, logs).
 
     Without ``working_dir`` the entry point runs the installed package from absolute paths: two nodes on one
@@ -115,7 +115,8 @@ def _submit(ray_head, *args, working_dir: bool = True) -> tuple[str, str]:
     other's (the job's current directory) -- an artefact of simulating a cluster on one machine."""
     address, env, ray_bin = ray_head
     wd = ["--working-dir", str(REPO)] if working_dir else []
-    cmd = [ray_bin, "job", "submit", "--address", address, *wd, "--no-wait", "--", *args]
+    renv = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    cmd = [ray_bin, "job", "submit", "--address", address, *wd, *renv, "--no-wait", "--", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr).group(0)
@@ -168,7 +169,11 @@ def test_ray_job_submit_runs_the_ablation_on_the_trained_run(ray_two_nodes, job_
                            "--variants", "L+I,chance", "--subjects", "1", "--set", "ldm.vae_steps=10",
                            "--set", "ldm.unet_steps=10", "--set", "ldm.samples_per_eeg=1", "--set", "eval.judge_steps=30",
                            "--set", "stages.encoder.epochs=2", "--set", "stages.saliency.epochs=2",
-                           "--set", "stages.semantic.epochs=2", "--set", "train.progress=false", "--set", "eval.actors=2", working_dir=False)
+                           "--set", "stages.semantic.epochs=2", "--set", "train.progress=false", "--set", "eval.actors=2", working_dir=False,
+                           # Ray Data starts pool actors asynchronously: one actor may finish every batch before the
+                           # other is placed (then it is listed with node id None). Waiting for the whole pool makes
+                           # both actors placed before the first batch, so the placement read below is not a race.
+                           env_vars={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"})
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "ablation: reusing the trained stages" in logs and "reconstruct: 24 images" in logs
     summary = pd.read_csv(out / "results" / "summary.csv", dtype={"subject": str})
@@ -180,4 +185,6 @@ def test_ray_job_submit_runs_the_ablation_on_the_trained_run(ray_two_nodes, job_
 
     actors = [a for a in list_actors(address=ray_two_nodes[0], limit=1000, detail=True)
               if "MapBatches" in (a.class_name or "")]
-    assert len({a.node_id for a in actors if a.node_id}) == 2, [(a.class_name, a.node_id) for a in actors]
+    placed = [(a.class_name, a.node_id) for a in actors]
+    assert len(actors) >= 2 and all(a.node_id for a in actors), placed  # every pool actor was placed
+    assert len({a.node_id for a in actors}) == 2, placed

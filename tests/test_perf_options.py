@@ -5,6 +5,7 @@ diffusion model (ldm.attention). Their speed is measured by bench/run.py when a 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,8 +13,11 @@ from torch import nn
 
 from neuroimagen.config import load_config
 from neuroimagen.errors import ConfigError
+from neuroimagen.models.eeg_encoders import cpu_bf16_lstm_supported
 from neuroimagen.training.checkpoint import load_model_dir
 from neuroimagen.training.context import RunContext, unwrap
+
+pytestmark = pytest.mark.isa  # rerun on a simulated AVX2-only CPU by `make test-avx2`
 
 
 def _sets(twin) -> list[str]:
@@ -22,6 +26,9 @@ def _sets(twin) -> list[str]:
             f"data.images={twin / 'images'}", "data.image_size=32",
             "stages.encoder.epochs=2", "stages.encoder.embed_dim=16", "stages.encoder.classes_per_batch=3",
             "stages.encoder.samples_per_class=3",
+            # Every triplet active (squared distances of unit rows are <= 4 < margin): the triplet loss is then a
+            # smooth mean over a fixed set, so bf16 rounding moves it by rounding error, not by re-mining.
+            "stages.encoder.mining=batch_all", "stages.encoder.margin=5.0", "stages.encoder.l2_normalize=true",
             "stages.saliency.epochs=2", "stages.saliency.resolution=32", "stages.saliency.g_width=8",
             "stages.saliency.d_width=8", "stages.saliency.z_dim=16", "stages.saliency.batch_size=8",
             "stages.semantic.epochs=2", "stages.semantic.embed_dim=16", "stages.semantic.hidden=16"]
@@ -88,16 +95,18 @@ def test_bf16_autocast_trains_every_stage_close_to_fp32(fp32_run, twin, tmp_path
     out = tmp_path / "bf16"
     train(load_config(None, _sets(twin) + ["train.precision=bf16"]), out, ["encoder", "saliency", "semantic"],
           log=lambda m: None)
-    # The first epoch starts from the same weights and batches; bf16 rounding moves its mean loss a little
-    # (the triplet loss more: semi-hard mining picks other triplets when distances move).
-    for stage, loss, rel in (("encoder", "train_triplet", 0.25), ("saliency", "train_g_ssim_loss", 0.05),
-                             ("semantic", "train_std_mse", 0.05)):
+    # The first epoch starts from the same weights and batches; bf16 keeps 8 mantissa bits (relative rounding
+    # 2^-8 = 0.4 % per op), so a smooth epoch-mean loss moves by about a percent whichever kernels the CPU has
+    # (native AVX-512 BF16 / AMX, or emulated on AVX2, where the LSTM runs in fp32). Only smooth losses are
+    # compared: the encoder's with every triplet active (see _sets), never a loss that depends on a re-mined set.
+    for stage, loss in (("encoder", "train_triplet"), ("saliency", "train_g_ssim_loss"), ("semantic", "train_std_mse")):
         a, b = _history(fp32_run, stage), _history(out, stage)
-        assert b[0][loss] == pytest.approx(a[0][loss], rel=rel), (stage, a[0], b[0])
+        assert b[0][loss] == pytest.approx(a[0][loss], rel=0.05), (stage, a[0], b[0])
         assert all(torch.isfinite(torch.tensor([h[k] for k in h if k.startswith(("train_", "val_"))])).all() for h in b)
         # weights are still float32 (autocast changes compute, not storage)
         _, states = load_model_dir(out / stage / "model")
         assert all(v.dtype == torch.float32 for s in states.values() for v in s.values() if v.is_floating_point())
+    assert all(h["train_active"] == 1.0 for h in _history(out, "encoder") + _history(fp32_run, "encoder"))
     assert _history(out, "saliency")[-1]["val_ssim"] == pytest.approx(_history(fp32_run, "saliency")[-1]["val_ssim"], abs=0.05)
 
 
@@ -114,11 +123,12 @@ def test_channels_last_gives_the_fp32_numbers(fp32_run, twin, tmp_path):
     shutil.copytree(fp32_run / "encoder", out / "encoder")
     train(load_config(None, _sets(twin) + ["train.channels_last=true"]), out, ["saliency"], log=lambda m: None)
     a, b = _history(fp32_run, "saliency"), _history(out, "saliency")
-    # The same arithmetic in another memory layout: epoch 1 equal to float tolerance; afterwards the GAN's
-    # feedback amplifies the summation-order differences a little.
+    # The same arithmetic in another memory layout, summed in another order by whichever convolution kernels the
+    # CPU picks (AVX-512 or AVX2): one step agrees to float rounding (test_channels_last_step_matches_the_plain_layout),
+    # but an epoch of GAN feedback amplifies those 1e-7 differences (seen: 1.2e-3 relative on an AVX2-only CPU).
     for epoch, (ha, hb) in enumerate(zip(a, b)):
         for k in ("train_d_hinge", "train_g_total", "val_ssim"):
-            assert hb[k] == pytest.approx(ha[k], rel=1e-3 if epoch == 0 else 2e-2, abs=1e-4), (k, ha, hb)
+            assert hb[k] == pytest.approx(ha[k], rel=5e-3 if epoch == 0 else 2e-2, abs=1e-4), (k, ha, hb)
     _, states = load_model_dir(out / "saliency" / "model")
     assert set(states) == {"generator"}
     assert all(v.is_contiguous() for v in states["generator"].values())  # saved in the ordinary layout
@@ -166,6 +176,72 @@ def test_every_trained_model_runs_under_bf16_autocast_close_to_fp32(name):
     assert low.shape == ref.shape and torch.isfinite(low).all()
     err = float((low.float() - ref).norm() / ref.norm().clamp_min(1e-12))
     assert err < 0.05, err
+
+
+def test_channels_last_step_matches_the_plain_layout():
+    """One forward + backward of G and D with the same weights and inputs: equal in both layouts to float rounding
+    on every ISA (the ISA only changes the summation order)."""
+    from neuroimagen.models.saliency_gan import Discriminator, Generator
+
+    torch.manual_seed(0)
+    z, c, x = torch.rand(4, 8) * 2 - 1, torch.randn(4, 6), torch.rand(4, 3, 32, 32) * 2 - 1
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(1)
+        g, d = Generator(z_dim=8, cond_dim=6, resolution=32, width=8), Discriminator(cond_dim=6, resolution=32, width=8)
+        ctx = RunContext(channels_last=channels_last)
+        g, d = ctx.wrap(g, image=True), ctx.wrap(d, image=True)
+        loss = d(g(z, c), c).mean() + d(ctx.image_batch(x), c).mean()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for m in (g, d) for p in m.parameters()])
+        results.append((loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-4
+
+
+def test_lstm_runs_under_bf16_on_a_cpu_without_bf16_kernels():
+    """An AVX2-only CPU (simulated: oneDNN and ATen limited to AVX2, in a fresh process so the limit takes effect)
+    has no bf16 LSTM kernel; train.precision=bf16 must still train the LSTM encoder (its LSTM in fp32)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from neuroimagen.models.eeg_encoders import build_encoder, cpu_bf16_lstm_supported
+from neuroimagen.training.context import RunContext
+torch.manual_seed(0)
+m = build_encoder("lstm", n_chans=8, n_times=64, embed_dim=16)
+x = torch.randn(4, 8, 64)
+with torch.no_grad():
+    ref = m(x)
+with RunContext(precision="bf16").autocast():
+    out = m(x)
+out.float().sum().backward()
+err = float((out.float() - ref).norm() / ref.norm())
+assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+print("supported", cpu_bf16_lstm_supported(), "err", err)
+"""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    words = r.stdout.split()
+    assert words[:2] == ["supported", "False"], r.stdout  # the probe sees the missing kernel
+    assert float(words[3]) < 0.05, r.stdout
+
+
+@pytest.mark.skipif(not cpu_bf16_lstm_supported(),
+                    reason=f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 LSTM kernel: "
+                           "the LSTM runs in fp32 under bf16 autocast here")
+def test_lstm_computes_in_bf16_where_the_cpu_has_the_kernel():
+    from neuroimagen.models.eeg_encoders import build_encoder
+
+    m = build_encoder("lstm", n_chans=8, n_times=64, embed_dim=16)
+    seen = []
+    m.lstm.register_forward_hook(lambda mod, inp, out: seen.append(out[0].dtype))
+    with RunContext(precision="bf16").autocast():
+        m(torch.randn(2, 8, 64))
+    assert seen == [torch.bfloat16]
 
 
 def test_compiled_module_unwraps_to_the_plain_one():

@@ -15,6 +15,9 @@ tensors in, tensors out, no I/O. ``build_encoder(name, ...)`` picks one from ``E
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +31,26 @@ def _check_dims(n_chans: int, n_times: int, embed_dim: int, width: int, dropout:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_lstm_supported() -> bool:
+    """Whether this CPU runs an LSTM under bfloat16 autocast (probed once, on a tiny LSTM).
+
+    oneDNN has bf16 LSTM kernels only where the CPU has native bf16 (AVX-512 BF16 / AMX); on an
+    AVX2-only CPU (or with ``ONEDNN_MAX_CPU_ISA=AVX2``) the forward raises "could not create a primitive
+    descriptor for the LSTM forward propagation primitive". A probe is more faithful than reading CPU
+    flags: it asks the very kernel that would fail.
+    """
+    lstm = nn.LSTM(2, 2, batch_first=True)
+    try:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 2, 2))
+    except RuntimeError:
+        logging.getLogger(__name__).info(
+            "this CPU has no bf16 LSTM kernel: LSTM layers run in float32 inside bf16 autocast")
+        return False
+    return True
 
 
 def _finish(z: torch.Tensor, l2_normalize: bool) -> torch.Tensor:
@@ -69,7 +92,12 @@ class LSTMEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.transpose(1, 2)  # (B, C, T) -> (B, T, C)
-        out, _ = self.lstm(x)  # (B, T, width)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_bf16_lstm_supported():
+            # no bf16 LSTM kernel on this CPU: this layer runs in float32, the rest of the model in bf16
+            with torch.autocast(device_type="cpu", enabled=False):
+                out, _ = self.lstm(x.float())  # (B, T, width)
+        else:
+            out, _ = self.lstm(x)  # (B, T, width)
         h = out[:, -1, :]  # (B, width): last time step
         z = F.relu(self.fc(self.dropout(h)))  # (B, embed_dim)
         return _finish(z, self.l2_normalize)
