@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from neuroimagen.data.datasets import SPLITS, Recording, check_finite, image_missing
+from neuroimagen.data.recording import SPLITS, Recording, check_finite, image_missing
 from neuroimagen.data.imagenet_classes import CLASS_NAMES
 from neuroimagen.errors import DataError
 

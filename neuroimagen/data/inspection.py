@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from neuroimagen.data.datasets import is_finite
+from neuroimagen.data.recording import is_finite
 from neuroimagen.errors import DataError
 
 EEG_IMAGENET_SPLIT_FILES = ("block_splits_by_image_all.pth", "block_splits_by_image_single.pth")

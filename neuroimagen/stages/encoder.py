@@ -45,8 +45,12 @@ def build_from_spec(spec: dict) -> torch.nn.Module:
 
 class EncoderStage(Stage):
     name = "encoder"
+    config_section = "encoder"
     select_metric = "val_knn_acc"
     select_mode = "max"
+    protocol = ("k-NN (k={sc.knn_k}, Euclidean) top-1 accuracy of validation-split embeddings against training-split "
+                "embeddings; k-means (K=classes, 10 inits) accuracy after Hungarian matching on the validation split; "
+                "model selected on val_knn_acc")
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)

@@ -46,8 +46,18 @@ def pixel_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class SaliencyStage(Stage):
     name = "saliency"
+    requires = ("encoder",)
+    config_section = "saliency"
+    image_mode = "path"
     select_metric = "val_ssim"
     select_mode = "max"
+    protocol = ("SSIM (Gaussian window 11, sigma 1.5, data range 1, colour channels averaged) and Pearson pixel "
+                "correlation of G(z, f(x)) at {sc.resolution} px against the validation-split images, z fixed per item, "
+                "G in eval mode; baseline: the mean training image; model selected on val_ssim")
+
+    @classmethod
+    def chance(cls, data: dict, val_metrics: dict) -> dict:
+        return {"baseline_mean_image_ssim": val_metrics.get("val_ssim_mean_image")}
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)

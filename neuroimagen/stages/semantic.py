@@ -96,8 +96,12 @@ def nearest_class_rate(pred: torch.Tensor, prototypes: torch.Tensor, labels: tor
 
 class SemanticStage(Stage):
     name = "semantic"
+    config_section = "semantic"
+    caption_kind = "label"
     select_metric = "val_mse"
     select_mode = "min"
+    protocol = ("MSE and cosine similarity to the {cap} caption embeddings of the validation split; nearest-class "
+                "rate = fraction of validation items closest (Euclidean) to their class prototype; model selected on val_mse")
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)
@@ -161,3 +165,4 @@ class SemanticImageStage(SemanticStage):
     """The same regressor on per-image captions (the paper's B); its targets come with ``kind='image'``."""
 
     name = "semantic_image"
+    caption_kind = "image"
