@@ -12,6 +12,8 @@ import torch
 from neuroimagen.losses import triplet_loss
 from neuroimagen.metrics.embedding import clustering_accuracy, knn_accuracy
 from neuroimagen.models.eeg_encoders import build_encoder
+from neuroimagen.models.saliency_gan import Discriminator, Generator
+from neuroimagen.models.semantic import SemanticRegressor
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
 from neuroimagen.training.samplers import BalancedBatchSampler
 
@@ -29,16 +31,10 @@ def build_from_spec(spec: dict) -> torch.nn.Module:
     if spec["builder"] == "eeg_encoder":
         return build_encoder(kw.pop("name"), **kw)
     if spec["builder"] == "generator":
-        from neuroimagen.models.saliency_gan import Generator
-
         return Generator(**kw)
     if spec["builder"] == "discriminator":
-        from neuroimagen.models.saliency_gan import Discriminator
-
         return Discriminator(**kw)
     if spec["builder"] == "semantic":
-        from neuroimagen.models.semantic import SemanticRegressor
-
         return SemanticRegressor(**kw)
     raise ValueError(f"unknown builder {spec['builder']!r}")
 

@@ -19,6 +19,7 @@ from neuroimagen.losses import hinge_d_loss, hinge_g_loss, mode_seeking_loss, ss
 from neuroimagen.models.saliency_gan import sample_z
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
 from neuroimagen.stages.encoder import build_from_spec
+from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import GlobalBatchSampler
 
 
@@ -137,8 +138,6 @@ class SaliencyStage(Stage):
 
     def generate(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Saliency maps for features (N, D) and noise (N, z_dim): (N, 3, R, R) in [0, 1], eval mode."""
-        from neuroimagen.training.context import unwrap
-
         G = unwrap(self.G)
         was = G.training
         G.eval()
