@@ -13,7 +13,7 @@ STAGES = ("encoder", "saliency", "semantic")
 
 def demo_preset() -> list[str]:
     """The quick demo's sizes (the product's small default), without its backend choices."""
-    from neuroimagen.demo import QUICK
+    from neuroimagen.runs.demo import QUICK
 
     return [s for s in QUICK if not s.startswith(("train.backend=", "eval.backend="))]
 
@@ -53,7 +53,7 @@ def bench_train(repeats: int, quick: bool = False, threads: int = 2) -> dict:
                                                      "stages": list(STAGES)}))
                 shutil.rmtree(run, ignore_errors=True)
     rows, bd = [], {"config": {"epochs per stage": epochs, "runs per backend": repeats, "threads per worker": threads,
-                               "preset": "demo --quick sizes (neuroimagen.demo.QUICK)"}}
+                               "preset": "demo --quick sizes (neuroimagen.runs.demo.QUICK)"}}
     ray_start = median([r["ray_start_s"] for r in runs["ray"]])
     for stage in STAGES:
         s = {}

@@ -34,7 +34,7 @@ def _log(msg: str) -> None:
 
 def setup(a: dict) -> dict:
     """Synthesise the twin into ``run_dir`` and optionally train stages (local backend), the LDM and the judge."""
-    from neuroimagen.training.run import prepare_data, train
+    from neuroimagen.runs.training import prepare_data, train
 
     run_dir = Path(a["run_dir"])
     cfg = _cfg(a["overrides"] + ["train.backend=local", "train.progress=false"])
@@ -49,7 +49,7 @@ def setup(a: dict) -> dict:
     if a.get("eval_models"):
         from neuroimagen.data.datasets import load_splits
         from neuroimagen.evaluation import prepare_classifier, prepare_ldm
-        from neuroimagen.training.run import prepare_data as prep
+        from neuroimagen.runs.training import prepare_data as prep
 
         cfg = prep(cfg, run_dir, _log)
         splits = load_splits(cfg.data, image_mode="path")
@@ -82,7 +82,7 @@ def _instrument(times_dir: Path) -> dict:
     """Observe (never change) the product's training path: report times and each stage's fit() wall time."""
     import neuroimagen.distributed.train as dtrain
     import neuroimagen.training.loop as loop
-    import neuroimagen.training.run as run
+    import neuroimagen.runs.training as run
 
     seen: dict = {}
     current = {"stage": None}
@@ -138,7 +138,7 @@ def _stage_breakdown(info: dict, history: list[dict]) -> dict:
 
 def train_probe(a: dict) -> dict:
     """Train ``stages`` into ``run_dir`` (twin already there) with ``backend``; per-stage breakdowns."""
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     run_dir = Path(a["run_dir"])
     cfg = _cfg(a["overrides"] + [f"train.backend={a['backend']}", "train.progress=false"])
@@ -164,7 +164,7 @@ def train_probe(a: dict) -> dict:
 
 def ddp_probe(a: dict) -> dict:
     from neuroimagen.distributed.train import fit_on_ray, init_ray
-    from neuroimagen.training.run import prepare_data, read_run, stage_inputs
+    from neuroimagen.runs.training import prepare_data, read_run, stage_inputs
 
     base = Path(a["run_dir"])
     cfg0 = _cfg(a["overrides"] + ["train.backend=ray", "train.progress=false"])
@@ -212,7 +212,7 @@ def _eval_parts(run_dir: Path, cfg, variants, subjects):
 def data_probe(a: dict) -> dict:
     """Push the first ``n`` rows through the local loop or the Ray Data pipeline, for each ``n`` in ``sizes`` (a
     new pipeline each time: actor start and model load are paid per run, so they cancel in the difference)."""
-    from neuroimagen.training.run import prepare_data
+    from neuroimagen.runs.training import prepare_data
 
     run_dir = Path(a["run_dir"])
     cfg = _cfg(a["overrides"] + ["train.progress=false", f"eval.actors={a.get('actors', 1)}",
@@ -261,7 +261,7 @@ def data_probe(a: dict) -> dict:
 
 def scale_probe(a: dict) -> dict:
     from neuroimagen.evaluation import reconstruct
-    from neuroimagen.training.run import prepare_data
+    from neuroimagen.runs.training import prepare_data
 
     run_dir = Path(a["run_dir"])
     cfg = _cfg(a["overrides"] + ["train.progress=false", f"eval.backend={a['backend']}"])
@@ -344,7 +344,7 @@ def flops_probe(a: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from neuroimagen.training.context import RunContext
-    from neuroimagen.training.run import prepare_data
+    from neuroimagen.runs.training import prepare_data
 
     if a.get("threads"):
         torch.set_num_threads(int(a["threads"]))
@@ -377,7 +377,7 @@ def gpu_probe(a: dict) -> dict:
 
     from neuroimagen.config import override
     from neuroimagen.training.context import RunContext, perf_options
-    from neuroimagen.training.run import prepare_data
+    from neuroimagen.runs.training import prepare_data
 
     base = Path(a["run_dir"])
     cfg0 = prepare_data(_cfg(a["overrides"] + ["train.backend=local", "train.progress=false"]), base, _log)

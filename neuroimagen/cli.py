@@ -152,9 +152,9 @@ def data_inspect(path, splits, images, fmt, as_json, out, config_path, overrides
 def train(out, stages, config_path, overrides):
     """Train stages 1-3 (encoder, saliency GAN, semantic regressors), on Ray Train or in-process."""
     cfg = _load(config_path, overrides)
-    from neuroimagen.training.run import train as run_train
+    from neuroimagen import backends
 
-    run_train(cfg, out, stages.split(",") if stages else None, log=lambda m: click.echo(m, err=True))
+    backends.train(cfg, out, stages.split(",") if stages else None, log=lambda m: click.echo(m, err=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def tune(space_path, out, resume_dir, config_path, overrides):
     import os
 
     from neuroimagen.errors import ConfigError
-    from neuroimagen.tuning import load_space
+    from neuroimagen.runs.sweeps import load_space
 
     if resume_dir is not None:
         saved = os.path.join(resume_dir, "space.json")
@@ -184,10 +184,11 @@ def tune(space_path, out, resume_dir, config_path, overrides):
     if space_path is None:
         raise ConfigError("--space: required (e.g. --space tune_spaces/gan.yaml), or --resume DIR")
     space, cfg = load_space(space_path, config_path, overrides)
+    from neuroimagen import backends
     from neuroimagen.distributed.tune import run_sweep
 
     res = run_sweep(space, cfg, out or os.path.join("runs", f"tune-{space.stage}"), resume=resume_dir is not None,
-                    log=lambda m: click.echo(m, err=True))
+                    log=lambda m: click.echo(m, err=True), fit=backends.fit_stage)
     table = res["results"]
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     b = res["best"]
@@ -247,11 +248,12 @@ def reconstruct(run, variants, subjects, config_path, overrides):
 def ablation(out, variants, subjects, config_path, overrides):
     """Train what the variants need, reconstruct and score all subjects x variants, write the report."""
     cfg = _load(config_path, overrides)
+    from neuroimagen import backends
     from neuroimagen.evaluation import ablation as run_ablation
-    from neuroimagen.reports import summary_table
+    from neuroimagen.runs.reports import summary_table
 
     run_ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
-                 log=lambda m: click.echo(m, err=True))
+                 log=lambda m: click.echo(m, err=True), fit=backends.fit_stage)
     click.echo(summary_table(out))
 
 
@@ -260,7 +262,7 @@ def ablation(out, variants, subjects, config_path, overrides):
 def evaluate(run):
     """Reduce the scored shards into results/per_sample.parquet, summary.csv and protocol.json."""
     from neuroimagen.evaluation import evaluate as run_evaluate
-    from neuroimagen.reports import summary_table
+    from neuroimagen.runs.reports import summary_table
 
     run_evaluate(run, log=lambda m: click.echo(m, err=True))
     click.echo(summary_table(run))
@@ -270,7 +272,7 @@ def evaluate(run):
 @click.argument("run", type=click.Path(file_okay=False))
 def report(run):
     """Write RUN/report/report.md: ablation and per-subject tables, figures, image grids, protocols."""
-    from neuroimagen.reports import write_report
+    from neuroimagen.runs.reports import write_report
 
     path = write_report(run)
     click.echo(str(path))
@@ -288,9 +290,10 @@ def report(run):
 def demo(quick, out, overwrite, config_path, overrides):
     """Run the whole pipeline on the embedded default: synthetic twin, CPU, tiny models."""
     cfg = _load(config_path, overrides)
-    from neuroimagen.demo import run_demo
+    from neuroimagen import backends
+    from neuroimagen.runs.demo import run_demo
 
-    run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides)
+    run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage)
 
 
 # ---------------------------------------------------------------------------------------------

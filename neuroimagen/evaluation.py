@@ -188,7 +188,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
 
     from neuroimagen.data.datasets import load_splits
     from neuroimagen.reconstruction import build_rows, needed_stages, select_variants
-    from neuroimagen.training.run import read_run
+    from neuroimagen.runs.training import read_run
 
     run_dir = Path(run_dir).resolve()
     t0 = time.perf_counter()
@@ -365,14 +365,17 @@ def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
 
 
 def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = None,
-             subjects: Optional[Sequence[int]] = None, log: Callable[[str], None] = _log_default) -> Path:
+             subjects: Optional[Sequence[int]] = None, log: Callable[[str], None] = _log_default,
+             fit=None) -> Path:
     """Train the stages the variants need (those not finished in ``out``), reconstruct, evaluate, report.
+
+    ``fit``: how a stage is fitted (``neuroimagen.runs.training.FitStage``; default: in-process).
 
     The function behind ``neuroimagen ablation`` and ``jobs/ablation.py``; every step resumes.
     """
     from neuroimagen.reconstruction import needed_stages, select_variants
-    from neuroimagen.reports import write_report
-    from neuroimagen.training.run import prepare_data, read_run, train
+    from neuroimagen.runs.reports import write_report
+    from neuroimagen.runs.training import prepare_data, read_run, train
 
     run_dir = make_dir(Path(out).resolve())
     names = select_variants(cfg, variants)
@@ -380,7 +383,7 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     todo = [s for s in needed_stages(cfg, names) if s not in done]
     if todo:
         log(f"ablation: training {', '.join(todo)} (needed by {', '.join(names)})")
-        train(cfg, run_dir, todo, log=log)
+        train(cfg, run_dir, todo, log=log, fit=fit)
     else:
         log(f"ablation: reusing the trained stages in {run_dir}")
     cfg = prepare_data(cfg, run_dir, log)

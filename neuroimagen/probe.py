@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 DEFAULT_BANDS = ((4.0, 8.0), (8.0, 13.0), (13.0, 20.0), (20.0, 30.0), (30.0, 45.0), (45.0, 60.0), (60.0, 80.0), (80.0, 100.0))
 
@@ -46,10 +49,6 @@ class ProbeResult:
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
               n_classes: int, seed: int = 0) -> ProbeResult:
     """Standardise, fit an L2 logistic regression, report held-out top-1 accuracy and chance (1/K)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
     clf.fit(x_train, y_train)
     acc = float((clf.predict(x_test) == y_test).mean())

@@ -134,7 +134,7 @@ class Decode:
         from neuroimagen.config import Config, from_dict
         from neuroimagen.data.datasets import load_recording
         from neuroimagen.stages.semantic import text_encoder_for
-        from neuroimagen.training.run import read_run
+        from neuroimagen.runs.training import read_run
 
         self.cfg = cfg = from_dict(Config, cfg)
         self.run_dir = Path(run_dir)

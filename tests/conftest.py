@@ -118,7 +118,7 @@ def demo_run(tmp_path_factory):
     import io
 
     from neuroimagen.config import load_config
-    from neuroimagen.demo import run_demo
+    from neuroimagen.runs.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
     buf = io.StringIO()

@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_yaml_loads_strictly(path):
     if path.parent.name == "tune_spaces":
-        from neuroimagen.tuning import load_space
+        from neuroimagen.runs.sweeps import load_space
 
         space, cfg = load_space(path)  # a search space: its keys, distributions and base config, strictly
         assert space.params and isinstance(cfg, Config)

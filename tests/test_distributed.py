@@ -29,7 +29,7 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(ray_session, twin, t
     from neuroimagen.data.datasets import load_splits
     from neuroimagen.distributed.train import trainer_for
     from neuroimagen.stages.encoder import build_from_spec
-    from neuroimagen.training.run import stage_inputs
+    from neuroimagen.runs.training import stage_inputs
 
     base = _twin_sets(twin) + [
         "stages.semantic.encoder=lstm", "stages.semantic.width=16", "stages.semantic.embed_dim=16",
@@ -59,7 +59,7 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(ray_session, twin, t
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, twin, tmp_path):
     """Rank 0 SIGKILLed mid-epoch: the group restarts from the last checkpoint and ends exactly where an
     uninterrupted run with the same seed ends (same history, same final validation metrics)."""
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     base = _twin_sets(twin) + [
         "stages.encoder.epochs=3", "stages.encoder.embed_dim=16", "stages.encoder.classes_per_batch=3",

@@ -223,7 +223,7 @@ def test_a_full_disk_while_training_leaves_no_checkpoint(twin, tmp_path, font_ca
     assert not list((out / "checkpoints" / "encoder").glob("epoch-*"))  # no checkpoint a rerun would resume
     assert not (out / "run.json").exists() and not (out / "encoder").exists()
     # with room again, the same run trains from scratch: nothing from the failed run is trusted
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     metrics = train(load_config(out / "config.yaml"), out, ["encoder"], log=lambda m: None)["encoder"]
     assert metrics["resumed_at_epochs"] == [] and [h["epoch"] for h in json.loads(

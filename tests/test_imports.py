@@ -9,14 +9,14 @@ import time
 CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.atomic", "neuroimagen.probe",
         "neuroimagen.data.datasets", "neuroimagen.data.eeg_imagenet", "neuroimagen.data.things_eeg",
         "neuroimagen.data.synthetic", "neuroimagen.data.captions", "neuroimagen.data.inspection",
-        "neuroimagen.demo", "neuroimagen.cli", "neuroimagen.losses", "neuroimagen.augment",
+        "neuroimagen.runs.demo", "neuroimagen.cli", "neuroimagen.losses", "neuroimagen.augment",
         "neuroimagen.models.eeg_encoders", "neuroimagen.models.saliency_gan", "neuroimagen.models.semantic",
         "neuroimagen.models.text_encoder", "neuroimagen.metrics.embedding", "neuroimagen.metrics.nway",
         "neuroimagen.metrics.inception_score", "neuroimagen.metrics.ssim", "neuroimagen.training.loop",
-        "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.training.run",
+        "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.runs.training",
         "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic",
         "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.reconstruction",
-        "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.reports", "neuroimagen.tuning"]
+        "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.runs.reports", "neuroimagen.runs.sweeps"]
 
 
 def run(code: str) -> str:

@@ -81,7 +81,7 @@ def test_config_keys_are_strict():
 
 @pytest.fixture(scope="module")
 def fp32_run(twin, tmp_path_factory):
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     out = tmp_path_factory.mktemp("fp32") / "r"
     train(load_config(None, _sets(twin)), out, ["encoder", "saliency", "semantic"], log=lambda m: None)
@@ -90,7 +90,7 @@ def fp32_run(twin, tmp_path_factory):
 
 @pytest.mark.slow
 def test_bf16_autocast_trains_every_stage_close_to_fp32(fp32_run, twin, tmp_path):
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     out = tmp_path / "bf16"
     train(load_config(None, _sets(twin) + ["train.precision=bf16"]), out, ["encoder", "saliency", "semantic"],
@@ -114,7 +114,7 @@ def test_bf16_autocast_trains_every_stage_close_to_fp32(fp32_run, twin, tmp_path
 def test_channels_last_gives_the_fp32_numbers(fp32_run, twin, tmp_path):
     import shutil
 
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     out = tmp_path / "cl"
     out.mkdir()
@@ -136,7 +136,7 @@ def test_channels_last_gives_the_fp32_numbers(fp32_run, twin, tmp_path):
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager_and_saves_plain_keys(twin, tmp_path):
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     # dropout off: compiled graphs draw dropout masks from their own generator, so only then are the runs comparable
     sets = _sets(twin) + ["stages.encoder.epochs=1", "stages.encoder.dropout=0.0"]

@@ -107,7 +107,7 @@ def table_rows(text: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    from neuroimagen.reports import write_report
+    from neuroimagen.runs.reports import write_report
 
     run = make_run(tmp_path_factory.mktemp("full"))
     path = write_report(run, extra_sections=["## Notes\n\nhand-written | verbatim *text*"], grid_items=4)
@@ -222,7 +222,7 @@ def test_figures_are_valid_pngs(full):
 
 
 def test_summary_table_is_the_ablation_table(full):
-    from neuroimagen.reports import summary_table
+    from neuroimagen.runs.reports import summary_table
 
     run, _, text = full
     table = summary_table(run)
@@ -233,7 +233,7 @@ def test_summary_table_is_the_ablation_table(full):
 def test_pick_trials_first_distinct_sorted_by_subject_then_item():
     import pandas as pd
 
-    from neuroimagen.reports import pick_trials
+    from neuroimagen.runs.reports import pick_trials
 
     df = pd.DataFrame({"subject": ["10", "2", "2", "2", "1", "10"], "item": [1, 9, 5, 5, 30, 0]})
     assert pick_trials(df, 3) == [("1", 30), ("2", 5), ("2", 9)]
@@ -241,7 +241,7 @@ def test_pick_trials_first_distinct_sorted_by_subject_then_item():
 
 
 def test_subset_of_variants_single_subject(tmp_path):
-    from neuroimagen.reports import write_report
+    from neuroimagen.runs.reports import write_report
 
     run = make_run(tmp_path, subjects=("1",), variants=("chance", "L+I"), samples=3)
     text = write_report(run, title="Subset run", grid_items=2).read_text()
@@ -256,7 +256,7 @@ def test_subset_of_variants_single_subject(tmp_path):
 
 
 def test_main_variant_falls_back_to_last_paper_variant():
-    from neuroimagen.reports import main_variant
+    from neuroimagen.runs.reports import main_variant
 
     assert main_variant(["chance", "B", "I", "oracle"]) == "B"
     assert main_variant(["B+I", "L+I", "L"]) == "L+I"
@@ -264,7 +264,7 @@ def test_main_variant_falls_back_to_last_paper_variant():
 
 
 def test_without_pooled_rows_and_torchvision_judge(tmp_path):
-    from neuroimagen.reports import write_report
+    from neuroimagen.runs.reports import write_report
 
     run = make_run(tmp_path, variants=("I", "B+I"), pooled=False, judge_kind="torchvision")
     text = write_report(run).read_text()
@@ -277,7 +277,7 @@ def test_without_pooled_rows_and_torchvision_judge(tmp_path):
 
 
 def test_missing_image_files_are_drawn_and_counted(tmp_path):
-    from neuroimagen.reports import write_report
+    from neuroimagen.runs.reports import write_report
 
     run = make_run(tmp_path, subjects=("1",), variants=("L+I",))
     gt = next((tmp_path / "data" / "images").glob("*.png"))
@@ -288,7 +288,7 @@ def test_missing_image_files_are_drawn_and_counted(tmp_path):
 
 @pytest.mark.parametrize("name", ["summary.csv", "per_sample.parquet", "protocol.json"])
 def test_missing_results_file_is_one_line_data_error(tmp_path, name):
-    from neuroimagen.reports import summary_table, write_report
+    from neuroimagen.runs.reports import summary_table, write_report
 
     run = make_run(tmp_path, subjects=("1",), variants=("L+I",), samples=1)
     path = run / "results" / name
@@ -307,7 +307,7 @@ def test_missing_results_file_is_one_line_data_error(tmp_path, name):
 
 
 def test_unreadable_results_are_data_errors(tmp_path):
-    from neuroimagen.reports import write_report
+    from neuroimagen.runs.reports import write_report
 
     run = make_run(tmp_path, subjects=("1",), variants=("L+I",), samples=1)
     (run / "results" / "per_sample.parquet").write_bytes(b"not parquet")
@@ -320,7 +320,7 @@ def test_unreadable_results_are_data_errors(tmp_path):
 
 
 def test_format_helpers():
-    from neuroimagen.reports import fmt_num, format_table
+    from neuroimagen.runs.reports import fmt_num, format_table
 
     assert fmt_num(float("nan")) == "n/a" and fmt_num(None) == "n/a" and fmt_num(math.inf) == "n/a"
     assert fmt_num(0.8567, ".1f", 100) == "85.7"

@@ -66,7 +66,7 @@ def test_balanced_batches_have_positives_for_every_class_in_them():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     cfg = load_config(None, TRAIN_SETS)
     out = tmp_path_factory.mktemp("run") / "r"
@@ -141,7 +141,7 @@ def test_run_directory_records_the_hand_offs(trained_run):
 
 def test_resumed_stage_equals_an_uninterrupted_one(tmp_path, twin):
     """Stop after 2 of 4 epochs, re-run: the resumed run ends exactly where a straight run ends."""
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     sets = ["train.backend=local", "train.progress=false", f"data.eeg={twin / 'eeg_5_95_std.pth'}",
             f"data.splits={twin / 'block_splits_by_image_all.pth'}", f"data.images={twin / 'images'}",
@@ -160,7 +160,8 @@ def test_resumed_stage_equals_an_uninterrupted_one(tmp_path, twin):
 
 
 def test_stage_order_and_missing_dependency(tmp_path, twin):
-    from neuroimagen.training.run import resolve_stages, train
+    from neuroimagen.backends import train
+    from neuroimagen.runs.training import resolve_stages
 
     assert resolve_stages(["semantic", "encoder"]) == ["encoder", "semantic"]
     with pytest.raises(ConfigError, match="unknown stage 'decoder'"):

@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO, assert_one_line_error
 from neuroimagen.config import load_config
 from neuroimagen.errors import ConfigError
-from neuroimagen.tuning import load_space
+from neuroimagen.runs.sweeps import load_space
 
 GAN = {
     "base": str(REPO / "configs" / "quick.yaml"), "stage": "saliency", "metric": "val_ssim", "mode": "max",
@@ -78,12 +78,13 @@ def _check_sweep(out, n, metric):
 
 @pytest.mark.slow
 def test_gan_sweep_with_asha_and_the_best_config_reproduces(tmp_path, ray_session):
+    from neuroimagen.backends import fit_stage
     from neuroimagen.distributed.tune import run_sweep
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     space, cfg = load_space(_write(tmp_path, GAN))
     out = tmp_path / "sweep"
-    res = run_sweep(space, cfg, out, log=lambda m: None)
+    res = run_sweep(space, cfg, out, log=lambda m: None, fit=fit_stage)
     results, best = _check_sweep(out, 8, "val_ssim")
     assert results["epochs_run"].max() == 8 and results["epochs_run"].min() < 8
     best_cfg = load_config(out / "best.yaml")  # what `neuroimagen train --config best.yaml` reads
@@ -95,7 +96,7 @@ def test_gan_sweep_with_asha_and_the_best_config_reproduces(tmp_path, ray_sessio
 
 @pytest.mark.slow
 def test_triplet_margin_sweep_each_trial_fits_its_own_torch_trainer(tmp_path, ray_session, run_cli):
-    from neuroimagen.training.run import train
+    from neuroimagen.backends import train
 
     doc = {**GAN, "stage": "encoder", "metric": "val_knn_acc",
            "params": {"stages.encoder.margin": {"uniform": [0.05, 1.0]},
@@ -125,6 +126,7 @@ def test_an_interrupted_sweep_resumes_with_the_same_trial_set(tmp_path, ray_sess
     import sys
     import time
 
+    from neuroimagen.backends import fit_stage
     from neuroimagen.distributed.tune import run_sweep
 
     doc = {**GAN, "stage": "encoder", "metric": "val_knn_acc", "num_samples": 4, "max_concurrent_trials": 1,
@@ -144,7 +146,7 @@ def test_an_interrupted_sweep_resumes_with_the_same_trial_set(tmp_path, ray_sess
     proc.wait()
     assert not (out / "results.csv").exists()  # it really was interrupted
     space, cfg = load_space(space_path, extra_sets=[f"train.ray_address={address}"])
-    res = run_sweep(space, cfg, out, resume=True, log=lambda m: None)
+    res = run_sweep(space, cfg, out, resume=True, log=lambda m: None, fit=fit_stage)
     results = res["results"]
     assert len(results) == 4 and results["trial_id"].is_unique
     assert (results["error"].isna() | (results["error"] == "")).all() and (results["epochs_run"] == 4).all()

@@ -30,9 +30,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from neuroimagen.data.datasets import SPLITS, Recording, check_finite, image_missing
+from neuroimagen.config import read_yaml_mapping  # YAML is a superset of JSON
 from neuroimagen.data.imagenet_classes import CLASS_NAMES
-from neuroimagen.errors import DataError
+from neuroimagen.data.recording import SPLITS, Recording, check_finite, image_missing
+from neuroimagen.errors import ConfigError, DataError
 
 STEM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # used with fullmatch ('$' would pass a trailing newline)
 RAW_KEYS = ("means", "stddevs")
@@ -66,9 +67,6 @@ def load_class_table(path: Optional[str]) -> dict[str, str]:
     table = dict(CLASS_NAMES)
     if path is None:
         return table
-    from neuroimagen.config import read_yaml_mapping  # YAML is a superset of JSON
-    from neuroimagen.errors import ConfigError
-
     try:
         extra = read_yaml_mapping(path, what="class-name")
     except ConfigError as exc:

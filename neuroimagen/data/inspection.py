@@ -15,7 +15,17 @@ from typing import Optional
 
 import numpy as np
 
-from neuroimagen.data.datasets import is_finite
+from neuroimagen.data.eeg_imagenet import (
+    EEGImageNetFile,
+    leakage,
+    length_bounds,
+    load_class_table,
+    map_split_indices,
+    read_split_file,
+    split_semantics,
+)
+from neuroimagen.data.recording import is_finite
+from neuroimagen.data.things_eeg import FILES, concept_name, find_subjects, list_concepts, read_things_file
 from neuroimagen.errors import DataError
 
 EEG_IMAGENET_SPLIT_FILES = ("block_splits_by_image_all.pth", "block_splits_by_image_single.pth")
@@ -54,9 +64,6 @@ def _counts(values) -> dict:
 
 def inspect_eeg_imagenet(cfg) -> dict:
     """Report on an EEG-ImageNet-layout file per ``cfg`` (a DataConfig; splits/images optional)."""
-    from neuroimagen.data.eeg_imagenet import (EEGImageNetFile, leakage, length_bounds, load_class_table,
-                                               map_split_indices, read_split_file, split_semantics)
-
     f = EEGImageNetFile(cfg.eeg, load_class_table(cfg.class_names))
     problems: list[str] = []
     low, high = length_bounds(cfg)
@@ -136,8 +143,6 @@ def inspect_eeg_imagenet(cfg) -> dict:
 
 def inspect_things_eeg(cfg) -> dict:
     """Report on a THINGS-EEG2-layout folder per ``cfg`` (images optional)."""
-    from neuroimagen.data.things_eeg import FILES, concept_name, find_subjects, list_concepts, read_things_file
-
     root = Path(cfg.eeg)
     if root.is_file():
         root = root.parent.parent if root.parent.name.startswith("sub-") else root.parent

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from neuroimagen.data.datasets import Recording
+from neuroimagen.data.recording import Recording
 from neuroimagen.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")

@@ -22,7 +22,9 @@ from ray.train.torch import TorchTrainer
 
 from neuroimagen.config import Config, from_dict, to_dict
 from neuroimagen.errors import DataError
-from neuroimagen.training.checkpoint import load_checkpoint, save_checkpoint
+from neuroimagen.stages import fit_stage
+from neuroimagen.training.checkpoint import complete_epoch, load_checkpoint, save_checkpoint
+from neuroimagen.training.context import RunContext, perf_options, set_threads
 
 
 def init_ray(cfg: Config) -> None:
@@ -77,29 +79,21 @@ class RayReporter:
 
 
 def worker_loop(config: dict) -> None:
-    """The per-worker training function (runs on every rank)."""
-    from neuroimagen.stages import build_stage, epochs_of
-    from neuroimagen.training.context import RunContext, perf_options, set_threads
-    from neuroimagen.training.loop import fit
-
+    """The per-worker training function (runs on every rank): the config crossed the boundary as one plain
+    dict (``to_dict`` on the driver) and is rebuilt once here."""
     tctx = ray.train.get_context()
     cfg = from_dict(Config, config["cfg"])
     ctx = RunContext(rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
                      local_rank=tctx.get_local_rank(), device=ray.train.torch.get_device(), **perf_options(cfg.train))
     set_threads(config["threads"])
-    stage = build_stage(config["stage"], cfg, ctx, config["inputs"])
-    epochs, val_every = epochs_of(cfg, config["stage"])
-    fit(stage, ctx, RayReporter(config.get("storage_dir")), epochs=epochs, val_every=val_every, seed=cfg.seed,
-        fault_epoch=cfg.train.fault_injection_epoch,
-        fault_marker=Path(config["fault_marker"]) if config["fault_marker"] else None,
-        log=print if cfg.train.progress else None)
+    fit_stage(config["stage"], cfg, ctx, RayReporter(config.get("storage_dir")), config["inputs"],
+              fault_marker=Path(config["fault_marker"]) if config["fault_marker"] else None,
+              log=print if cfg.train.progress else None)
 
 
 def latest_stored(storage: Path) -> Optional[Path]:
     """The highest-epoch complete checkpoint (``meta.json`` present, every file it lists whole) under a Ray
     Train run folder."""
-    from neuroimagen.training.checkpoint import complete_epoch
-
     best, best_epoch = None, -1
     for p in storage.glob("checkpoint_*"):
         epoch = complete_epoch(p)  # None: incomplete, cut short or foreign, never trusted

@@ -23,12 +23,20 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import ray
+import pandas as pd
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from neuroimagen.atomic import atomic_path, write_text
 from neuroimagen.config import Config, from_dict, to_dict, write_config
+from neuroimagen.distributed.train import init_ray, trainer_for
 from neuroimagen.errors import ConfigError
-from neuroimagen.tuning import Space, apply_values, best_row, plot_trials
+from neuroimagen.runs.sweeps import Space, apply_values, best_row, plot_trials
+from neuroimagen.runs.training import FitStage, export_stage, prepare_data, read_run, stage_inputs, train
+from neuroimagen.stages import epochs_of, fit_stage, stage_class
+from neuroimagen.training.checkpoint import load_checkpoint, save_checkpoint
+from neuroimagen.training.context import RunContext, set_threads
 
 
 def _distribution(dist: str, args: tuple):
@@ -66,8 +74,6 @@ class _TuneReporter:
     """``fit()``'s reporter inside a trial (trainer: local): metrics and checkpoint to Tune every epoch."""
 
     def restore(self):
-        from neuroimagen.training.checkpoint import load_checkpoint
-
         ckpt = tune.get_checkpoint()
         if ckpt is None:
             return None
@@ -75,8 +81,6 @@ class _TuneReporter:
             return load_checkpoint(d)
 
     def report(self, metrics: dict, payload) -> None:
-        from neuroimagen.training.checkpoint import save_checkpoint
-
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if payload is None:
             tune.report(scalars)
@@ -88,52 +92,32 @@ class _TuneReporter:
 
 def trial_fn(config: dict, base: dict, inputs: dict, stage: str, trainer: str, root: str, threads: int) -> None:
     """One trial: the base config with this trial's values; fits ``stage`` (its own TorchTrainer, or in-process)."""
-    from neuroimagen.stages import epochs_of
-    from neuroimagen.training.run import export_stage
-
     cfg = apply_values(from_dict(Config, base), config)
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(root) / "trials" / trial_id
     if trainer == "ray":
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        from neuroimagen.distributed.train import trainer_for
-
         result = trainer_for(stage, cfg, inputs, trial_dir, run_name=f"{stage}-{trial_id}",
                              callbacks=[TuneReportCallback()]).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
         payload = None
         if result.checkpoint is not None:
-            from neuroimagen.training.checkpoint import load_checkpoint
-
             with result.checkpoint.as_directory() as d:
                 payload = load_checkpoint(d)
     else:
-        from neuroimagen.stages import build_stage
-        from neuroimagen.training.context import RunContext, set_threads
-        from neuroimagen.training.loop import fit
-
         set_threads(threads)
         reporter = _TuneReporter()
-        st = build_stage(stage, cfg, RunContext(), inputs)
-        epochs, val_every = epochs_of(cfg, stage)
-        fit(st, RunContext(), reporter, epochs=epochs, val_every=val_every, seed=cfg.seed, log=None)
+        fit_stage(stage, cfg, RunContext(), reporter, inputs)
         payload = reporter.restore()
     if payload is not None and payload.get("best"):
         export_stage(stage, cfg, trial_dir, payload)
 
 
 def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
-              log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) a sweep into ``out``; returns {'results': DataFrame, 'best': dict, 'best_config': path}."""
-    import pandas as pd
+              log: Callable[[str], None] = print, *, fit: FitStage) -> dict:
+    """Run (or resume) a sweep into ``out``; returns {'results': DataFrame, 'best': dict, 'best_config': path}.
 
-    from neuroimagen.atomic import atomic_path, write_text
-    from neuroimagen.distributed.train import init_ray
-    from neuroimagen.stages import REQUIRES, epochs_of
-    from neuroimagen.training.run import prepare_data, read_run, stage_inputs, train
-
+    ``fit`` fits the stages the swept one needs, once, into ``<out>/base`` (``neuroimagen.backends.fit_stage``)."""
     out = Path(out).resolve()
     exp = out / "sweep"
     if resume and not (exp / "tuner.pkl").is_file():
@@ -142,10 +126,10 @@ def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
         raise ConfigError(f"{out}: a sweep already exists there; use --resume {out} to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     base_dir = out / "base"
-    need = [s for s in REQUIRES[space.stage] if s not in read_run(base_dir)["stages"]]
+    need = [s for s in stage_class(space.stage).requires if s not in read_run(base_dir)["stages"]]
     if need:
         log(f"tune: training {', '.join(need)} once for every trial -> {base_dir}")
-        train(cfg, base_dir, need, log=log)
+        train(cfg, base_dir, need, log=log, fit=fit)
     cfg = prepare_data(cfg, base_dir, log)
     inputs = stage_inputs(space.stage, cfg, base_dir, read_run(base_dir))
     epochs, _ = epochs_of(cfg, space.stage)
@@ -163,13 +147,9 @@ def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
     else:
         sched = space.scheduler
         if sched["type"] == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(sched["max_epochs"] or epochs),
                                       grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
         else:
-            from ray.tune.schedulers import FIFOScheduler
-
             scheduler = FIFOScheduler()
         tuner = tune.Tuner(
             fn, param_space=param_space(space),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
 
 
 def knn_accuracy(train_emb: torch.Tensor, train_labels: torch.Tensor, query_emb: torch.Tensor,
@@ -31,9 +33,6 @@ def knn_accuracy(train_emb: torch.Tensor, train_labels: torch.Tensor, query_emb:
 
 def clustering_accuracy(emb: torch.Tensor, labels: torch.Tensor, n_clusters: int, seed: int = 0) -> float:
     """k-means on ``emb`` (N, D), clusters matched to classes by the Hungarian algorithm; accuracy in [0, 1]."""
-    from scipy.optimize import linear_sum_assignment
-    from sklearn.cluster import KMeans
-
     x = emb.double().numpy()
     y = labels.numpy()
     pred = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x)

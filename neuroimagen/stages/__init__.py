@@ -1,43 +1,44 @@
-"""The three trained stages of NeuroImagen, in dependency order.
+"""The three trained stages of NeuroImagen, in dependency order: the one stage table.
 
     encoder   stage 1  EEG encoder f_theta, triplet loss                 (needs: data)
     saliency  stage 2  saliency GAN G(z, f_theta(x))                     (needs: encoder)
     semantic  stage 3  EEG -> label-caption embedding regressor (L)    (needs: data, text encoder;
                                                                           uses the encoder to initialise)
     semantic_image     EEG -> per-image-caption embedding regressor (B), same settings (stages.semantic)
+
+What a stage *is* (its requirements, config section, data, caption kind, selection metric, protocol) is
+declared once, on its class; ``STAGES`` lists the classes in dependency order. ``fit_stage`` is the one
+"build the stage and run ``fit()``" that the local backend, every Ray Train worker and every Ray Tune trial call.
 """
 
 from __future__ import annotations
 
-STAGE_ORDER = ("encoder", "saliency", "semantic", "semantic_image")
-REQUIRES = {"encoder": (), "saliency": ("encoder",), "semantic": (), "semantic_image": ()}
-IMAGE_MODE = {"encoder": "none", "saliency": "path", "semantic": "none", "semantic_image": "none"}
-CAPTION_KIND = {"semantic": "label", "semantic_image": "image"}
+from pathlib import Path
+from typing import Callable, Optional
+
+from neuroimagen.data.datasets import load_splits
+from neuroimagen.stages.base import Stage
+from neuroimagen.stages.encoder import EncoderStage
+from neuroimagen.stages.saliency import SaliencyStage
+from neuroimagen.stages.semantic import SemanticImageStage, SemanticStage
+from neuroimagen.training.context import RunContext
+from neuroimagen.training.loop import FitResult, Reporter, fit
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (EncoderStage, SaliencyStage, SemanticStage, SemanticImageStage)}
+STAGE_ORDER = tuple(STAGES)
+# caption kind ('label' | 'image') -> the stage that regresses it (what reconstruction's variants read)
+SEMANTIC_STAGE = {cls.caption_kind: name for name, cls in STAGES.items() if cls.caption_kind}
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage '{name}' (known: {', '.join(STAGE_ORDER)})")
+    return STAGES[name]
 
 
 def stage_config(cfg, name: str):
     """The config section of a stage (both semantic regressors share ``stages.semantic``)."""
-    return getattr(cfg.stages, "semantic" if name in CAPTION_KIND else name)
-
-
-def stage_class(name: str):
-    if name == "encoder":
-        from neuroimagen.stages.encoder import EncoderStage
-
-        return EncoderStage
-    if name == "saliency":
-        from neuroimagen.stages.saliency import SaliencyStage
-
-        return SaliencyStage
-    if name == "semantic":
-        from neuroimagen.stages.semantic import SemanticStage
-
-        return SemanticStage
-    if name == "semantic_image":
-        from neuroimagen.stages.semantic import SemanticImageStage
-
-        return SemanticImageStage
-    raise ValueError(f"unknown stage '{name}' (known: {', '.join(STAGE_ORDER)})")
+    return getattr(cfg.stages, stage_class(name).config_section)
 
 
 def epochs_of(cfg, name: str) -> tuple[int, int]:
@@ -46,10 +47,24 @@ def epochs_of(cfg, name: str) -> tuple[int, int]:
     return sc.epochs, sc.val_every
 
 
-def build_stage(name: str, cfg, ctx, inputs: dict):
-    """Build stage ``name`` on this process; loads the data splits here if the caller did not."""
-    if "splits" not in inputs:
-        from neuroimagen.data.datasets import load_splits
+def protocol_of(cfg, name: str) -> str:
+    """How stage ``name``'s validation metrics are computed, with its settings filled in."""
+    cls = stage_class(name)
+    return cls.protocol.format(sc=stage_config(cfg, name), cap=cls.caption_kind or "")
 
-        inputs = dict(inputs, splits=load_splits(cfg.data, image_mode=IMAGE_MODE[name]))
-    return stage_class(name)(cfg, ctx, inputs)
+
+def build_stage(name: str, cfg, ctx: RunContext, inputs: dict) -> Stage:
+    """Build stage ``name`` on this process; loads the data splits here if the caller did not."""
+    cls = stage_class(name)
+    if "splits" not in inputs:
+        inputs = dict(inputs, splits=load_splits(cfg.data, image_mode=cls.image_mode))
+    return cls(cfg, ctx, inputs)
+
+
+def fit_stage(name: str, cfg, ctx: RunContext, reporter: Reporter, inputs: dict, *,
+              fault_marker: Optional[Path] = None, log: Optional[Callable[[str], None]] = None) -> FitResult:
+    """Build stage ``name`` and train it with the one ``fit()`` (resuming from ``reporter``)."""
+    stage = build_stage(name, cfg, ctx, inputs)
+    epochs, val_every = epochs_of(cfg, name)
+    return fit(stage, ctx, reporter, epochs=epochs, val_every=val_every, seed=cfg.seed,
+               fault_epoch=cfg.train.fault_injection_epoch, fault_marker=fault_marker, log=log)

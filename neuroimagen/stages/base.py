@@ -44,11 +44,31 @@ def batched(module: nn.Module, x: torch.Tensor, device: torch.device, batch: int
 
 
 class Stage(ABC):
-    """Base class: subclasses set ``name``, ``select_metric``/``select_mode`` and build their parts."""
+    """Base class: subclasses declare what the stage is (the one stage table: ``neuroimagen.stages.STAGES``
+    is built from these attributes) and build their parts.
+
+    ``name``            the stage's name in ``--stages``, ``run.json`` and the run directory
+    ``requires``        stages whose finished outputs it reads (their models are handed in as ``inputs``)
+    ``config_section``  its section under ``stages.`` (both semantic regressors share ``stages.semantic``)
+    ``image_mode``      how the data splits carry images for it: ``'none'`` or ``'path'``
+    ``caption_kind``    ``'label'`` / ``'image'``: the caption embeddings it regresses (``None``: no targets)
+    ``select_metric``/``select_mode``  the validation metric that picks the exported epoch
+    ``protocol``        how its validation metrics are computed (formatted with its config section)
+    """
 
     name = "stage"
+    requires: tuple[str, ...] = ()
+    config_section = "stage"
+    image_mode = "none"
+    caption_kind: str | None = None
     select_metric = "val_loss"
     select_mode = "min"
+    protocol = ""
+
+    @classmethod
+    def chance(cls, data: dict, val_metrics: dict) -> dict:
+        """The reference level of its validation metrics (``data``: the checkpoint's data description)."""
+        return {"chance": 1.0 / data["train"]["classes"]}
 
     def __init__(self, cfg, ctx: RunContext, inputs: dict):
         self.cfg, self.ctx, self.inputs = cfg, ctx, inputs

@@ -12,6 +12,8 @@ import torch
 from neuroimagen.losses import triplet_loss
 from neuroimagen.metrics.embedding import clustering_accuracy, knn_accuracy
 from neuroimagen.models.eeg_encoders import build_encoder
+from neuroimagen.models.saliency_gan import Discriminator, Generator
+from neuroimagen.models.semantic import SemanticRegressor
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
 from neuroimagen.training.samplers import BalancedBatchSampler
 
@@ -29,24 +31,22 @@ def build_from_spec(spec: dict) -> torch.nn.Module:
     if spec["builder"] == "eeg_encoder":
         return build_encoder(kw.pop("name"), **kw)
     if spec["builder"] == "generator":
-        from neuroimagen.models.saliency_gan import Generator
-
         return Generator(**kw)
     if spec["builder"] == "discriminator":
-        from neuroimagen.models.saliency_gan import Discriminator
-
         return Discriminator(**kw)
     if spec["builder"] == "semantic":
-        from neuroimagen.models.semantic import SemanticRegressor
-
         return SemanticRegressor(**kw)
     raise ValueError(f"unknown builder {spec['builder']!r}")
 
 
 class EncoderStage(Stage):
     name = "encoder"
+    config_section = "encoder"
     select_metric = "val_knn_acc"
     select_mode = "max"
+    protocol = ("k-NN (k={sc.knn_k}, Euclidean) top-1 accuracy of validation-split embeddings against training-split "
+                "embeddings; k-means (K=classes, 10 inits) accuracy after Hungarian matching on the validation split; "
+                "model selected on val_knn_acc")
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)

@@ -19,6 +19,7 @@ from neuroimagen.losses import hinge_d_loss, hinge_g_loss, mode_seeking_loss, ss
 from neuroimagen.models.saliency_gan import sample_z
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
 from neuroimagen.stages.encoder import build_from_spec
+from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import GlobalBatchSampler
 
 
@@ -46,8 +47,18 @@ def pixel_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class SaliencyStage(Stage):
     name = "saliency"
+    requires = ("encoder",)
+    config_section = "saliency"
+    image_mode = "path"
     select_metric = "val_ssim"
     select_mode = "max"
+    protocol = ("SSIM (Gaussian window 11, sigma 1.5, data range 1, colour channels averaged) and Pearson pixel "
+                "correlation of G(z, f(x)) at {sc.resolution} px against the validation-split images, z fixed per item, "
+                "G in eval mode; baseline: the mean training image; model selected on val_ssim")
+
+    @classmethod
+    def chance(cls, data: dict, val_metrics: dict) -> dict:
+        return {"baseline_mean_image_ssim": val_metrics.get("val_ssim_mean_image")}
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)
@@ -127,8 +138,6 @@ class SaliencyStage(Stage):
 
     def generate(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Saliency maps for features (N, D) and noise (N, z_dim): (N, 3, R, R) in [0, 1], eval mode."""
-        from neuroimagen.training.context import unwrap
-
         G = unwrap(self.G)
         was = G.training
         G.eval()

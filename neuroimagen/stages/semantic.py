@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from neuroimagen.atomic import atomic_dir, atomic_path
+from neuroimagen.models.text_encoder import build_tiny_text_encoder, load_text_encoder
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
 from neuroimagen.stages.encoder import build_from_spec
 from neuroimagen.training.context import unwrap
@@ -28,16 +30,12 @@ from neuroimagen.training.samplers import GlobalBatchSampler
 
 def text_encoder_for(cfg, run_dir: Path | None = None):
     """The configured text encoder: a local pretrained one, or the tiny in-code one (saved into the run)."""
-    from neuroimagen.models.text_encoder import build_tiny_text_encoder, load_text_encoder
-
     tc = cfg.text_encoder
     if tc.pretrained is not None:
         return load_text_encoder(tc.pretrained)
     te = build_tiny_text_encoder(seed=cfg.seed, hidden_size=tc.hidden_size, num_layers=tc.num_layers,
                                  num_heads=tc.num_heads, max_length=tc.max_length)
     if run_dir is not None and not (run_dir / "text_encoder" / "text_encoder").is_dir():
-        from neuroimagen.atomic import atomic_dir
-
         with atomic_dir(run_dir / "text_encoder", overwrite=True) as stage:
             te.save(stage)
     return te
@@ -62,8 +60,6 @@ def build_targets(cfg, splits: dict, run_dir: Path, kind: str = "label") -> dict
         stored = torch.load(cache, map_location="cpu", weights_only=True)
         table, label_table = stored["table"], stored["label_table"]
     else:
-        from neuroimagen.atomic import atomic_path
-
         table = te.encode(captions)  # (n, L, E)
         label_table = table if kind == "label" else te.encode(label_caps)  # (K, L, E)
         with atomic_path(cache) as tmp:
@@ -96,8 +92,12 @@ def nearest_class_rate(pred: torch.Tensor, prototypes: torch.Tensor, labels: tor
 
 class SemanticStage(Stage):
     name = "semantic"
+    config_section = "semantic"
+    caption_kind = "label"
     select_metric = "val_mse"
     select_mode = "min"
+    protocol = ("MSE and cosine similarity to the {cap} caption embeddings of the validation split; nearest-class "
+                "rate = fraction of validation items closest (Euclidean) to their class prototype; model selected on val_mse")
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)
@@ -161,3 +161,4 @@ class SemanticImageStage(SemanticStage):
     """The same regressor on per-image captions (the paper's B); its targets come with ``kind='image'``."""
 
     name = "semantic_image"
+    caption_kind = "image"

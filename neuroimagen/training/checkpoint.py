@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from neuroimagen.atomic import atomic_dir
 from neuroimagen.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -90,8 +91,6 @@ def load_checkpoint(directory: str | os.PathLike) -> dict:
 def export_model(directory: str | os.PathLike, specs: dict[str, dict], states: dict[str, dict],
                  extra: Optional[dict] = None) -> Path:
     """Write a model directory: ``model.json`` (per module: builder name + kwargs) and weights."""
-    from neuroimagen.atomic import atomic_dir
-
     with atomic_dir(directory, overwrite=True) as stage:
         for name, state in states.items():
             torch.save(state, stage / f"{name}.pt")

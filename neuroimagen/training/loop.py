@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from neuroimagen.training.checkpoint import load_checkpoint, save_checkpoint, state_to_cpu
+from neuroimagen.atomic import PARTIAL_TAG, atomic_dir, remove_partials
+from neuroimagen.training.checkpoint import complete_epoch, load_checkpoint, save_checkpoint, state_to_cpu
 from neuroimagen.training.context import RunContext, seed_everything, unwrap
 
 
@@ -39,14 +40,9 @@ class LocalReporter:
     def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        from neuroimagen.atomic import PARTIAL_TAG
-        from neuroimagen.training.checkpoint import complete_epoch
-
         return sorted(p for p in self.dir.glob("epoch-*") if PARTIAL_TAG not in p.name and complete_epoch(p) is not None)
 
     def restore(self) -> Optional[dict]:
-        from neuroimagen.atomic import remove_partials
-
         remove_partials(self.dir)  # a checkpoint interrupted mid-write is never resumed; drop its staging dir
         done = self._complete()
         return load_checkpoint(done[-1]) if done else None
@@ -54,8 +50,6 @@ class LocalReporter:
     def report(self, metrics: dict, payload: Optional[dict]) -> None:
         if payload is None:
             return
-        from neuroimagen.atomic import atomic_dir
-
         with atomic_dir(self.dir / f"epoch-{int(metrics['epoch']):04d}", overwrite=True) as stage:
             save_checkpoint(stage, payload)
         for old in self._complete()[: -self.keep]:

@@ -14,11 +14,13 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import click
 
 from neuroimagen.atomic import check_new_dir, write_text
 from neuroimagen.config import Config, load_config, write_config
+from neuroimagen.runs.training import FitStage
 
 # Presets (dotted overrides applied before the user's --set): small twin, tiny models, short schedules.
 _COMMON = ["data.image_size=32", "synth.image_size=32", "stages.encoder.embed_dim=32",
@@ -76,14 +78,18 @@ def stimulus_grid(dataset, path: Path, per_class: int = 4) -> Path:
     return path
 
 
-def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False, user_overrides=()) -> dict:
+def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False, user_overrides=(),
+             fit: Optional[FitStage] = None) -> dict:
     """Run every implemented step on a fresh twin under ``out``; returns the headline numbers.
+
+    ``fit``: how a stage is fitted (``neuroimagen.backends.fit_stage``; default: in-process, which the
+    ``--quick`` preset's ``train.backend: local`` needs).
 
     The preset (QUICK or FULL) is applied to ``cfg`` and then ``user_overrides`` again, so a user's
     ``--set`` always wins.
     """
     from neuroimagen.config import override
-    from neuroimagen.training.run import train
+    from neuroimagen.runs.training import train
     from neuroimagen.data.datasets import load_splits
     from neuroimagen.data.inspection import inspect_dataset, render_report
     from neuroimagen.data.synthetic import synthesize
@@ -120,10 +126,10 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     write_text(out_dir / "probe.json", json.dumps(probe, indent=2))
 
     _step(4, n, f"training stages 1-3 ({run_cfg.train.backend} backend)")
-    stages = train(run_cfg, out_dir, log=lambda m: click.echo(m, err=True))
+    stages = train(run_cfg, out_dir, log=lambda m: click.echo(m, err=True), fit=fit)
 
     from neuroimagen.evaluation import evaluate, reconstruct
-    from neuroimagen.reports import summary_table, write_report
+    from neuroimagen.runs.reports import summary_table, write_report
 
     _step(5, n, "stage 4: tiny latent diffusion model and judge classifier (trained on the training images)")
     _step(6, n, f"reconstructing and scoring {len(run_cfg.eval.variants)} variants x {synth_cfg.subjects} subjects "

@@ -27,10 +27,16 @@ checked here, with the config loader's own validation, before Ray is touched.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
+
+from neuroimagen.atomic import atomic_path
 from neuroimagen.config import Config, ConfigError, from_dict, load_config, override, read_yaml_mapping, to_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
@@ -151,8 +157,6 @@ def load_space(path: str | Path, config_path: Optional[str] = None, extra_sets: 
     src = str(p)
     for k in raw:
         if k not in _TOP_KEYS:
-            import difflib
-
             close = difflib.get_close_matches(str(k), _TOP_KEYS, n=1)
             raise _fail(src, str(k), "unknown key" + (f" (did you mean '{close[0]}'?)" if close else
                                                       f" (known keys: {', '.join(_TOP_KEYS)})"))
@@ -190,8 +194,6 @@ def load_space(path: str | Path, config_path: Optional[str] = None, extra_sets: 
         raise _fail(src, "search", f"expected {{type: random|optuna|hyperopt, seed: N}}, got {search!r}")
     search = {"type": search.get("type", "random"), "seed": int(search.get("seed", 0))}
     if search["type"] != "random":
-        import importlib.util
-
         mod = {"optuna": "optuna", "hyperopt": "hyperopt"}[search["type"]]
         if importlib.util.find_spec(mod) is None:
             raise _fail(src, "search.type", f"'{search['type']}' needs the {mod} package, which is not installed "
@@ -240,13 +242,7 @@ def best_row(results, metric: str, mode: str):
 
 def plot_trials(histories: dict, metric: str, path: Path, title: str) -> Path:
     """Metric per trial over epochs (one line per trial; short lines are trials the scheduler stopped)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from neuroimagen.atomic import atomic_path
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for tid, pts in sorted(histories.items()):
         if pts:

@@ -13,6 +13,10 @@ A run directory holds::
     checkpoints/<stage>/      local backend checkpoints;  ray/<stage>/  Ray Train storage
 
 Stages hand off through explicit paths recorded in run.json, never "the latest file".
+
+How a stage is fitted is the caller's choice: ``train(..., fit=...)`` takes a ``FitStage`` (``fit_local`` below
+runs ``fit()`` in this process; ``neuroimagen.distributed.train.fit_on_ray`` on Ray Train;
+``neuroimagen.backends.fit_stage`` picks one of them from ``train.backend``).
 """
 
 from __future__ import annotations
@@ -22,12 +26,30 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
-from neuroimagen.atomic import make_dir, write_text
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after selecting the file-only backend
+
+from neuroimagen.atomic import atomic_path, make_dir, write_text
 from neuroimagen.config import Config, load_config, write_config
+from neuroimagen.data.datasets import load_splits
+from neuroimagen.data.synthetic import synthesize
 from neuroimagen.errors import ConfigError, DataError
-from neuroimagen.stages import CAPTION_KIND, REQUIRES, STAGE_ORDER, epochs_of, stage_config
+from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class
+from neuroimagen.stages.semantic import build_targets
+from neuroimagen.training.checkpoint import export_model, load_model_dir
+from neuroimagen.training.context import RunContext, perf_options, set_threads
+from neuroimagen.training.loop import LocalReporter
+
+
+class FitStage(Protocol):
+    """Fit stage ``name`` with ``inputs`` (earlier stages' weights, targets) for the run ``run_dir``; returns the
+    final checkpoint payload (``fit()``'s last report)."""
+
+    def __call__(self, name: str, cfg: Config, inputs: dict, run_dir: Path, log: Callable[[str], None]) -> dict: ...
 
 RUN_FILE = "run.json"
 
@@ -65,8 +87,6 @@ def prepare_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Conf
         return cfg
     twin = run_dir / "twin"
     if not (twin / "config.yaml").is_file():
-        from neuroimagen.data.synthetic import synthesize
-
         log(f"data.eeg is unset: synthesising the twin into {twin} ({cfg.synth.classes} classes x "
             f"{cfg.synth.images_per_class} images, {cfg.synth.subjects} subjects, {cfg.synth.channels} channels)")
         synthesize(twin, cfg.synth, overwrite=True, show_progress=cfg.train.progress)
@@ -78,8 +98,7 @@ def prepare_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Conf
 
 def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Optional[dict] = None) -> dict:
     """What stage ``name`` needs from earlier stages (weights, targets), read from recorded paths."""
-    from neuroimagen.training.checkpoint import load_model_dir
-
+    cls = stage_class(name)
     inputs: dict = {}
     if splits is not None:
         inputs["splits"] = splits
@@ -88,45 +107,16 @@ def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Op
         doc, states = load_model_dir(run_dir / enc["model"])
         inputs.update(encoder_spec=doc["modules"]["encoder"], encoder_state=states["encoder"],
                       encoder_path=str(run_dir / enc["model"]))
-    elif REQUIRES[name]:
-        raise ConfigError(f"--stages: stage '{name}' needs a finished '{REQUIRES[name][0]}' stage in {run_dir} "
-                          f"(run --stages {','.join(REQUIRES[name] + (name,))})")
-    if name in CAPTION_KIND:
-        from neuroimagen.data.datasets import load_splits
-        from neuroimagen.stages.semantic import build_targets
-
+    elif cls.requires:
+        raise ConfigError(f"--stages: stage '{name}' needs a finished '{cls.requires[0]}' stage in {run_dir} "
+                          f"(run --stages {','.join(cls.requires + (name,))})")
+    if cls.caption_kind is not None:
         sp = splits if splits is not None else load_splits(cfg.data, image_mode="none")
-        inputs["targets"] = build_targets(cfg, sp, run_dir, CAPTION_KIND[name])
+        inputs["targets"] = build_targets(cfg, sp, run_dir, cls.caption_kind)
     return inputs
 
 
-def _chance(name: str, payload: dict, val_metrics: dict) -> dict:
-    if name in ("encoder", "semantic", "semantic_image"):  # accuracies: 1 / number of classes
-        return {"chance": 1.0 / payload["meta"]["data"]["train"]["classes"]}
-    return {"baseline_mean_image_ssim": val_metrics.get("val_ssim_mean_image")}
-
-
-PROTOCOL = {
-    "encoder": "k-NN (k={k}, Euclidean) top-1 accuracy of validation-split embeddings against training-split "
-               "embeddings; k-means (K=classes, 10 inits) accuracy after Hungarian matching on the validation split; "
-               "model selected on val_knn_acc",
-    "saliency": "SSIM (Gaussian window 11, sigma 1.5, data range 1, colour channels averaged) and Pearson pixel "
-                "correlation of G(z, f(x)) at {r} px against the validation-split images, z fixed per item, G in eval "
-                "mode; baseline: the mean training image; model selected on val_ssim",
-    "semantic": "MSE and cosine similarity to the {cap} caption embeddings of the validation split; nearest-class "
-                "rate = fraction of validation items closest (Euclidean) to their class prototype; model selected on val_mse",
-}
-PROTOCOL["semantic_image"] = PROTOCOL["semantic"]
-
-
 def _plot_history(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from neuroimagen.atomic import atomic_path
-
     train_keys = sorted({k for h in history for k in h if k.startswith("train_")})
     val_keys = sorted({k for h in history for k in h if k.startswith("val_")})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -147,8 +137,6 @@ def _plot_history(history: list[dict], path: Path, title: str) -> None:
 
 def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
     """Write ``<run>/<stage>/{model/, metrics.json, history.json, curves.png}`` from the final checkpoint."""
-    from neuroimagen.training.checkpoint import export_model
-
     meta = payload["meta"]
     best = meta["best"]
     if not payload["best"]:
@@ -157,13 +145,10 @@ def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
     export_names = list(payload["best"])
     export_model(out / "model", {k: meta["specs"][k] for k in export_names}, payload["best"],
                  extra={"stage": name, "best_epoch": best["epoch"], "selected_on": best["metric"]})
-    sc = stage_config(cfg, name)
-    protocol = PROTOCOL[name].format(k=getattr(sc, "knn_k", ""), r=getattr(sc, "resolution", ""),
-                                     cap=CAPTION_KIND.get(name, ""))
     metrics = {
         "stage": name,
         **best["metrics"],
-        **_chance(name, payload, best["metrics"]),
+        **stage_class(name).chance(meta["data"], best["metrics"]),
         "untrained": best.get("untrained", {}),
         "best_epoch": best["epoch"],
         "epochs": meta["epochs"],
@@ -172,7 +157,7 @@ def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
         "resumed_at_epochs": meta.get("resumes", []),
         "world_size": meta["world_size"],
         "data": meta["data"],
-        "protocol": protocol,
+        "protocol": protocol_of(cfg, name),
     }
     write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     write_text(out / "history.json", json.dumps(meta["history"], indent=1))
@@ -191,12 +176,19 @@ def summary_line(name: str, metrics: dict, run_dir: Path) -> str:
 
 
 def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, fit: Optional[FitStage] = None) -> dict:
     """Train ``stages`` (default: all) into the run directory ``out``; returns {stage: metrics}.
 
+    ``fit`` fits one stage (see ``FitStage``); by default ``fit_local``, which needs ``train.backend: local``
+    (Ray Train is the edge's: ``neuroimagen.backends.fit_stage`` or ``neuroimagen.distributed.train.fit_on_ray``).
     Re-running the same command resumes: finished stages are retrained only when requested, and an
     interrupted stage continues from its last checkpoint.
     """
+    if fit is None:
+        if cfg.train.backend != "local":
+            raise ConfigError(f"train.backend: '{cfg.train.backend}' needs its fitter passed in "
+                              "(neuroimagen.backends.fit_stage); this call only has the in-process one")
+        fit = fit_local
     run_dir = Path(out).resolve()
     names = resolve_stages(stages)
     make_dir(run_dir)
@@ -209,26 +201,17 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     splits = None
     if cfg.train.backend == "local":
-        from neuroimagen.training.context import set_threads
-
         set_threads(cfg.train.threads_per_worker)
     results = {}
     for name in names:
         t0 = time.perf_counter()
         if cfg.train.backend == "local":
-            from neuroimagen.data.datasets import load_splits
-
             splits = splits if splits is not None else load_splits(cfg.data, image_mode="path")
         inputs = stage_inputs(name, cfg, run_dir, record, splits)
         epochs, _ = epochs_of(cfg, name)
         log(f"[{name}] training {epochs} epochs ({cfg.train.backend} backend, "
             f"{cfg.train.num_workers if cfg.train.backend == 'ray' else 1} worker(s))")
-        if cfg.train.backend == "local":
-            payload = fit_local(name, cfg, inputs, run_dir, log)
-        else:
-            from neuroimagen.distributed.train import fit_on_ray
-
-            payload = fit_on_ray(name, cfg, inputs, run_dir, log)
+        payload = fit(name, cfg, inputs, run_dir, log)
         metrics = export_stage(name, cfg, run_dir, payload)
         record["stages"][name] = {"model": f"{name}/model", "metrics": f"{name}/metrics.json",
                                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -240,18 +223,11 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
 
 
 def fit_local(name: str, cfg: Config, inputs: dict, run_dir: Path, log: Callable[[str], None]) -> dict:
-    """Run ``fit()`` for one stage in this process; returns the final checkpoint payload."""
-    from neuroimagen.stages import build_stage
-    from neuroimagen.training.context import RunContext, perf_options
-    from neuroimagen.training.loop import LocalReporter, fit
-
+    """``FitStage`` in this process (``train.backend: local``); returns the final checkpoint payload."""
     ctx = RunContext(**perf_options(cfg.train))
     reporter = LocalReporter(run_dir / "checkpoints" / name, keep=cfg.train.checkpoints_to_keep)
-    stage = build_stage(name, cfg, ctx, inputs)
-    epochs, val_every = epochs_of(cfg, name)
-    fit(stage, ctx, reporter, epochs=epochs, val_every=val_every, seed=cfg.seed,
-        fault_epoch=cfg.train.fault_injection_epoch, fault_marker=run_dir / "checkpoints" / name / "fault-injected",
-        log=log if cfg.train.progress else None)
+    fit_stage(name, cfg, ctx, reporter, inputs, fault_marker=run_dir / "checkpoints" / name / "fault-injected",
+              log=log if cfg.train.progress else None)
     payload = reporter.restore()
     if payload is None:
         raise DataError(f"{name}: training produced no checkpoint")
