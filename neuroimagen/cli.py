@@ -90,7 +90,7 @@ def data():
 @click.option("--image-size", type=int, default=None, help="Image side in pixels.")
 @click.option("--snr", type=float, default=None, help="Signal-to-noise ratio of the evoked sources.")
 @click.option("--seed", type=int, default=None, help="Seed; the same seed writes the same files.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a twin neuroimagen wrote.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @config_options
 def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, image_size, snr, seed,
@@ -101,6 +101,9 @@ def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, i
     extra = tuple(f"synth.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)
     cfg = _load(config_path, tuple(overrides) + extra)
     from neuroimagen.data.synthetic import synthesize
+    from neuroimagen.rundir import check_target
+
+    check_target(out, "twin", overwrite, flag="OUT")
 
     summary = synthesize(out, cfg.synth, overwrite=overwrite, show_progress=not quiet)
     click.echo(f"wrote {summary['segments']} segments, {summary['images']} images ({cfg.synth.format}, "
@@ -283,7 +286,7 @@ def report(run):
 @cli.command()
 @click.option("--quick", is_flag=True, help="Smaller twin, shorter runs, in-process backends (under 3 minutes).")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a run neuroimagen wrote.")
 @config_options
 def demo(quick, out, overwrite, config_path, overrides):
     """Run the whole pipeline on the embedded default: synthetic twin, CPU, tiny models."""
