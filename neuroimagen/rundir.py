@@ -1,4 +1,4 @@
-"""Folders neuroimagen owns: an ownership marker and a safe ``--overwrite``.
+"""Folders neuroimagen owns: an ownership marker, safe ``--overwrite`` and one writer per run directory.
 
 Every output folder the tool creates carries ``.neuroimagen``, a small JSON file saying what wrote it::
 
@@ -8,16 +8,26 @@ Every output folder the tool creates carries ``.neuroimagen``, a small JSON file
 written before the marker existed are recognised by what they always hold (see :func:`kind_of`).
 ``--overwrite`` replaces only a folder of the same kind that neuroimagen wrote; any other non-empty
 folder is one error and is left exactly as it was.
+
+A command that writes a run directory holds ``<run>/.lock`` with ``fcntl.flock`` for as long as it runs;
+the file names the holder (one JSON line: pid, command, start time, host, argv). The lock belongs to
+the process, not the file: it goes when the process ends, however it ends, so a lock file left by a
+killed command never blocks the next one. Only the command layer takes it; Ray workers never do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from neuroimagen.atomic import make_dir, write_text
 from neuroimagen.errors import OutputError
@@ -126,6 +136,18 @@ def check_target(path: str | os.PathLike, kind: str, overwrite: bool, flag: str 
         raise OutputError(f"{path}: {why}")
 
 
+def check_owned(path: str | os.PathLike, kind: str, create: bool = True) -> None:
+    """Refuse to write into ``path`` unless it is missing, empty or neuroimagen's ``kind`` folder
+    (``create=False``: the folder should already be one, e.g. ``--run RUN``)."""
+    path = Path(path)
+    if create:
+        why = _refusal(path, kind, "directory exists and is not empty", "choose a new --out or remove it yourself")
+    else:
+        why = _refusal(path, kind, f"not {KINDS[kind]}", f"expected {KINDS[kind]} written by neuroimagen")
+    if why is not None:
+        raise OutputError(f"{path}: {why}")
+
+
 def mark(path: str | os.PathLike, kind: str, written_by: str, created: bool = True) -> Path:
     """Write ``path/.neuroimagen`` unless a marker is there already; returns the folder.
 
@@ -172,3 +194,75 @@ def start_fresh(path: str | os.PathLike, kind: str, written_by: str, overwrite: 
         clear(path)
     return mark(path, kind, written_by)
 
+
+# ---------------------------------------------------------------------------------------------------
+# One writer per run directory
+
+
+def read_holder(path: str | os.PathLike) -> Optional[dict]:
+    """What ``<path>/.lock`` says about its last holder (it may be gone), or None."""
+    try:
+        doc = json.loads((Path(path) / LOCK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "pid" in doc else None
+
+
+def _describe_holder(fd: int) -> str:
+    # the holder writes its details right after taking the lock: give it a moment before saying "unknown"
+    for _ in range(20):
+        try:
+            doc = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        except ValueError:
+            time.sleep(0.05)
+            continue
+        if isinstance(doc, dict) and "pid" in doc:
+            host = doc.get("host")
+            where = f" on {host}" if host and host != socket.gethostname() else ""
+            return f"pid {doc['pid']}{where} ({doc.get('command', '?')}, since {doc.get('since', '?')})"
+        time.sleep(0.05)
+    return "another process (its lock file names no holder yet)"
+
+
+@contextlib.contextmanager
+def hold(path: str | os.PathLike, command: str, kind: str = "run", create: bool = True) -> Iterator[Path]:
+    """Hold the run directory ``path`` for the caller's whole duration: the one writer there.
+
+    ``create``: a command that makes the folder (train, ablation, demo, tune): a missing folder is
+    created and marked; an existing non-empty one must be neuroimagen's ``kind`` folder. Otherwise
+    (reconstruct, evaluate, report) a missing or empty folder is left alone, unlocked, for the command
+    to report what it lacks. A second holder gets one ``OutputError`` naming the first one's pid.
+    """
+    path = Path(path)
+    check_owned(path, kind, create)
+    if not create and is_empty(path):
+        yield path
+        return
+    make_dir(path)
+    lock = path / LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise OutputError(f"{lock}: cannot open the lock file ({exc.strerror or exc.__class__.__name__})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{path}: in use by {_describe_holder(fd)}; wait for it or choose another --out") from None
+        except OSError as exc:
+            raise OutputError(f"{lock}: cannot lock ({exc.strerror or exc.__class__.__name__}; the file system must "
+                              f"support flock)") from exc
+        holder = {"pid": os.getpid(), "command": command, "since": _utc_now(), "host": socket.gethostname(),
+                  "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        os.fsync(fd)
+        if create:
+            mark(path, kind, command)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # released: an empty lock file names nobody
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
