@@ -7,7 +7,8 @@
 Trains every stage the requested variants need that the run directory does not have yet (Ray Train),
 reconstructs and scores all subjects x variants (Ray Data), and writes ``report/report.md``. Re-submitting
 the same command resumes: finished stages and finished (subject, variant) shards are reused. Errors a user
-can cause print one line and exit 2.
+can cause print one line and exit 2; so does a second job or command on the same ``--out`` while this one
+runs (the run directory's ``.lock``, held by this driver process only).
 """
 
 from __future__ import annotations

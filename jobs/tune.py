@@ -6,7 +6,8 @@
 
 Calls the same function as ``neuroimagen tune``: one driver function per trial fits its own
 ``TorchTrainer``; ASHA stops weak trials; results, ``best.yaml`` and ``trials.png`` land in ``--out``.
-Errors a user can cause print one line and exit 2.
+Errors a user can cause print one line and exit 2; so does a second sweep on the same ``--out`` while
+this one runs (the sweep directory's ``.lock``, held by this driver process, never by the trials).
 """
 
 from __future__ import annotations

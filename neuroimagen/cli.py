@@ -2,6 +2,7 @@
 
 Heavy libraries (torch, Ray, diffusers) are imported inside the commands, so ``neuroimagen --help``
 stays fast. Every error a user can cause prints one line ``neuroimagen: error: ...`` and exits 2.
+A command that writes a run directory holds its lock (``neuroimagen.rundir.hold``) from start to end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def config_options(f):
     f = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                      help="YAML config file (defaults fill anything it leaves out).")(f)
     return f
+
+
+def _hold(path, kind="run", create=True):
+    """Hold the run directory ``path`` for this whole command (``neuroimagen.rundir.hold``): a second
+    command on it exits 2 naming this one's pid."""
+    from neuroimagen.rundir import hold
+
+    return hold(path, click.get_current_context().command_path, kind=kind, create=create)
 
 
 def _load(config_path, overrides):
@@ -90,7 +99,7 @@ def data():
 @click.option("--image-size", type=int, default=None, help="Image side in pixels.")
 @click.option("--snr", type=float, default=None, help="Signal-to-noise ratio of the evoked sources.")
 @click.option("--seed", type=int, default=None, help="Seed; the same seed writes the same files.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a twin neuroimagen wrote.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @config_options
 def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, image_size, snr, seed,
@@ -101,6 +110,9 @@ def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, i
     extra = tuple(f"synth.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)
     cfg = _load(config_path, tuple(overrides) + extra)
     from neuroimagen.data.synthetic import synthesize
+    from neuroimagen.rundir import check_target
+
+    check_target(out, "twin", overwrite, flag="OUT")
 
     summary = synthesize(out, cfg.synth, overwrite=overwrite, show_progress=not quiet)
     click.echo(f"wrote {summary['segments']} segments, {summary['images']} images ({cfg.synth.format}, "
@@ -152,9 +164,10 @@ def data_inspect(path, splits, images, fmt, as_json, out, config_path, overrides
 def train(out, stages, config_path, overrides):
     """Train stages 1-3 (encoder, saliency GAN, semantic regressors), on Ray Train or in-process."""
     cfg = _load(config_path, overrides)
-    from neuroimagen import backends
+    with _hold(out):  # before torch loads: a run in use is refused at once
+        from neuroimagen import backends
 
-    backends.train(cfg, out, stages.split(",") if stages else None, log=lambda m: click.echo(m, err=True))
+        backends.train(cfg, out, stages.split(",") if stages else None, log=lambda m: click.echo(m, err=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +200,10 @@ def tune(space_path, out, resume_dir, config_path, overrides):
     from neuroimagen import backends
     from neuroimagen.distributed.tune import run_sweep
 
-    res = run_sweep(space, cfg, out or os.path.join("runs", f"tune-{space.stage}"), resume=resume_dir is not None,
-                    log=lambda m: click.echo(m, err=True), fit=backends.fit_stage)
+    out = out or os.path.join("runs", f"tune-{space.stage}")
+    with _hold(out, kind="sweep"):
+        res = run_sweep(space, cfg, out, resume=resume_dir is not None, log=lambda m: click.echo(m, err=True),
+                        fit=backends.fit_stage)
     table = res["results"]
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     b = res["best"]
@@ -236,8 +251,9 @@ def reconstruct(run, variants, subjects, config_path, overrides):
     cfg = _run_config(run, config_path, overrides)
     from neuroimagen.evaluation import reconstruct as run_reconstruct
 
-    run_reconstruct(cfg, run, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
-                    log=lambda m: click.echo(m, err=True))
+    with _hold(run, create=False):
+        run_reconstruct(cfg, run, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
+                        log=lambda m: click.echo(m, err=True))
 
 
 @cli.command()
@@ -252,8 +268,9 @@ def ablation(out, variants, subjects, config_path, overrides):
     from neuroimagen.evaluation import ablation as run_ablation
     from neuroimagen.runs.reports import summary_table
 
-    run_ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
-                 log=lambda m: click.echo(m, err=True), fit=backends.fit_stage)
+    with _hold(out):
+        run_ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
+                     log=lambda m: click.echo(m, err=True), fit=backends.fit_stage)
     click.echo(summary_table(out))
 
 
@@ -264,7 +281,8 @@ def evaluate(run):
     from neuroimagen.evaluation import evaluate as run_evaluate
     from neuroimagen.runs.reports import summary_table
 
-    run_evaluate(run, log=lambda m: click.echo(m, err=True))
+    with _hold(run, create=False):
+        run_evaluate(run, log=lambda m: click.echo(m, err=True))
     click.echo(summary_table(run))
 
 
@@ -274,7 +292,8 @@ def report(run):
     """Write RUN/report/report.md: ablation and per-subject tables, figures, image grids, protocols."""
     from neuroimagen.runs.reports import write_report
 
-    path = write_report(run)
+    with _hold(run, create=False):
+        path = write_report(run)
     click.echo(str(path))
 
 
@@ -285,15 +304,18 @@ def report(run):
 @cli.command()
 @click.option("--quick", is_flag=True, help="Smaller twin, shorter runs, in-process backends (under 3 minutes).")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a run neuroimagen wrote.")
 @config_options
 def demo(quick, out, overwrite, config_path, overrides):
     """Run the whole pipeline on the embedded default: synthetic twin, CPU, tiny models."""
     cfg = _load(config_path, overrides)
     from neuroimagen import backends
+    from neuroimagen.rundir import check_target
     from neuroimagen.runs.demo import run_demo
 
-    run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage)
+    check_target(out, "run", overwrite)  # before the lock file: a folder that is not ours is left untouched
+    with _hold(out):
+        run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,18 +84,21 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, run_cli, args, f
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no partial files
 
 
-def test_synth_refuses_a_non_empty_out_then_overwrites(tmp_path, run_cli):
+def test_synth_refuses_a_non_empty_out_and_overwrites_only_its_own_twin(tmp_path, run_cli):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ["data", "synth", out, "--classes", 2, "--images-per-class", 10, "--subjects", 1, "--channels", 4,
             "--image-size", 16, "--quiet"]
-    res = run_cli(*args)
-    assert_one_line_error(res, "directory exists and is not empty", "--overwrite")
+    assert_one_line_error(run_cli(*args), "directory exists and is not empty", "not written by neuroimagen")
+    assert_one_line_error(run_cli(*args, "--overwrite"), "refusing to overwrite", "not written by neuroimagen")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert run_cli(*args).code == 0
+    assert_one_line_error(run_cli(*args), "directory exists and is not empty", "--overwrite")
     res = run_cli(*args, "--overwrite")
     assert res.code == 0, res
-    assert (out / "config.yaml").is_file() and not (out / "keep.txt").exists()
+    assert (out / "config.yaml").is_file()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 

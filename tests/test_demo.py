@@ -67,3 +67,4 @@ def test_second_demo_into_the_same_folder_needs_overwrite(demo_run, run_cli):
     run, _, _ = demo_run
     res = run_cli("demo", "--quick", "--out", run)
     assert res.code == 2 and "--overwrite" in res.err
+    assert json.loads((run / ".neuroimagen").read_text())["written_by"] == "neuroimagen demo"  # --overwrite may replace it

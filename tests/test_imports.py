@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.atomic", "neuroimagen.probe",
+CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.atomic", "neuroimagen.rundir",
+        "neuroimagen.probe",
         "neuroimagen.data.datasets", "neuroimagen.data.eeg_imagenet", "neuroimagen.data.things_eeg",
         "neuroimagen.data.synthetic", "neuroimagen.data.captions", "neuroimagen.data.inspection",
         "neuroimagen.runs.demo", "neuroimagen.cli", "neuroimagen.losses", "neuroimagen.augment",

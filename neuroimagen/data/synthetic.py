@@ -16,7 +16,8 @@ Files written (eeg-imagenet): ``eeg_{5_95,14_70,55_95}_std.pth``, ``eeg_signals_
 ``block_splits_by_image_{all,single}.pth``, ``images/<wnid>/<stem>.JPEG``; (things-eeg):
 ``sub-XX/preprocessed_eeg_{training,test}.npy``, ``image_set/{training,test}_images/...``,
 ``image_set/image_metadata.npy``. Both: ``captions.json`` (per-image attribute captions standing in
-for BLIP), ``attributes.json`` (the ground truth), ``config.yaml`` (a config that reads the twin).
+for BLIP), ``attributes.json`` (the ground truth), ``config.yaml`` (a config that reads the twin),
+``.neuroimagen`` (the marker that lets ``--overwrite`` replace it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 from neuroimagen.data.captions import attribute_caption
 from neuroimagen.data.imagenet_classes import CLASS_NAMES, EEG_IMAGENET_WNIDS
+from neuroimagen.rundir import check_target, mark
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
 COLOURS = {
@@ -403,15 +405,18 @@ def write_things_eeg(out: Path, cfg, show_progress: bool = True) -> dict:
 def synthesize(out: str | os.PathLike, cfg, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Write the twin described by ``cfg`` (a ``SynthConfig``) to ``out`` atomically.
 
-    Returns a summary dict. ``out/config.yaml`` reads the twin with relative paths, so the folder can
-    be moved.
+    ``overwrite`` replaces only a twin neuroimagen wrote (``rundir.kind_of`` says ``twin``); any other
+    non-empty ``out`` is an ``OutputError`` and stays as it was. Returns a summary dict.
+    ``out/config.yaml`` reads the twin with relative paths, so the folder can be moved.
     """
     import yaml
 
     from neuroimagen.atomic import atomic_dir
     from neuroimagen.config import to_dict
 
-    with atomic_dir(out, overwrite=overwrite) as stage:
+    check_target(out, "twin", overwrite)
+    with atomic_dir(out, overwrite=True) as stage:
+        mark(stage, "twin", "neuroimagen synthetic twin", created=False)  # no timestamp: same seed, same bytes
         writer = write_eeg_imagenet if cfg.format == "eeg-imagenet" else write_things_eeg
         summary = writer(stage, cfg, show_progress=show_progress)
         config = {"seed": cfg.seed, "data": summary["data"], "synth": to_dict(cfg)}

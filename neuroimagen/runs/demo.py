@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from neuroimagen.atomic import check_new_dir, write_text
+from neuroimagen.atomic import write_text
 from neuroimagen.config import Config, load_config, write_config
 from neuroimagen.runs.training import FitStage
+from neuroimagen.rundir import start_fresh
 
 # Presets (dotted overrides applied before the user's --set): small twin, tiny models, short schedules.
 _COMMON = ["data.image_size=32", "synth.image_size=32", "stages.encoder.embed_dim=32",
@@ -85,6 +85,9 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     ``fit``: how a stage is fitted (``neuroimagen.backends.fit_stage``; default: in-process, which the
     ``--quick`` preset's ``train.backend: local`` needs).
 
+    ``out`` must be new or empty; with ``overwrite`` it may also be a run directory neuroimagen wrote,
+    whose contents are removed first (any other folder is an ``OutputError`` and is left untouched).
+
     The preset (QUICK or FULL) is applied to ``cfg`` and then ``user_overrides`` again, so a user's
     ``--set`` always wins.
     """
@@ -95,18 +98,15 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     from neuroimagen.data.synthetic import synthesize
     from neuroimagen.probe import probe_datasets, sampling_rate
 
-    out_dir = Path(out)
-    check_new_dir(out_dir, overwrite)
-    if overwrite and out_dir.is_dir():
-        shutil.rmtree(out_dir)  # a fresh run: old checkpoints must not be resumed
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # a fresh run (old checkpoints must not be resumed); --overwrite empties only a run neuroimagen wrote
+    out_dir = start_fresh(out, "run", "neuroimagen demo", overwrite=overwrite)
     t_start = time.perf_counter()
     n = 8
     cfg = override(cfg, (QUICK if quick else FULL) + [f"synth.seed={cfg.seed}"] + list(user_overrides))
     synth_cfg = cfg.synth
     _step(1, n, f"synthesising the twin ({synth_cfg.classes} classes x {synth_cfg.images_per_class} images, "
                 f"{synth_cfg.subjects} subjects, {synth_cfg.channels} channels)")
-    synthesize(out_dir / "twin", synth_cfg, overwrite=True)
+    synthesize(out_dir / "twin", synth_cfg)  # out_dir was just emptied
     twin_cfg = load_config(out_dir / "twin" / "config.yaml")
     run_cfg = dataclasses.replace(cfg, data=twin_cfg.data, synth=synth_cfg)
     write_config(run_cfg, out_dir)
