@@ -27,6 +27,6 @@ def fit_stage(name: str, cfg: Config, inputs: dict, run_dir: Path, log: Callable
 
 
 def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
-          log: Callable[[str], None] = print) -> dict:
+          log: Optional[Callable[[str], None]] = None) -> dict:
     """``neuroimagen.runs.training.train`` with the configured backend."""
     return training.train(cfg, out, stages, log=log, fit=fit_stage)

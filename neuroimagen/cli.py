@@ -7,6 +7,7 @@ A command that writes a run directory holds its lock (``neuroimagen.rundir.hold`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -26,12 +27,21 @@ def config_options(f):
     return f
 
 
+@contextlib.contextmanager
 def _hold(path, kind="run", create=True):
     """Hold the run directory ``path`` for this whole command (``neuroimagen.rundir.hold``): a second
-    command on it exits 2 naming this one's pid."""
-    from neuroimagen.rundir import hold
+    command on it exits 2 naming this one's pid. While held, every message of the command (debug included)
+    is also written to ``<run>/logs/<command>-<UTC time>.log``."""
+    from neuroimagen.logs import log_file
+    from neuroimagen.rundir import LOCK, hold
 
-    return hold(path, click.get_current_context().command_path, kind=kind, create=create)
+    command = click.get_current_context().command_path
+    with hold(path, command, kind=kind, create=create) as held:
+        if not (held / LOCK).is_file():  # nothing to hold (a missing run: the command says what it lacks)
+            yield held
+            return
+        with log_file(held, "-".join(command.split()[1:]) or "neuroimagen"):
+            yield held
 
 
 def _load(config_path, overrides):
@@ -42,12 +52,18 @@ def _load(config_path, overrides):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="neuroimagen")
-def cli():
+@click.option("-v", "--verbose", is_flag=True, help="Also show debug messages (with their source).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (results are still printed).")
+def cli(verbose, quiet):
     """Reconstruct seen images from EEG (NeuroImagen): data, training, sweeps, reconstruction, scoring.
 
     Start with `neuroimagen demo` (synthetic twin, tiny models, CPU), or inspect a real dataset with
-    `neuroimagen data inspect PATH`.
+    `neuroimagen data inspect PATH`. Messages go to stderr (and, for a command that writes a run, to
+    RUN/logs/); results go to stdout.
     """
+    from neuroimagen.logs import configure_cli
+
+    configure_cli(-1 if quiet else (1 if verbose else 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +183,7 @@ def train(out, stages, config_path, overrides):
     with _hold(out):  # before torch loads: a run in use is refused at once
         from neuroimagen import backends
 
-        backends.train(cfg, out, stages.split(",") if stages else None, log=lambda m: click.echo(m, err=True))
+        backends.train(cfg, out, stages.split(",") if stages else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +218,7 @@ def tune(space_path, out, resume_dir, config_path, overrides):
 
     out = out or os.path.join("runs", f"tune-{space.stage}")
     with _hold(out, kind="sweep"):
-        res = run_sweep(space, cfg, out, resume=resume_dir is not None, log=lambda m: click.echo(m, err=True),
-                        fit=backends.fit_stage)
+        res = run_sweep(space, cfg, out, resume=resume_dir is not None, fit=backends.fit_stage)
     table = res["results"]
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     b = res["best"]
@@ -252,8 +267,7 @@ def reconstruct(run, variants, subjects, config_path, overrides):
     from neuroimagen.evaluation import reconstruct as run_reconstruct
 
     with _hold(run, create=False):
-        run_reconstruct(cfg, run, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
-                        log=lambda m: click.echo(m, err=True))
+        run_reconstruct(cfg, run, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int))
 
 
 @cli.command()
@@ -270,7 +284,7 @@ def ablation(out, variants, subjects, config_path, overrides):
 
     with _hold(out):
         run_ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
-                     log=lambda m: click.echo(m, err=True), fit=backends.fit_stage)
+                     fit=backends.fit_stage)
     click.echo(summary_table(out))
 
 
@@ -282,7 +296,7 @@ def evaluate(run):
     from neuroimagen.runs.reports import summary_table
 
     with _hold(run, create=False):
-        run_evaluate(run, log=lambda m: click.echo(m, err=True))
+        run_evaluate(run)
     click.echo(summary_table(run))
 
 
@@ -315,7 +329,9 @@ def demo(quick, out, overwrite, config_path, overrides):
 
     check_target(out, "run", overwrite)  # before the lock file: a folder that is not ours is left untouched
     with _hold(out):
-        run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage)
+        res = run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage)
+    for line in res["lines"]:
+        click.echo(line)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from neuroimagen.errors import OutputError
 
 MARKER = ".neuroimagen"
 LOCK = ".lock"
+LOGS = "logs"  # every command's log (neuroimagen.logs.log_file), kept when --overwrite empties a run
 MARKER_FORMAT = 1
 KINDS = {"run": "a run directory", "twin": "a synthetic twin", "sweep": "a sweep directory"}
 # The first line each writer of the current release puts in its config.yaml (config.write_config, synthesize).
@@ -41,7 +42,7 @@ RUN_CONFIG_HEADER = "# Resolved neuroimagen config"
 TWIN_CONFIG_HEADER = "# Config of a neuroimagen synthetic twin"
 # Entries every run directory written before the marker has besides config.yaml, as soon as a stage started.
 _RUN_ENTRIES = ("run.json", "twin", "checkpoints", "ray", "text_encoder", "results")
-_BOOKKEEPING = {LOCK, MARKER}
+_BOOKKEEPING = {LOCK, MARKER, LOGS}
 _OLDER = {"run": "an older run's config.yaml + run.json", "twin": "an older twin's config.yaml + synth.json",
           "sweep": "an older sweep's space.json"}
 
@@ -99,7 +100,7 @@ def kind_of(path: str | os.PathLike) -> Optional[str]:
 
 
 def is_empty(path: str | os.PathLike) -> bool:
-    """True when ``path`` is missing, or a folder holding nothing but neuroimagen's own marker and lock."""
+    """True when ``path`` is missing, or a folder holding nothing but neuroimagen's own marker, lock and logs."""
     path = Path(path)
     if not path.is_dir():
         return not path.exists() and not path.is_symlink()
@@ -164,7 +165,8 @@ def mark(path: str | os.PathLike, kind: str, written_by: str, created: bool = Tr
 
 
 def clear(path: str | os.PathLike) -> None:
-    """Remove everything in the neuroimagen folder ``path`` except its lock file.
+    """Remove everything in the neuroimagen folder ``path`` except its lock file and its ``logs/`` (the logs of
+    the command that holds it, and of earlier ones).
 
     Symbolic links are removed, never followed. Raises ``OutputError`` (and removes nothing) when the
     folder is not neuroimagen's.
@@ -173,7 +175,7 @@ def clear(path: str | os.PathLike) -> None:
     if kind_of(path) is None and not is_empty(path):
         raise OutputError(f"{path}: refusing to clear (not written by neuroimagen)")
     for p in sorted(path.iterdir()):
-        if p.name == LOCK:
+        if p.name in (LOCK, LOGS):
             continue
         try:
             if p.is_dir() and not p.is_symlink():

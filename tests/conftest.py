@@ -112,7 +112,7 @@ def demo_run(tmp_path_factory):
     """The quick demo with local backends, run once per session (about 2.5 minutes on 2 cores): a trained,
     reconstructed, scored and reported run directory. Read-only: tests copy it before changing anything.
 
-    Returns (run directory, the demo's return value, what it printed on stdout).
+    Returns (run directory, the demo's return value, what it printed on stdout and the lines it asks to show).
     """
     import contextlib
     import io
@@ -124,4 +124,4 @@ def demo_run(tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         res = run_demo(load_config(None, DEMO_SETS), str(out), quick=True, user_overrides=DEMO_SETS)
-    return out, res, buf.getvalue()
+    return out, res, buf.getvalue() + "\n".join(res["lines"])

@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from neuroimagen.config import Config, from_dict, to_dict
 from neuroimagen.errors import DataError
+from neuroimagen.logs import configure_cli, get_logger
 from neuroimagen.stages import fit_stage
 from neuroimagen.training.checkpoint import complete_epoch, load_checkpoint, save_checkpoint
 from neuroimagen.training.context import RunContext, perf_options, set_threads
@@ -86,9 +87,11 @@ def worker_loop(config: dict) -> None:
     ctx = RunContext(rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
                      local_rank=tctx.get_local_rank(), device=ray.train.torch.get_device(), **perf_options(cfg.train))
     set_threads(config["threads"])
+    # this worker's lines go to its stderr, which Ray forwards to the driver (and to the job's log)
+    configure_cli(0 if cfg.train.progress else -1)
     fit_stage(config["stage"], cfg, ctx, RayReporter(config.get("storage_dir")), config["inputs"],
               fault_marker=Path(config["fault_marker"]) if config["fault_marker"] else None,
-              log=print if cfg.train.progress else None)
+              log=get_logger(__name__).info if cfg.train.progress else None)
 
 
 def latest_stored(storage: Path) -> Optional[Path]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pandas as pd
 from ray import tune
@@ -32,11 +32,14 @@ from neuroimagen.atomic import atomic_path, write_text
 from neuroimagen.config import Config, from_dict, to_dict, write_config
 from neuroimagen.distributed.train import init_ray, trainer_for
 from neuroimagen.errors import ConfigError
+from neuroimagen.logs import get_logger
 from neuroimagen.runs.sweeps import Space, apply_values, best_row, plot_trials
 from neuroimagen.runs.training import FitStage, export_stage, prepare_data, read_run, stage_inputs, train
 from neuroimagen.stages import epochs_of, fit_stage, stage_class
 from neuroimagen.training.checkpoint import load_checkpoint, save_checkpoint
 from neuroimagen.training.context import RunContext, set_threads
+
+_log = get_logger(__name__)
 
 
 def _distribution(dist: str, args: tuple):
@@ -114,10 +117,11 @@ def trial_fn(config: dict, base: dict, inputs: dict, stage: str, trainer: str, r
 
 
 def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
-              log: Callable[[str], None] = print, *, fit: FitStage) -> dict:
+              log: Optional[Callable[[str], None]] = None, *, fit: FitStage) -> dict:
     """Run (or resume) a sweep into ``out``; returns {'results': DataFrame, 'best': dict, 'best_config': path}.
 
     ``fit`` fits the stages the swept one needs, once, into ``<out>/base`` (``neuroimagen.backends.fit_stage``)."""
+    log = log or _log.info
     out = Path(out).resolve()
     exp = out / "sweep"
     if resume and not (exp / "tuner.pkl").is_file():

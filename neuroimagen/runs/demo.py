@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import click
-
 from neuroimagen.atomic import write_text
 from neuroimagen.config import Config, load_config, write_config
-from neuroimagen.runs.training import FitStage
+from neuroimagen.logs import get_logger
 from neuroimagen.rundir import start_fresh
+from neuroimagen.runs.training import FitStage
+
+_log = get_logger(__name__)
 
 # Presets (dotted overrides applied before the user's --set): small twin, tiny models, short schedules.
 _COMMON = ["data.image_size=32", "synth.image_size=32", "stages.encoder.embed_dim=32",
@@ -43,7 +44,7 @@ FULL = _COMMON + ["synth.classes=8", "synth.images_per_class=24", "synth.subject
 
 
 def _step(i: int, n: int, text: str) -> float:
-    click.echo(f"[{i}/{n}] {text}", err=True)
+    _log.info(f"[{i}/{n}] {text}")
     return time.perf_counter()
 
 
@@ -80,7 +81,8 @@ def stimulus_grid(dataset, path: Path, per_class: int = 4) -> Path:
 
 def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False, user_overrides=(),
              fit: Optional[FitStage] = None) -> dict:
-    """Run every implemented step on a fresh twin under ``out``; returns the headline numbers.
+    """Run every implemented step on a fresh twin under ``out``; returns the headline numbers, the report's path
+    and ``lines``: what to show a person at the end (the summary table, the probe, where to look).
 
     ``fit``: how a stage is fitted (``neuroimagen.backends.fit_stage``; default: in-process, which the
     ``--quick`` preset's ``train.backend: local`` needs).
@@ -92,11 +94,11 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     ``--set`` always wins.
     """
     from neuroimagen.config import override
-    from neuroimagen.runs.training import train
     from neuroimagen.data.datasets import load_splits
     from neuroimagen.data.inspection import inspect_dataset, render_report
     from neuroimagen.data.synthetic import synthesize
     from neuroimagen.probe import probe_datasets, sampling_rate
+    from neuroimagen.runs.training import train
 
     # a fresh run (old checkpoints must not be resumed); --overwrite empties only a run neuroimagen wrote
     out_dir = start_fresh(out, "run", "neuroimagen demo", overwrite=overwrite)
@@ -126,7 +128,7 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     write_text(out_dir / "probe.json", json.dumps(probe, indent=2))
 
     _step(4, n, f"training stages 1-3 ({run_cfg.train.backend} backend)")
-    stages = train(run_cfg, out_dir, log=lambda m: click.echo(m, err=True), fit=fit)
+    stages = train(run_cfg, out_dir, fit=fit)
 
     from neuroimagen.evaluation import evaluate, reconstruct
     from neuroimagen.runs.reports import summary_table, write_report
@@ -134,9 +136,9 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     _step(5, n, "stage 4: tiny latent diffusion model and judge classifier (trained on the training images)")
     _step(6, n, f"reconstructing and scoring {len(run_cfg.eval.variants)} variants x {synth_cfg.subjects} subjects "
                 f"({run_cfg.eval.backend} backend)")
-    rec_info = reconstruct(run_cfg, out_dir, log=lambda m: click.echo(m, err=True))
+    rec_info = reconstruct(run_cfg, out_dir)
     _step(7, n, "reducing the scores (ACC, IS, SSIM per subject and variant)")
-    summary = evaluate(out_dir, log=lambda m: click.echo(m, err=True))
+    summary = evaluate(out_dir)
     _step(8, n, "writing the report")
     stimulus_grid(splits["train"], out_dir / "stimuli.png")
     d = run_cfg.data
@@ -193,10 +195,11 @@ Protocols:
 ![semantic_image](../semantic_image/curves.png)
 """
     report_path = write_report(out_dir, title="neuroimagen demo report", extra_sections=[md])
-    click.echo(summary_table(out_dir))
     elapsed = time.perf_counter() - t_start
-    click.echo(f"done in {elapsed:.0f} s. Probe test accuracy {probe['test']['accuracy']:.2f} "
-               f"(chance {probe['test']['chance']:.2f}, shuffled control {probe['test_shuffled']['accuracy']:.2f}).")
-    click.echo(f"Look at: {report_path} (results: {out_dir / 'results'}, data: {out_dir / 'twin'}, "
-               f"config: {out_dir / 'config.yaml'})")
-    return {"probe": probe, "stages": stages, "summary": summary, "seconds": elapsed}
+    lines = [summary_table(out_dir),
+             f"done in {elapsed:.0f} s. Probe test accuracy {probe['test']['accuracy']:.2f} "
+             f"(chance {probe['test']['chance']:.2f}, shuffled control {probe['test_shuffled']['accuracy']:.2f}).",
+             f"Look at: {report_path} (results: {out_dir / 'results'}, data: {out_dir / 'twin'}, "
+             f"config: {out_dir / 'config.yaml'})"]
+    return {"probe": probe, "stages": stages, "summary": summary, "seconds": elapsed, "report": report_path,
+            "lines": lines}

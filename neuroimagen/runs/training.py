@@ -38,11 +38,14 @@ from neuroimagen.config import Config, load_config, write_config
 from neuroimagen.data.datasets import load_splits
 from neuroimagen.data.synthetic import synthesize
 from neuroimagen.errors import ConfigError, DataError
+from neuroimagen.logs import get_logger
 from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class
 from neuroimagen.stages.semantic import build_targets
 from neuroimagen.training.checkpoint import export_model, load_model_dir
 from neuroimagen.training.context import RunContext, perf_options, set_threads
 from neuroimagen.training.loop import LocalReporter
+
+_log = get_logger(__name__)
 
 
 class FitStage(Protocol):
@@ -176,7 +179,7 @@ def summary_line(name: str, metrics: dict, run_dir: Path) -> str:
 
 
 def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
-          log: Callable[[str], None] = print, fit: Optional[FitStage] = None) -> dict:
+          log: Optional[Callable[[str], None]] = None, fit: Optional[FitStage] = None) -> dict:
     """Train ``stages`` (default: all) into the run directory ``out``; returns {stage: metrics}.
 
     ``fit`` fits one stage (see ``FitStage``); by default ``fit_local``, which needs ``train.backend: local``
@@ -184,6 +187,7 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     Re-running the same command resumes: finished stages are retrained only when requested, and an
     interrupted stage continues from its last checkpoint.
     """
+    log = log or _log.info
     if fit is None:
         if cfg.train.backend != "local":
             raise ConfigError(f"train.backend: '{cfg.train.backend}' needs its fitter passed in "

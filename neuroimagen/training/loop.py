@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from neuroimagen.atomic import PARTIAL_TAG, atomic_dir, remove_partials
+from neuroimagen.logs import get_logger
 from neuroimagen.training.checkpoint import complete_epoch, load_checkpoint, save_checkpoint, state_to_cpu
 from neuroimagen.training.context import RunContext, seed_everything, unwrap
+
+_log = get_logger(__name__)
 
 
 class Reporter(Protocol):
@@ -85,7 +88,7 @@ def kill_once(marker: Optional[Path]) -> None:
 
 def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: int, seed: int,
         fault_epoch: Optional[int] = None, fault_marker: Optional[Path] = None,
-        log: Optional[Callable[[str], None]] = print) -> FitResult:
+        log: Optional[Callable[[str], None]] = _log.info) -> FitResult:
     """Train ``stage`` for ``epochs``, resuming from the reporter's latest checkpoint if any.
 
     Every epoch: seed from (seed, epoch, rank) so a resumed epoch replays exactly; one pass over the
