@@ -32,7 +32,10 @@ import numpy as np
 
 from neuroimagen.data.captions import attribute_caption
 from neuroimagen.data.imagenet_classes import CLASS_NAMES, EEG_IMAGENET_WNIDS
+from neuroimagen.logs import Progress, get_logger, progress
 from neuroimagen.rundir import check_target, mark
+
+_log = get_logger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
 COLOURS = {
@@ -233,10 +236,11 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _progress(iterable, total: int, desc: str, show: bool, unit: str = "seg"):
-    from tqdm.auto import tqdm
-
-    # disable=None: bars on a terminal, silent in logs and CI.
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if show else True, leave=False)
+    """A bar on a terminal, a progress line every 30 s without one (``neuroimagen.logs``)."""
+    desc = f"synth: {desc}"
+    if iterable is None:
+        return Progress(total=total, desc=desc, unit=unit, logger=_log, enabled=show)
+    return progress(iterable, total=total, desc=desc, unit=unit, logger=_log, enabled=show)
 
 
 def _split_images(rng: np.random.Generator, labels: np.ndarray) -> dict[str, np.ndarray]:
