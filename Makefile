@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= demo-out
 
-.PHONY: demo demo-quick test test-fast test-avx2 install clean
+.PHONY: demo demo-quick test test-fast test-avx2 lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 # ATEN_CPU_CAPABILITY ATen's vectorised ones.
 test-avx2: $(STAMP)
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -m isa
+
+# Imports at the top of every module (the arrows between modules stay visible), pyflakes, sorted imports.
+lint: $(STAMP)
+	$(BIN)/ruff check neuroimagen jobs tests bench
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow'

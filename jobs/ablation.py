@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import sys
 
+from neuroimagen.cli import main as cli_main
+
 
 def main(argv=None) -> None:
-    from neuroimagen.cli import main as cli_main
-
     cli_main(["ablation", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import sys
 
+from neuroimagen.cli import main as cli_main
+
 
 def main(argv=None) -> None:
-    from neuroimagen.cli import main as cli_main
-
     cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import sys
 
+from neuroimagen.cli import main as cli_main
+
 
 def main(argv=None) -> None:
-    from neuroimagen.cli import main as cli_main
-
     cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 

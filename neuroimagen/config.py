@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
+from neuroimagen.atomic import write_text
 from neuroimagen.errors import ConfigError
 
 CONFIG_FILENAME = "config.yaml"
@@ -520,7 +521,7 @@ def _resolve_paths(cls, data: dict, base: Path) -> dict:
 
 
 def _yaml():
-    import yaml
+    import yaml  # noqa: PLC0415 - `neuroimagen --help` and `import neuroimagen.config` stay free of YAML
 
     return yaml
 
@@ -652,8 +653,6 @@ def dump_config(cfg) -> str:
 
 def write_config(cfg, out_dir: str | os.PathLike, name: str = CONFIG_FILENAME) -> Path:
     """Write the resolved config into ``out_dir`` atomically; returns the file path."""
-    from neuroimagen.atomic import write_text
-
     header = "# Resolved neuroimagen config: every default filled in, paths absolute.\n"
     return write_text(Path(out_dir) / name, header + dump_config(cfg))
 

@@ -9,7 +9,7 @@ _LAZY = {"load_splits", "load_recording", "EEGDataset", "Recording", "load_image
 
 def __getattr__(name):
     if name in _LAZY:
-        from neuroimagen.data import datasets
+        from neuroimagen.data import datasets  # noqa: PLC0415 - lazy: `import neuroimagen.data.captions` stays light
 
         return getattr(datasets, name)
     raise AttributeError(f"module 'neuroimagen.data' has no attribute {name!r}")

@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageDraw, ImageFilter
 
+from neuroimagen.atomic import atomic_dir
+from neuroimagen.config import to_dict
 from neuroimagen.data.captions import attribute_caption
 from neuroimagen.data.imagenet_classes import CLASS_NAMES, EEG_IMAGENET_WNIDS
 from neuroimagen.logs import Progress, get_logger, progress
@@ -103,8 +108,6 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 def render_image(spec: ImageSpec, size: int, rng: np.random.Generator):
     """A PIL image of ``spec``: a coloured shape on a textured grey background."""
-    from PIL import Image, ImageDraw, ImageFilter
-
     ss = 2  # supersample for smooth edges
     S = size * ss
     bg = int(round(255 * spec.background))
@@ -257,8 +260,6 @@ def _split_images(rng: np.random.Generator, labels: np.ndarray) -> dict[str, np.
 
 def write_eeg_imagenet(out: Path, cfg, show_progress: bool = True) -> dict:
     """Write the EEG-ImageNet layout into ``out`` (an existing empty folder). Returns a summary."""
-    import torch
-
     rng = np.random.default_rng(cfg.seed)
     K, P, C = cfg.classes, cfg.subjects, cfg.channels
     wnids = list(EEG_IMAGENET_WNIDS[:K])
@@ -413,11 +414,6 @@ def synthesize(out: str | os.PathLike, cfg, overwrite: bool = False, show_progre
     non-empty ``out`` is an ``OutputError`` and stays as it was. Returns a summary dict.
     ``out/config.yaml`` reads the twin with relative paths, so the folder can be moved.
     """
-    import yaml
-
-    from neuroimagen.atomic import atomic_dir
-    from neuroimagen.config import to_dict
-
     check_target(out, "twin", overwrite)
     with atomic_dir(out, overwrite=True) as stage:
         mark(stage, "twin", "neuroimagen synthetic twin", created=False)  # no timestamp: same seed, same bytes

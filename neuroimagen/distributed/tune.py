@@ -63,11 +63,11 @@ def param_space(space: Space) -> dict:
 
 def _search_alg(space: Space):
     if space.search["type"] == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415 - optional dependency
 
         return OptunaSearch(seed=space.search["seed"])
     if space.search["type"] == "hyperopt":
-        from ray.tune.search.hyperopt import HyperOptSearch
+        from ray.tune.search.hyperopt import HyperOptSearch  # noqa: PLC0415 - optional dependency
 
         return HyperOptSearch(random_state_seed=space.search["seed"])
     return None  # Tune's default random/grid generator honours max_concurrent_trials (an explicit one would not)

@@ -207,7 +207,7 @@ def _short(exc: BaseException) -> str:
 def _cached_snapshot(repo_id: str) -> Path | None:
     """The local Hugging Face cache folder of ``repo_id`` (revision ``main``), or None; never downloads."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # noqa: PLC0415 - optional: the cache look-up only
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         return None
     try:
