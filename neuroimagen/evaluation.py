@@ -64,6 +64,7 @@ def _decode(paths: list[str], size: int):
 
 def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], None] = _log_default) -> tuple[str, dict]:
     """(snapshot directory, description). Pretrained: resolved offline. Tiny: trained once, cached by hash."""
+    from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
     from neuroimagen.models import ldm
 
     lc = cfg.ldm
@@ -83,7 +84,7 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], N
     if rec.captions is not None and all(s in rec.captions for s in stems):
         captions.append([rec.captions[s] for s in stems])
     te = text_encoder_for(cfg, run_dir)
-    key = ldm.tiny_ldm_key(te.identity, stems, captions, lc)
+    key = tiny_ldm_key(te.identity, stems, captions, lc)
     out = run_dir / "ldm" / f"tiny-{key}"
     desc = {"kind": "tiny", "identity": f"tiny-ldm-{key}", "path": str(out), "trained_on": f"{len(stems)} training images",
             "captions": ["label"] + (["image"] if len(captions) > 1 else []), "resolution": lc.resolution}
@@ -95,7 +96,7 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], N
         f"{len(stems)} training images at {lc.resolution} px")
     t0 = time.perf_counter()
     embeds = [te.encode(c) for c in captions]
-    res = ldm.train_tiny_ldm(_decode(paths, lc.resolution), embeds, te.encode([""])[0], lc, progress=cfg.train.progress, log=log)
+    res = train_tiny_ldm(_decode(paths, lc.resolution), embeds, te.encode([""])[0], lc, progress=cfg.train.progress, log=log)
     hist = res["history"]
     tail = hist["unet"][-max(1, len(hist["unet"]) // 10):]
     extra = {"key": key, "vae_recon_mse": hist["vae_recon_mse"], "unet_eps_mse_final": sum(tail) / len(tail),
@@ -116,7 +117,8 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
         spec = {"kind": "torchvision", "arch": ec.classifier, "weights": ec.classifier_weights,
                 "image_size": ec.classifier_image_size}
         return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}"}
-    from neuroimagen.models.classifier import judge_cache_key, load_classifier, save_classifier, train_judge
+    from neuroimagen.frozen.judge import judge_cache_key, train_judge
+    from neuroimagen.models.classifier import load_classifier, save_classifier
 
     import torch
 

@@ -15,7 +15,8 @@ CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.
         "neuroimagen.metrics.inception_score", "neuroimagen.metrics.ssim", "neuroimagen.training.loop",
         "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.training.run",
         "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic",
-        "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.reconstruction",
+        "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.frozen.ldm", "neuroimagen.frozen.judge",
+        "neuroimagen.reconstruction",
         "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.reports", "neuroimagen.tuning"]
 
 
