@@ -16,8 +16,10 @@ CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.
         "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.training.run",
         "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic",
         "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.frozen.ldm", "neuroimagen.frozen.judge",
-        "neuroimagen.reconstruction",
-        "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.reports", "neuroimagen.tuning"]
+        "neuroimagen.reconstruction.rows", "neuroimagen.reconstruction.images", "neuroimagen.reconstruction.decode",
+        "neuroimagen.reconstruction.generate", "neuroimagen.reconstruction.score", "neuroimagen.reconstruction.reconstruct",
+        "neuroimagen.reconstruction.factory", "neuroimagen.evaluation", "neuroimagen.metrics.summary",
+        "neuroimagen.reports", "neuroimagen.tuning"]
 
 
 def run(code: str) -> str:
