@@ -195,18 +195,18 @@ def ddp_probe(a: dict) -> dict:
 # data: reconstruction + scoring throughput (run_local / run_on_ray, the two paths of reconstruct())
 
 
-def _eval_parts(run_dir: Path, cfg, variants, subjects):
-    from neuroimagen.config import to_dict
+def _eval_parts(run_dir: Path, cfg, variants, subjects, threads: int = 0):
     from neuroimagen.data.datasets import load_recording
-    from neuroimagen.reconstruction import build_rows
+    from neuroimagen.reconstruction.factory import RunSources, stage_models
+    from neuroimagen.reconstruction.rows import build_rows, needed_stages
+    from neuroimagen.training.run import read_run
 
     prep = json.loads((run_dir / "prepared.json").read_text())
     rec = load_recording(cfg.data, check_images=False)
     rows = build_rows(cfg, rec, variants, subjects)
-    decode_kw = {"run_dir": str(run_dir), "cfg": to_dict(cfg), "variants": list(variants)}
-    gen_kw = {"snapshot": prep["snapshot"], "ldm": to_dict(cfg.ldm), "device": "cpu"}
-    score_kw = {"run_dir": str(run_dir), "classifier": prep["classifier"], "eval_cfg": to_dict(cfg.eval), "device": "cpu"}
-    return rows, decode_kw, gen_kw, score_kw
+    sources = RunSources(run_dir=str(run_dir), snapshot=prep["snapshot"], classifier=prep["classifier"],
+                         models=stage_models(run_dir, read_run(run_dir), needed_stages(cfg, variants)), threads=threads)
+    return rows, sources
 
 
 def data_probe(a: dict) -> dict:
@@ -218,24 +218,22 @@ def data_probe(a: dict) -> dict:
     cfg = _cfg(a["overrides"] + ["train.progress=false", f"eval.actors={a.get('actors', 1)}",
                                  f"eval.pipeline={a.get('pipeline', 'fused')}"])
     cfg = prepare_data(cfg, run_dir, _log)
-    rows, decode_kw, gen_kw, score_kw = _eval_parts(run_dir, cfg, a["variants"], a.get("subjects"))
-    gen_kw["threads"] = a["threads"]
+    rows, sources = _eval_parts(run_dir, cfg, a["variants"], a.get("subjects"), threads=a["threads"])
     out: dict = {"backend": a["backend"], "actors": a.get("actors", 1), "threads": a["threads"], "rows": len(rows),
                  "batch_size": cfg.eval.batch_size, "runs": []}
     if a["backend"] == "local":
         from neuroimagen.evaluation import run_local
-        from neuroimagen.metrics.scoring import Score
-        from neuroimagen.reconstruction import Decode, Generate
+        from neuroimagen.reconstruction.factory import load_decode, load_generate, load_score
 
         loads = {}
-        for name, cls, kw in (("decode", Decode, decode_kw), ("generate", Generate, gen_kw), ("score", Score, score_kw)):
+        for name, load in (("decode", load_decode), ("generate", load_generate), ("score", load_score)):
             t = time.perf_counter()
-            cls(**kw)
+            load(cfg, sources)
             loads[name] = time.perf_counter() - t
         out["model_load_s"] = loads
 
         def run(rs, on_batch):
-            run_local(rs, decode_kw, gen_kw, score_kw, cfg.eval.batch_size, on_batch, progress=False)
+            run_local(rs, cfg, sources, cfg.eval.batch_size, on_batch, progress=False)
     else:
         from neuroimagen.distributed.data import run_on_ray
         from neuroimagen.distributed.train import init_ray
@@ -245,7 +243,7 @@ def data_probe(a: dict) -> dict:
         out["ray_start_s"] = time.perf_counter() - t
 
         def run(rs, on_batch):
-            run_on_ray(rs, decode_kw, gen_kw, score_kw, cfg.eval, on_batch, progress=False)
+            run_on_ray(rs, cfg, sources, on_batch, progress=False)
     for n in a["sizes"]:
         arrivals: list[tuple[float, int]] = []
         t0 = time.perf_counter()
@@ -393,16 +391,19 @@ def gpu_probe(a: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - a missing option is a result, not a crash
             out["gan"][name] = {"error": f"{exc.__class__.__name__}: {exc}"[:300]}
     if a.get("ldm_run_dir"):
-        from neuroimagen.config import to_dict
-        from neuroimagen.reconstruction import Decode, Generate, rows_to_batch
+        import dataclasses
+
+        from neuroimagen.reconstruction.factory import load_decode, load_generate
+        from neuroimagen.reconstruction.rows import rows_to_batch
 
         run_dir = Path(a["ldm_run_dir"])
         cfg_d = prepare_data(_cfg(a["ldm_overrides"] + ["train.progress=false"]), run_dir, _log)
-        rows, decode_kw, gen_kw, _ = _eval_parts(run_dir, cfg_d, a["ldm_variants"], None)
-        batch = Decode(**decode_kw)(rows_to_batch(rows[: cfg_d.eval.batch_size]))
+        rows, sources = _eval_parts(run_dir, cfg_d, a["ldm_variants"], None)
+        batch = load_decode(cfg_d, sources)(rows_to_batch(rows[: cfg_d.eval.batch_size]))
         for name, attention in (("sdpa", "sdpa"), ("eager", "eager")):
             try:
-                gen = Generate(**{**gen_kw, "device": "cuda", "ldm": {**to_dict(cfg_d.ldm), "attention": attention}})
+                gen = load_generate(override(cfg_d, [f"ldm.attention={attention}"]),
+                                    dataclasses.replace(sources, device="cuda"))
                 gen(batch)
                 sync()
                 ts = []

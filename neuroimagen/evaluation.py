@@ -64,6 +64,7 @@ def _decode(paths: list[str], size: int):
 
 def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], None] = _log_default) -> tuple[str, dict]:
     """(snapshot directory, description). Pretrained: resolved offline. Tiny: trained once, cached by hash."""
+    from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
     from neuroimagen.models import ldm
 
     lc = cfg.ldm
@@ -83,7 +84,7 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], N
     if rec.captions is not None and all(s in rec.captions for s in stems):
         captions.append([rec.captions[s] for s in stems])
     te = text_encoder_for(cfg, run_dir)
-    key = ldm.tiny_ldm_key(te.identity, stems, captions, lc)
+    key = tiny_ldm_key(te.identity, stems, captions, lc)
     out = run_dir / "ldm" / f"tiny-{key}"
     desc = {"kind": "tiny", "identity": f"tiny-ldm-{key}", "path": str(out), "trained_on": f"{len(stems)} training images",
             "captions": ["label"] + (["image"] if len(captions) > 1 else []), "resolution": lc.resolution}
@@ -95,7 +96,7 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], N
         f"{len(stems)} training images at {lc.resolution} px")
     t0 = time.perf_counter()
     embeds = [te.encode(c) for c in captions]
-    res = ldm.train_tiny_ldm(_decode(paths, lc.resolution), embeds, te.encode([""])[0], lc, progress=cfg.train.progress, log=log)
+    res = train_tiny_ldm(_decode(paths, lc.resolution), embeds, te.encode([""])[0], lc, progress=cfg.train.progress, log=log)
     hist = res["history"]
     tail = hist["unet"][-max(1, len(hist["unet"]) // 10):]
     extra = {"key": key, "vae_recon_mse": hist["vae_recon_mse"], "unet_eps_mse_final": sum(tail) / len(tail),
@@ -116,7 +117,8 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
         spec = {"kind": "torchvision", "arch": ec.classifier, "weights": ec.classifier_weights,
                 "image_size": ec.classifier_image_size}
         return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}"}
-    from neuroimagen.models.classifier import judge_cache_key, load_classifier, save_classifier, train_judge
+    from neuroimagen.frozen.judge import judge_cache_key, train_judge
+    from neuroimagen.models.classifier import load_classifier, save_classifier
 
     import torch
 
@@ -152,7 +154,7 @@ def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identit
 
 
 def _shard_name(subject: str, variant: str) -> str:
-    from neuroimagen.reconstruction import safe_name
+    from neuroimagen.reconstruction.rows import safe_name
 
     return f"s{subject}__{safe_name(variant)}.parquet"
 
@@ -187,7 +189,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     import pandas as pd
 
     from neuroimagen.data.datasets import load_splits
-    from neuroimagen.reconstruction import build_rows, needed_stages, select_variants
+    from neuroimagen.reconstruction.rows import build_rows, needed_stages, select_variants
     from neuroimagen.runs.training import read_run
 
     run_dir = Path(run_dir).resolve()
@@ -254,14 +256,12 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                 log(f"reconstruct: shard {name[:-8]} done ({done['shards']}/{len(groups) - reused})")
 
     if todo:
-        decode_kw = {"run_dir": str(run_dir), "cfg": to_dict(cfg), "variants": names}
-        device = "cuda" if cfg.eval.use_gpu else "cpu"
-        gen_kw = {"snapshot": snapshot, "ldm": to_dict(cfg.ldm), "device": device,
-                  "fault_batch": cfg.eval.fault_injection_batch,
-                  "fault_marker": str(run_dir / "results" / "fault-injected-batch")}
-        score_kw = {"run_dir": str(run_dir), "classifier": clf_spec, "eval_cfg": to_dict(cfg.eval), "device": device}
+        from neuroimagen.reconstruction.factory import RunSources, stage_models
+
+        sources = RunSources(run_dir=str(run_dir), snapshot=snapshot, classifier=clf_spec,
+                             models=stage_models(run_dir, record, stages), device="cuda" if cfg.eval.use_gpu else "cpu")
         if cfg.eval.backend == "local":
-            run_local(todo, decode_kw, {**gen_kw, "threads": os.cpu_count() or 1}, score_kw, cfg.eval.batch_size, on_batch,
+            run_local(todo, cfg, dataclasses.replace(sources, threads=os.cpu_count() or 1), cfg.eval.batch_size, on_batch,
                       progress=cfg.train.progress)
         else:
             from neuroimagen.distributed.data import run_on_ray
@@ -270,8 +270,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
             init_ray(cfg)
             # One torch thread per actor (the one CPU it reserves): measured 2x the images/s of cores/actors threads
             # on 2 cores, whose OpenMP team stalls whenever the driver or Ray's own processes take a core.
-            run_on_ray(todo, decode_kw, {**gen_kw, "threads": 1}, score_kw, cfg.eval,
-                       on_batch, progress=cfg.train.progress)
+            run_on_ray(todo, cfg, dataclasses.replace(sources, threads=1), on_batch, progress=cfg.train.progress)
     left = [n for n, p in pending.items() if p]
     if left:
         raise DataError(f"reconstruct: shard(s) {', '.join(left)} incomplete after the run (rows were lost)")
@@ -280,14 +279,16 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     return {"rows": len(rows), "computed": len(todo), "reused": reused, "seconds": secs, "state": state}
 
 
-def run_local(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, batch_size: int,
-              on_batch: Callable[[dict], None], progress: bool = True) -> None:
-    """The Ray Data pipeline's callables in a plain loop over batches (same outputs, one process)."""
+def run_local(rows: list[dict], cfg: Config, sources, batch_size: int, on_batch: Callable[[dict], None],
+              progress: bool = True) -> None:
+    """The Ray Data pipeline's callables in a plain loop over batches (same outputs, one process);
+    ``sources``: a ``neuroimagen.reconstruction.factory.RunSources``."""
     from tqdm.auto import tqdm
 
-    from neuroimagen.reconstruction import Reconstruct, rows_to_batch
+    from neuroimagen.reconstruction.factory import load_reconstruct
+    from neuroimagen.reconstruction.rows import rows_to_batch
 
-    pipeline = Reconstruct(decode_kw, gen_kw, score_kw)
+    pipeline = load_reconstruct(cfg, sources)
     with tqdm(total=len(rows), desc="reconstruct", unit="img", disable=None if progress else True, leave=False) as bar:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i: i + batch_size]
@@ -306,7 +307,7 @@ def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
     import pandas as pd
 
     from neuroimagen.metrics.nway import effective_n
-    from neuroimagen.metrics.scoring import summarize
+    from neuroimagen.metrics.summary import summarize
 
     run_dir = Path(run_dir).resolve()
     sp = run_dir / STATE
@@ -373,7 +374,7 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
 
     The function behind ``neuroimagen ablation`` and ``jobs/ablation.py``; every step resumes.
     """
-    from neuroimagen.reconstruction import needed_stages, select_variants
+    from neuroimagen.reconstruction.rows import needed_stages, select_variants
     from neuroimagen.runs.reports import write_report
     from neuroimagen.runs.training import prepare_data, read_run, train
 

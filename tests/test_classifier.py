@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from neuroimagen.errors import ConfigError, DataError
-from neuroimagen.models.classifier import (Classifier, JudgeCNN, augment_batch, judge_cache_key, load_classifier,
-                                           load_torchvision_classifier, save_classifier, train_judge)
+from neuroimagen.frozen.judge import augment_batch, judge_cache_key, train_judge
+from neuroimagen.models.classifier import (Classifier, JudgeCNN, load_classifier, load_torchvision_classifier,
+                                           save_classifier)
 
 SIZE = 32
 

@@ -125,12 +125,12 @@ def test_rows_delivered_twice_are_written_once(demo_run, tmp_path, monkeypatch):
     (_shards(run) / "s2__L.parquet").unlink()
     real = evaluation.run_local
 
-    def twice(rows, decode_kw, gen_kw, score_kw, batch_size, on_batch, progress=True):
+    def twice(rows, cfg, sources, batch_size, on_batch, progress=True):
         def deliver(batch):
             on_batch(batch)
             on_batch({k: v.copy() for k, v in batch.items()})
 
-        real(rows, decode_kw, gen_kw, score_kw, batch_size, deliver, progress)
+        real(rows, cfg, sources, batch_size, deliver, progress)
 
     monkeypatch.setattr(evaluation, "run_local", twice)
     cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.batch_size=12"])

@@ -16,8 +16,11 @@ CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.
         "neuroimagen.metrics.inception_score", "neuroimagen.metrics.ssim", "neuroimagen.training.loop",
         "neuroimagen.training.checkpoint", "neuroimagen.training.samplers", "neuroimagen.runs.training",
         "neuroimagen.stages.encoder", "neuroimagen.stages.saliency", "neuroimagen.stages.semantic",
-        "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.reconstruction",
-        "neuroimagen.evaluation", "neuroimagen.metrics.scoring", "neuroimagen.runs.reports", "neuroimagen.runs.sweeps"]
+        "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.frozen.ldm", "neuroimagen.frozen.judge",
+        "neuroimagen.reconstruction.rows", "neuroimagen.reconstruction.images", "neuroimagen.reconstruction.decode",
+        "neuroimagen.reconstruction.generate", "neuroimagen.reconstruction.score", "neuroimagen.reconstruction.reconstruct",
+        "neuroimagen.reconstruction.factory", "neuroimagen.evaluation", "neuroimagen.metrics.summary",
+        "neuroimagen.runs.reports", "neuroimagen.runs.sweeps", "neuroimagen.logs", "neuroimagen.rundir"]
 
 
 def run(code: str) -> str:

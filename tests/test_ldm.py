@@ -10,6 +10,7 @@ import torch
 
 from neuroimagen.config import LDMConfig
 from neuroimagen.errors import ConfigError
+from neuroimagen.frozen.ldm import train_tiny_ldm
 from neuroimagen.models import ldm
 from neuroimagen.models.text_encoder import build_tiny_text_encoder
 
@@ -133,7 +134,7 @@ def test_tiny_ldm_training_learns_and_its_snapshot_loads(tmp_path):
     caps = te.encode([f"square {i}" for i in range(8)])
     lc = LDMConfig(resolution=R, vae_channels=(8, 16), unet_channels=(16, 32), vae_steps=40, unet_steps=60,
                    train_batch_size=8, lr=2e-3)
-    res = ldm.train_tiny_ldm(imgs, [caps], te.encode([""])[0], lc, progress=False, log=lambda m: None)
+    res = train_tiny_ldm(imgs, [caps], te.encode([""])[0], lc, progress=False, log=lambda m: None)
     h = res["history"]
     assert sum(h["vae"][-5:]) / 5 < sum(h["vae"][:5]) / 5
     assert sum(h["unet"][-10:]) / 10 < 0.5

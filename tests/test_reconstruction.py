@@ -13,6 +13,7 @@ import torch
 
 from conftest import assert_one_line_error
 from neuroimagen.config import load_config, override, to_dict
+from neuroimagen.data.datasets import load_recording
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +39,7 @@ def _same_results(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 
 def test_rows_pair_variants_and_pick_other_class_trials(demo_run):
-    from neuroimagen.data.datasets import load_recording
-    from neuroimagen.reconstruction import build_rows
+    from neuroimagen.reconstruction.rows import build_rows
 
     run, _, _ = demo_run
     cfg = load_config(run / "config.yaml")
@@ -53,6 +53,8 @@ def test_rows_pair_variants_and_pick_other_class_trials(demo_run):
             assert rec.labels[r["eeg_item"]] != rec.labels[item] and rec.subjects[r["eeg_item"]] == 2
         else:
             assert r["eeg_item"] == item
+        v_def = cfg.eval.variant(v)  # the variant is resolved into the row once
+        assert (r["init_kind"], r["semantics"], r["eeg_source"]) == (v_def.init, v_def.semantics, v_def.eeg)
     assert len({r["seed"] for r in rows if r["variant"] == "L+I"}) == 36
     from neuroimagen.errors import ConfigError
 
@@ -61,15 +63,19 @@ def test_rows_pair_variants_and_pick_other_class_trials(demo_run):
 
 
 def test_the_callables_run_without_ray(demo_run):
-    from neuroimagen.metrics.scoring import Score
-    from neuroimagen.reconstruction import Decode, Generate, build_rows, rows_to_batch
+    from neuroimagen.reconstruction.factory import (ReconstructFromRun, RunSources, load_decode, load_generate,
+                                                    load_score, stage_models)
+    from neuroimagen.reconstruction.rows import build_rows, needed_stages, rows_to_batch
+    from neuroimagen.training.run import read_run
 
     run, _, _ = demo_run
     cfg = load_config(run / "config.yaml")
     _, state = _shards(run)
     variants = ["I", "L", "oracle"]
-    decode = Decode(str(run), to_dict(cfg), variants)
-    rows = build_rows(cfg, decode.recording, variants, subjects=[1])
+    src = RunSources(run_dir=str(run), snapshot=state["ldm"]["path"], classifier=state["classifier"]["spec"],
+                     models=stage_models(run, read_run(run), needed_stages(cfg, variants)), write_images=False)
+    decode = load_decode(cfg, src)
+    rows = build_rows(cfg, load_recording(cfg.data, check_images=False), variants, subjects=[1])
     rows = [r for r in rows if r["sample"] == 0 and r["item"] == rows[0]["item"]]  # one trial, three variants
     batch = decode(rows_to_batch(rows))
     assert batch["init"].shape == (3, 3, 32, 32) and batch["prompt"].shape[0] == 3
@@ -78,23 +84,17 @@ def test_the_callables_run_without_ray(demo_run):
     i_row = list(batch["variant"]).index("I")
     assert np.allclose(batch["prompt"][i_row], decode.empty.numpy())  # variant I: the empty caption
     assert np.all(batch["init"][list(batch["variant"]).index("L")] == 0)
-    gen = Generate(state["ldm"]["path"], to_dict(cfg.ldm))
-    out = gen(batch)
+    out = load_generate(cfg, src)(batch)
     assert out["image"].shape == (3, 3, 32, 32) and "prompt" not in out
-    score = Score(str(run), state["classifier"]["spec"], {**to_dict(cfg.eval)}, write_images=False)
-    scored = score(out)
+    scored = load_score(cfg, src)(out)
     assert scored["probs"].shape == (3, 6) and np.allclose(scored["probs"].sum(1), 1, atol=1e-5)
     assert ((scored["acc_hit"] >= 0) & (scored["acc_hit"] <= 1)).all() and (scored["acc_n"] == 6).all()
     per = pd.read_parquet(run / "results" / "per_sample.parquet")
     ref = per.set_index(KEY).loc[[("1", v, int(i), 0) for v, i in zip(scored["variant"], scored["item"])]]
     np.testing.assert_allclose(scored["ssim"], ref["ssim"], atol=2e-4)  # same numbers as the demo's batches
-    # the fused Ray Data stage (and the local loop) is the same three callables in one Ray-free class
-    from neuroimagen.reconstruction import Reconstruct
-
-    fused = Reconstruct({"run_dir": str(run), "cfg": to_dict(cfg), "variants": variants},
-                        {"snapshot": state["ldm"]["path"], "ldm": to_dict(cfg.ldm)},
-                        {"run_dir": str(run), "classifier": state["classifier"]["spec"], "eval_cfg": to_dict(cfg.eval),
-                         "write_images": False})(rows_to_batch(rows))
+    # the fused Ray Data stage (and the local loop) is the same three callables in one Ray-free class, built
+    # from the config as the driver serialises it
+    fused = ReconstructFromRun(to_dict(cfg), src.to_dict())(rows_to_batch(rows))
     np.testing.assert_allclose(fused["ssim"], scored["ssim"], atol=1e-6)
     assert list(fused["acc_hit"]) == list(scored["acc_hit"])
 

@@ -13,9 +13,11 @@
                                               hits, SSIM, PNGs
                      -> iter_batches on the driver, which writes each (subject, variant) shard when complete
 
-The callables are the plain classes of ``neuroimagen.reconstruction`` / ``neuroimagen.metrics.scoring``;
-this module only wires them. Decode and Score ask for half a CPU each so that on a 2-core machine (a local
-instance declares 4 logical CPUs) the generation actors never starve the stages around them.
+The callables are the plain classes of ``neuroimagen.reconstruction``, loaded in each actor by
+``neuroimagen.reconstruction.factory`` (``*FromRun``: the typed config is serialised once here, on the
+driver, and rebuilt once per actor); this module only wires them. Decode and Score ask for half a CPU each
+so that on a 2-core machine (a local instance declares 4 logical CPUs) the generation actors never starve
+the stages around them.
 
 A dead actor (OOM, lost node, ``eval.fault_injection_batch``) is restarted and its in-flight batches are
 retried: Ray Data 2.60 creates pool actors with ``max_restarts=-1, max_task_retries=-1`` unless told
@@ -31,34 +33,35 @@ import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
-from neuroimagen.metrics.scoring import Score
-from neuroimagen.reconstruction import Decode, Generate, Reconstruct
+from neuroimagen.config import Config, to_dict
+from neuroimagen.reconstruction.factory import (DecodeFromRun, GenerateFromRun, ReconstructFromRun, RunSources,
+                                                ScoreFromRun)
 
 
-def build_dataset(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, ec) -> "ray.data.Dataset":
+def build_dataset(rows: list[dict], cfg: Config, sources: RunSources) -> "ray.data.Dataset":
     """The lazy Dataset of scored rows (nothing runs until it is iterated)."""
+    ec = cfg.eval
     B = ec.batch_size
+    kw = {"cfg": to_dict(cfg), "sources": sources.to_dict()}  # serialised once; each actor rebuilds the Config once
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // B, 64)))
     if ec.pipeline == "fused":
-        return ds.map_batches(Reconstruct, fn_constructor_kwargs={"decode_kw": decode_kw, "gen_kw": gen_kw,
-                                                                  "score_kw": score_kw},
-                              batch_size=B, batch_format="numpy", compute=ActorPoolStrategy(size=ec.actors),
-                              num_cpus=1, num_gpus=1 if ec.use_gpu else 0)
-    ds = ds.map_batches(Decode, fn_constructor_kwargs=decode_kw, batch_size=B, batch_format="numpy",
+        return ds.map_batches(ReconstructFromRun, fn_constructor_kwargs=kw, batch_size=B, batch_format="numpy",
+                              compute=ActorPoolStrategy(size=ec.actors), num_cpus=1, num_gpus=1 if ec.use_gpu else 0)
+    ds = ds.map_batches(DecodeFromRun, fn_constructor_kwargs=kw, batch_size=B, batch_format="numpy",
                         compute=ActorPoolStrategy(size=1), num_cpus=0.5)
-    ds = ds.map_batches(Generate, fn_constructor_kwargs=gen_kw, batch_size=B, batch_format="numpy",
+    ds = ds.map_batches(GenerateFromRun, fn_constructor_kwargs=kw, batch_size=B, batch_format="numpy",
                         compute=ActorPoolStrategy(size=ec.actors), num_cpus=1, num_gpus=0.75 if ec.use_gpu else 0)
     # With GPUs, a generation actor takes 0.75 of one and the scoring actor 0.25, so eval.actors = the number of
     # GPUs always leaves room for scoring (whole GPUs for both would deadlock when actors == GPUs).
-    return ds.map_batches(Score, fn_constructor_kwargs=score_kw, batch_size=B, batch_format="numpy",
+    return ds.map_batches(ScoreFromRun, fn_constructor_kwargs=kw, batch_size=B, batch_format="numpy",
                           compute=ActorPoolStrategy(size=1), num_cpus=0.5, num_gpus=0.25 if ec.use_gpu else 0)
 
 
-def run_on_ray(rows: list[dict], decode_kw: dict, gen_kw: dict, score_kw: dict, ec,
-               on_batch: Callable[[dict], None], progress: bool = True) -> None:
+def run_on_ray(rows: list[dict], cfg: Config, sources: RunSources, on_batch: Callable[[dict], None],
+               progress: bool = True) -> None:
     """Run the pipeline over ``rows`` and hand every scored batch to ``on_batch`` on the driver."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
-    ds = build_dataset(rows, decode_kw, gen_kw, score_kw, ec)
+    ds = build_dataset(rows, cfg, sources)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         on_batch(batch)

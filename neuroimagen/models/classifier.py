@@ -7,12 +7,10 @@ Inception-v3 (299 px) for IS. Both live behind one interface, :class:`Classifier
     load_torchvision_classifier(arch, weights)
         the real path: a torchvision architecture (``"vit_h_14"``, ``"inception_v3"``, ``"resnet50"``...)
         filled with a LOCAL state dict file; nothing is ever downloaded.
-    train_judge(images, labels, num_classes)
+    load_classifier(directory)
         the embedded default's stand-in when no pretrained weights are available: a small CNN
-        (:class:`JudgeCNN`) trained in seconds on the dataset's own *training* images, with augmentation
-        (shift/zoom, flip, colour jitter, blur, noise) so that it tolerates blurry, shifted, colour-shifted
-        generated images. ``save_classifier`` / ``load_classifier`` keep it in a directory, and
-        ``judge_cache_key`` hashes its inputs so the caller can cache it by config hash.
+        (:class:`JudgeCNN`) trained on the dataset's own *training* images by
+        ``neuroimagen.frozen.judge.train_judge`` and kept in a directory by :func:`save_classifier`.
 
 A judge that cannot classify GT images makes ACC meaningless, so the caller reports the classifier's
 accuracy on the GT test images beside every ACC (``Classifier.describe()`` carries the training record).
@@ -39,18 +37,17 @@ from torch import Tensor, nn
 
 from neuroimagen.errors import ConfigError, DataError
 
-__all__ = ["Classifier", "JudgeCNN", "augment_batch", "train_judge", "save_classifier", "load_classifier",
-           "judge_cache_key", "load_torchvision_classifier", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Classifier", "JudgeCNN", "save_classifier", "load_classifier", "load_torchvision_classifier",
+           "judge_identity", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCHEMA_VERSION = 1
-JUDGE_VERSION = 1  # bump when train_judge's recipe changes: invalidates judge_cache_key caches
 _CONFIG_FILE = "classifier.json"
 _WEIGHTS_FILE = "weights.pt"
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
     """``value`` as an int >= 1, or ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
@@ -62,7 +59,7 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _check_images(images: Any, name: str) -> Tensor:
+def check_images(images: Any, name: str) -> Tensor:
     """Validate a (B, 3, H, W) floating tensor; DataError otherwise."""
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         raise DataError(f"{name}: expected a (B, 3, H, W) image tensor, got "
@@ -72,7 +69,7 @@ def _check_images(images: Any, name: str) -> Tensor:
     return images
 
 
-def _resize(x: Tensor, size: int) -> Tensor:
+def resize_images(x: Tensor, size: int) -> Tensor:
     """(B, 3, H, W) -> (B, 3, size, size): bilinear with antialiasing; unchanged if already that size."""
     if x.shape[-2:] == (size, size):
         return x
@@ -131,7 +128,7 @@ class Classifier:
 
     def preprocess(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) resized (bilinear, antialias) and normalised, same device."""
-        x = _resize(images.float(), self.input_size)
+        x = resize_images(images.float(), self.input_size)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -139,8 +136,8 @@ class Classifier:
     @torch.no_grad()
     def logits(self, images: Tensor, batch_size: int = 64) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, K) float32 logits on the CPU (eval mode, no autograd)."""
-        _check_images(images, "images")
-        batch_size = _positive_int("batch_size", batch_size)
+        check_images(images, "images")
+        batch_size = positive_int("batch_size", batch_size)
         self.module.eval()
         device = self.device
         out = []
@@ -179,7 +176,7 @@ class JudgeCNN(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 16, dropout: float = 0.2):
         super().__init__()
-        num_classes, width = _positive_int("num_classes", num_classes), _positive_int("width", width)
+        num_classes, width = positive_int("num_classes", num_classes), positive_int("width", width)
         if num_classes < 2:
             raise ConfigError(f"num_classes: expected >= 2, got {num_classes}")
         blocks: list[nn.Module] = []
@@ -198,68 +195,6 @@ class JudgeCNN(nn.Module):
         return self.head(self.dropout(h))
 
 
-def _uniform(b: int, low: float, high: float, g: torch.Generator) -> Tensor:
-    return low + (high - low) * torch.rand(b, generator=g)
-
-
-def _gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
-    """(B,) sigmas (0 = identity) -> (B, 2 * radius + 1) normalised 1-D Gaussian kernels."""
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)  # (k,)
-    k = torch.exp(-0.5 * (t[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)  # (B, k); sigma ~ 0 -> delta
-    return k / k.sum(dim=1, keepdim=True)
-
-
-def augment_batch(x: Tensor, g: torch.Generator, blur_p: float = 0.3) -> Tensor:
-    """Random augmentation of (B, 3, S, S) images in [0, 1] -> (B, 3, S, S) in [0, 1]; randomness only from g.
-
-    Per sample: zoom 0.8-1.1 of the field of view and a shift of up to 1/8 of the size (reflection
-    padding), horizontal flip (p=0.5), Gaussian blur with sigma 0.3-1.2 px (p=``blur_p``), saturation
-    0.7-1.3, contrast 0.7-1.3, brightness +-0.1, per-channel gain 0.9-1.1, Gaussian noise sigma 0-0.04.
-    """
-    b, c, h, w = x.shape
-    # geometry: output pixel p samples the input at theta @ p (normalised coordinates)
-    scale = _uniform(b, 0.8, 1.1, g)
-    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
-    shift = _uniform(2 * b, -0.25, 0.25, g).view(b, 2)  # 0.25 normalised = 1/8 of the size
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    # blur: separable per-sample kernels through a grouped convolution
-    radius = 3 if min(h, w) > 3 else 0
-    sigma = torch.where(torch.rand(b, generator=g) < blur_p, _uniform(b, 0.3, 1.2, g), torch.zeros(b))
-    if radius and bool((sigma > 0).any()):
-        k = _gaussian_kernels(sigma, radius).repeat_interleave(c, dim=0)  # (B*C, k)
-        y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
-        y = F.conv2d(y, k[:, None, None, :], groups=b * c)
-        y = F.conv2d(y, k[:, None, :, None], groups=b * c)
-        x = y.reshape(b, c, h, w)
-    # colour
-    gray = x.mean(dim=1, keepdim=True)  # (B, 1, S, S)
-    x = gray + (x - gray) * _uniform(b, 0.7, 1.3, g).view(b, 1, 1, 1)  # saturation
-    m = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = m + (x - m) * _uniform(b, 0.7, 1.3, g).view(b, 1, 1, 1)  # contrast
-    x = x + _uniform(b, -0.1, 0.1, g).view(b, 1, 1, 1)  # brightness
-    x = x * _uniform(b * c, 0.9, 1.1, g).view(b, c, 1, 1)  # colour cast
-    # sensor noise
-    x = x + torch.randn(x.shape, generator=g) * _uniform(b, 0.0, 0.04, g).view(b, 1, 1, 1)
-    return x.clamp(0.0, 1.0)
-
-
-def _check_labels(labels: Any, n: int, num_classes: int, name: str) -> Tensor:
-    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != n:
-        raise DataError(f"{name}: expected ({n},) integer labels, got "
-                        f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise DataError(f"{name}: expected integer labels, got dtype {labels.dtype}")
-    labels = labels.long().cpu()
-    lo, hi = (int(labels.min()), int(labels.max())) if n else (0, 0)
-    if lo < 0 or hi >= num_classes:
-        raise DataError(f"{name}: labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
-    return labels
-
-
 def _state_hash(state: dict[str, Tensor], meta: dict) -> str:
     """sha256 hex of a json dump of ``meta`` and every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
@@ -270,118 +205,10 @@ def _state_hash(state: dict[str, Tensor], meta: dict) -> str:
     return h.hexdigest()
 
 
-def _judge_identity(module: nn.Module, spec: dict, input_size: int, mean, std) -> str:
+def judge_identity(module: nn.Module, spec: dict, input_size: int, mean, std) -> str:
+    """``judge-cnn-<hash12>`` of a judge's weights and preprocessing (checked again by :func:`load_classifier`)."""
     meta = {"spec": spec, "input_size": input_size, "mean": list(mean), "std": list(std)}
     return "judge-cnn-" + _state_hash(module.state_dict(), meta)[:12]
-
-
-def _accuracy(clf: Classifier, images: Tensor, labels: Tensor) -> float:
-    pred = clf.probs(images).argmax(dim=1)
-    return float((pred == labels).float().mean()) if labels.numel() else float("nan")
-
-
-def train_judge(images: Tensor, labels: Tensor, num_classes: int, *, val_images: Optional[Tensor] = None,
-                val_labels: Optional[Tensor] = None, input_size: int = 32, width: int = 16, steps: int = 300,
-                batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                class_names: Optional[Sequence[str]] = None, progress: bool = False) -> Classifier:
-    """Train a :class:`JudgeCNN` on (N, 3, H, W) images in [0, 1] and (N,) int64 labels in [0, num_classes).
-
-    Images are resized once to ``input_size`` (bilinear, antialias) and normalised with the training set's
-    per-channel mean/std; every step draws ``batch_size`` images (epoch-wise permutations), augments them
-    with :func:`augment_batch` and takes an AdamW step (weight decay 0.01) under a cosine learning-rate
-    schedule from ``lr`` to 0 with a 5 % linear warm-up. Trains on the CPU; deterministic given ``seed``
-    (initialisation under ``torch.manual_seed(seed)``, with the global RNG state restored afterwards;
-    batches and augmentation from a ``torch.Generator``). About 4 s for N=120 at 32 px with the defaults
-    on one CPU thread (plus ~2 s the first time, importing ``torch._dynamo`` for ``torch.optim``).
-
-    The returned classifier's ``describe()`` records ``train_accuracy`` (un-augmented training images),
-    ``val_accuracy`` (if ``val_images``/``val_labels`` are given, else None), ``steps``, ``n_train``
-    and the other hyper-parameters.
-    """
-    images = _check_images(images, "images")
-    n = images.shape[0]
-    if n < 2:
-        raise DataError(f"images: expected at least 2 training images, got {n}")
-    for name, value in (("num_classes", num_classes), ("width", width), ("input_size", input_size),
-                        ("steps", steps), ("batch_size", batch_size)):
-        _positive_int(name, value)
-    if num_classes < 2:
-        raise ConfigError(f"num_classes: expected >= 2, got {num_classes}")
-    if class_names is not None and len(class_names) != num_classes:
-        raise ConfigError(f"class_names: expected {num_classes} names (one per class), got {len(class_names)}")
-    if input_size < 8:
-        raise ConfigError(f"input_size: expected >= 8 (three 2x poolings), got {input_size}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr: expected a positive number, got {lr!r}")
-    labels = _check_labels(labels, n, num_classes, "labels")
-    if (val_images is None) != (val_labels is None):
-        raise ConfigError("val_images/val_labels: pass both or neither")
-    if val_images is not None:
-        val_images = _check_images(val_images, "val_images")
-        val_labels = _check_labels(val_labels, val_images.shape[0], num_classes, "val_labels")
-    spec = {"builder": "judge_cnn", "kwargs": {"num_classes": int(num_classes), "width": int(width)}}
-
-    x_all = _resize(images.detach().float().cpu(), int(input_size)).clamp(0.0, 1.0)  # (N, 3, S, S)
-    mean = x_all.mean(dim=(0, 2, 3))
-    std = x_all.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    mean_v, std_v = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
-    bs = min(int(batch_size), n)
-    warmup = max(1, int(0.05 * steps))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    from tqdm.auto import tqdm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = JudgeCNN(**spec["kwargs"]).to(memory_format=torch.channels_last)  # ~1.7x faster max-pooling on CPU
-        g = torch.Generator().manual_seed(int(seed))
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        model.train()
-        order = torch.empty(0, dtype=torch.long)
-        bar = tqdm(total=int(steps), desc="judge", disable=None if progress else True, leave=False)
-        try:
-            for _ in range(int(steps)):
-                if order.numel() < bs:
-                    order = torch.cat([order, torch.randperm(n, generator=g)])
-                idx, order = order[:bs], order[bs:]
-                x = ((augment_batch(x_all[idx], g) - mean_v) / std_v).contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(model(x), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                if progress:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        finally:
-            bar.close()
-    model = model.to(memory_format=torch.contiguous_format).eval()  # same numerics as a loaded judge
-    identity = _judge_identity(model, spec, int(input_size), mean.tolist(), std.tolist())
-    clf = Classifier(model, num_classes=int(num_classes), input_size=int(input_size), identity=identity,
-                     kind="judge", mean=mean.tolist(), std=std.tolist(), class_names=class_names, spec=spec)
-    clf.record = {
-        "train_accuracy": _accuracy(clf, images.detach().cpu(), labels),
-        "val_accuracy": _accuracy(clf, val_images.detach().cpu(), val_labels) if val_images is not None else None,
-        "n_train": int(n), "n_val": int(val_images.shape[0]) if val_images is not None else 0,
-        "steps": int(steps), "batch_size": int(batch_size), "lr": float(lr), "width": int(width),
-        "seed": int(seed), "judge_version": JUDGE_VERSION,
-    }
-    return clf
-
-
-def judge_cache_key(images_identity: str, **hyper) -> str:
-    """sha256 hex[:16] of a json dump of ``images_identity``, the hyper-parameters and ``JUDGE_VERSION``.
-
-    For the caller to cache a trained judge by (training images, train_judge kwargs).
-    """
-    doc = {"images": str(images_identity), "judge_version": JUDGE_VERSION, "hyper": hyper}
-    text = json.dumps(doc, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 _BUILDERS = {"judge_cnn": JudgeCNN}
@@ -441,7 +268,7 @@ def load_classifier(directory: str | os.PathLike) -> Classifier:
     except Exception as exc:  # noqa: BLE001 - truncated file, pickled objects, wrong shapes
         raise DataError(f"{w_path}: cannot load the judge's state dict ({_short(exc)}); {expected}") from exc
     spec = {"builder": doc["builder"], "kwargs": kwargs}
-    if _judge_identity(module, spec, input_size, mean, std) != identity:
+    if judge_identity(module, spec, input_size, mean, std) != identity:
         raise DataError(f"{w_path}: weights do not match the identity {identity} recorded in {cfg_path}")
     try:
         return Classifier(module, num_classes=int(kwargs["num_classes"]), input_size=input_size, identity=identity,
@@ -529,7 +356,7 @@ def load_torchvision_classifier(arch: str, weights: str | os.PathLike, *,
         raise ConfigError(f"{weights}: unknown torchvision architecture {arch!r} (expected a torchvision.models "
                           f"builder name such as vit_h_14, inception_v3, resnet50)")
     if image_size is not None:
-        image_size = _positive_int(f"{weights}: image_size", image_size)
+        image_size = positive_int(f"{weights}: image_size", image_size)
     if not path.is_file():
         raise ConfigError(f"{weights}: no such file (expected a local state dict .pth for torchvision {arch}; "
                           f"nothing is downloaded)")

@@ -9,12 +9,10 @@ Stable Diffusion snapshot layout (``model_index.json``, ``vae/``, ``unet/``, ``t
 
 * Real: ``ldm.pretrained`` names a local snapshot directory or a model id already in the local Hugging
   Face cache (Stable Diffusion 1.5 / 2.1). Nothing is ever downloaded (``local_files_only=True``).
-* Embedded default: :func:`train_tiny_ldm` trains a tiny ``AutoencoderKL`` (reconstruction + KL) and then a
-  tiny ``UNet2DConditionModel`` (epsilon prediction, DDPM noise schedule of SD) on the dataset's
-  *training* images, conditioned on the run's text-encoder embeddings of their captions (label captions
-  and per-image captions, dropped to the empty caption 10 % of the time for classifier-free guidance). The
-  result is saved with ``save_pretrained`` in the snapshot layout under ``<run>/ldm/tiny-<hash>/``, keyed
-  by everything that determines it, and loaded back through the real-path loader.
+* Embedded default: a tiny ``AutoencoderKL`` + ``UNet2DConditionModel`` (:func:`build_tiny_vae`,
+  :func:`build_tiny_unet`) trained on the dataset's *training* images by
+  ``neuroimagen.frozen.ldm.train_tiny_ldm``, saved by :func:`save_snapshot` in the snapshot layout under
+  ``<run>/ldm/tiny-<hash>/`` and loaded back through the real-path loader.
 
 "Pure noise" variants (the paper's L and B) use the text-to-image pipeline built from the same components
 (:func:`text2img`). Sampling is DDIM (eta 0): the only randomness is each image's own generator, so an
@@ -23,17 +21,16 @@ image does not depend on which batch it was generated in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from neuroimagen.errors import ConfigError, DataError
+from neuroimagen.errors import ConfigError
 
 # SD 1.x noise schedule (scheduler_config.json of stable-diffusion-v1-5)
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -80,99 +77,6 @@ def ddim_scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def tiny_ldm_key(te_identity: str, image_ids: Sequence[str], captions: Sequence[Sequence[str]], lc) -> str:
-    """Cache key of a tiny LDM: text encoder, training images and captions, and the tiny-LDM settings."""
-    doc = [te_identity, list(image_ids), [list(c) for c in captions], lc.resolution, list(lc.vae_channels),
-           list(lc.unet_channels), lc.vae_steps, lc.unet_steps, lc.train_batch_size, lc.lr, lc.cond_dropout, lc.seed]
-    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
-
-
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(x.shape[0], generator=g) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
-def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor], empty_embed: torch.Tensor, lc,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Train a tiny VAE, then a conditional UNet; returns {'vae', 'unet', 'history'}.
-
-    images: (N, 3, R, R) in [0, 1], the training images. caption_embeds: a list of (N, L, E) tensors, one
-    per caption kind (row i = a caption of image i); each step draws one kind per image. empty_embed:
-    (L, E), the embedding of the empty caption (classifier-free-guidance dropout target).
-    """
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(lc.seed)
-    g = torch.Generator().manual_seed(lc.seed)
-    x_all = images.float() * 2 - 1  # (N, 3, R, R) in [-1, 1]
-    N = x_all.shape[0]
-    if N == 0:
-        raise DataError("ldm: no training images to train the tiny latent diffusion model on")
-    bs = min(lc.train_batch_size, N)
-    history: dict[str, list] = {"vae": [], "unet": []}
-
-    # --- VAE: MSE reconstruction + small KL, then the latent scaling factor (1 / std of latents)
-    vae = build_tiny_vae(lc.resolution, lc.vae_channels)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lc.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lc.vae_steps)
-    bar = tqdm(range(lc.vae_steps), desc="tiny LDM: VAE", disable=None if progress else True, leave=False)
-    for step in bar:
-        x = _augment(x_all[torch.randint(0, N, (bs,), generator=g)], g)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.mse_loss(rec, x) + 1e-5 * post.kl().mean() / (x[0].numel())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history["vae"].append(loss.item())
-        bar.set_postfix(mse=f"{history['vae'][-1]:.4f}")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, N, 64)])
-        scale = float(1.0 / lat.std().clamp_min(1e-6))
-        rec = torch.cat([vae.decode(lat[i:i + 64]).sample for i in range(0, N, 64)])
-    vae.register_to_config(scaling_factor=scale)
-    history["vae_recon_mse"] = float(F.mse_loss(rec.clamp(-1, 1), x_all))
-    log(f"tiny LDM: VAE reconstruction MSE {history['vae_recon_mse']:.4f} (images in [-1, 1]), latent scale {scale:.3f}")
-
-    # --- UNet: epsilon prediction on scaled latents, conditioned on caption embeddings
-    noise_sched = DDPMScheduler(**SD_SCHEDULE)
-    lat = lat * scale  # (N, 4, r, r)
-    kinds = torch.stack([c.float() for c in caption_embeds])  # (K, N, L, E)
-    unet = build_tiny_unet(lat.shape[-1], kinds.shape[-1], lc.unet_channels)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lc.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lc.unet_steps)
-    bar = tqdm(range(lc.unet_steps), desc="tiny LDM: UNet", disable=None if progress else True, leave=False)
-    for step in bar:
-        idx = torch.randint(0, N, (bs,), generator=g)
-        z0 = lat[idx]
-        flip = torch.rand(bs, generator=g) < 0.5
-        with torch.no_grad():  # flipping the image is flipping its latent, up to the VAE's equivariance
-            z0 = torch.where(flip.view(-1, 1, 1, 1), z0.flip(-1), z0)
-        kind = torch.randint(0, kinds.shape[0], (bs,), generator=g)
-        cond = kinds[kind, idx]  # (bs, L, E)
-        drop = torch.rand(bs, generator=g) < lc.cond_dropout
-        cond = torch.where(drop.view(-1, 1, 1), empty_embed.view(1, *empty_embed.shape).expand_as(cond), cond)
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=g)
-        zt = noise_sched.add_noise(z0, noise, t)
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history["unet"].append(loss.item())
-        bar.set_postfix(eps_mse=f"{history['unet'][-1]:.4f}")
-    unet.eval().requires_grad_(False)
-    tail = history["unet"][-max(1, lc.unet_steps // 10):]
-    log(f"tiny LDM: UNet epsilon MSE {sum(tail) / len(tail):.4f} over the last {len(tail)} steps (1.0 = predicting nothing)")
-    return {"vae": vae, "unet": unet, "history": history}
 
 
 def save_snapshot(directory: str | os.PathLike, vae, unet, text_encoder, extra: Optional[dict] = None) -> Path:

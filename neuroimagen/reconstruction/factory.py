@@ -1,0 +1,165 @@
+"""Stage 4's callables loaded from a run directory and its typed config: the one place stage 4 reads files.
+
+:class:`RunSources` names what a run's reconstruction loads (plain, json-able values): the exported stage
+models, the diffusion snapshot, the classifier spec and where the PNGs go. ``load_decode`` /
+``load_generate`` / ``load_score`` / ``load_reconstruct`` turn ``(Config, RunSources)`` into the plain
+callables of this package; the local loop calls them directly.
+
+A Ray Data actor runs in a process of its own: :class:`DecodeFromRun` and its siblings take the config as
+the dict the driver serialised once (``to_dict``) and rebuild the typed ``Config`` once, in their
+constructor, then load their components; every batch after that is only a call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from neuroimagen.config import Config, from_dict
+from neuroimagen.data.datasets import load_recording
+from neuroimagen.errors import ConfigError
+from neuroimagen.models.classifier import Classifier, load_classifier, load_torchvision_classifier
+from neuroimagen.models.ldm import load_img2img
+from neuroimagen.models.text_encoder import TextEncoder
+from neuroimagen.reconstruction.decode import Decode
+from neuroimagen.reconstruction.generate import Generate
+from neuroimagen.reconstruction.images import PngWriter
+from neuroimagen.reconstruction.reconstruct import Reconstruct
+from neuroimagen.reconstruction.rows import SEMANTIC_STAGE
+from neuroimagen.reconstruction.score import Score
+from neuroimagen.stages.encoder import build_from_spec
+from neuroimagen.stages.semantic import text_encoder_for
+from neuroimagen.training.checkpoint import load_model_dir
+
+FAULT_MARKER = Path("results") / "fault-injected-batch"
+
+
+@dataclass(frozen=True)
+class RunSources:
+    """What a run's stage 4 loads, as plain values (they cross to every Ray actor with the serialised config).
+
+    run_dir: the run directory (PNGs under ``results/images``, the fault-injection marker).
+    models: stage -> its exported model directory, for the stages the variants need (:func:`stage_models`).
+    snapshot: the Stable Diffusion snapshot directory (pretrained, or the cached tiny LDM).
+    classifier: the classifier spec, ``{'kind': 'judge', 'path'}`` or ``{'kind': 'torchvision', 'arch',
+        'weights', 'image_size'}``.
+    device: where the pipeline and the classifier run (``cuda`` with ``eval.use_gpu``).
+    threads: torch threads of the process that generates (0: leave torch's default).
+    write_images: write the generated and init images as PNGs.
+    """
+
+    run_dir: str
+    snapshot: str
+    classifier: dict
+    models: dict = field(default_factory=dict)
+    device: str = "cpu"
+    threads: int = 0
+    write_images: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stage_models(run_dir: str | Path, record: dict, stages: Sequence[str]) -> dict[str, str]:
+    """Stage -> model directory, from a run record (``run.json``); a stage not trained is a ConfigError."""
+    out = {}
+    for stage in stages:
+        entry = record["stages"].get(stage)
+        if entry is None:
+            raise ConfigError(f"{run_dir}: stage '{stage}' is not trained; run `neuroimagen train --out {run_dir} "
+                              f"--stages {stage}` (or `neuroimagen reconstruct`, which trains what is missing)")
+        out[stage] = str(Path(run_dir) / entry["model"])
+    return out
+
+
+def load_module(model_dir: str | Path, module: str) -> tuple[torch.nn.Module, dict]:
+    """(module in eval mode without gradients, its spec) from an exported stage model directory."""
+    doc, states = load_model_dir(model_dir)
+    m = build_from_spec(doc["modules"][module])
+    m.load_state_dict(states[module])
+    return m.eval().requires_grad_(False), doc["modules"][module]
+
+
+def load_classifier_spec(spec: Mapping) -> Classifier:
+    """A ``Classifier`` from a plain spec: {'kind': 'judge', 'path': dir} or {'kind': 'torchvision', 'arch',
+    'weights', 'image_size'}."""
+    if spec["kind"] == "judge":
+        return load_classifier(spec["path"])
+    return load_torchvision_classifier(spec["arch"], spec["weights"], image_size=spec.get("image_size"),
+                                       class_names=spec.get("class_names"))
+
+
+def load_decode(cfg: Config, src: RunSources) -> Decode:
+    """Stage 1-3 modules (those in ``src.models``), the recording's EEG and captions, and the text encoder."""
+    encoder = generator = None
+    z_dim, res = cfg.stages.saliency.z_dim, cfg.stages.saliency.resolution
+    if "saliency" in src.models:
+        encoder, _ = load_module(src.models["encoder"], "encoder")
+        generator, spec = load_module(src.models["saliency"], "generator")
+        z_dim, res = spec["kwargs"]["z_dim"], spec["kwargs"]["resolution"]
+    regressors = {kind: load_module(src.models[stage], "regressor")[0]
+                  for kind, stage in SEMANTIC_STAGE.items() if stage in src.models}
+    recording = load_recording(cfg.data, check_images=False)
+    return Decode(segment=recording.segment, text=text_encoder_for(cfg), z_dim=z_dim, resolution=res,
+                  encoder=encoder, generator=generator, regressors=regressors, captions=recording.captions)
+
+
+def load_generate(cfg: Config, src: RunSources) -> Generate:
+    """The img2img pipeline of ``src.snapshot`` on ``src.device`` (``ldm.dtype``, ``ldm.attention``)."""
+    if src.threads:
+        torch.set_num_threads(int(src.threads))
+    if src.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("eval.use_gpu: true, but this worker has no CUDA device")
+    lc = cfg.ldm
+    pipe = load_img2img(src.snapshot, device=src.device, dtype=lc.dtype, attention_slicing=lc.attention_slicing,
+                        attention=lc.attention)
+    te = TextEncoder(pipe.tokenizer, pipe.text_encoder, identity=src.snapshot)
+    return Generate(pipe, te.encode([""])[0], strength=lc.strength, guidance_scale=lc.guidance_scale,
+                    num_inference_steps=lc.num_inference_steps, fault_batch=cfg.eval.fault_injection_batch,
+                    fault_marker=Path(src.run_dir) / FAULT_MARKER)
+
+
+def load_score(cfg: Config, src: RunSources) -> Score:
+    """The classifier of ``src.classifier`` (on the GPU when there is one) and the run's PNG writer."""
+    clf = load_classifier_spec(src.classifier)
+    if src.device.startswith("cuda") and torch.cuda.is_available():
+        clf.to(src.device)  # a ViT-H/14 judge belongs on the GPU; probabilities come back on the CPU
+    ec = cfg.eval
+    return Score(clf, n_way=ec.n_way, top_k=ec.top_k, trials=ec.trials, ssim_convention=ec.ssim_convention,
+                 ssim_resolution=ec.ssim_resolution, write_image=PngWriter(src.run_dir) if src.write_images else None)
+
+
+def load_reconstruct(cfg: Config, src: RunSources) -> Reconstruct:
+    return Reconstruct(load_decode(cfg, src), load_generate(cfg, src), load_score(cfg, src))
+
+
+class _FromRun:
+    """A callable loaded in its own process from the driver's serialised config (rebuilt here, once)."""
+
+    load: Callable[[Config, RunSources], Callable[[dict], dict]]
+
+    def __init__(self, cfg: dict, sources: dict):
+        self.fn = type(self).load(from_dict(Config, cfg), RunSources(**sources))
+
+    def __call__(self, batch: dict) -> dict:
+        return self.fn(batch)
+
+
+class DecodeFromRun(_FromRun):
+    load = staticmethod(load_decode)
+
+
+class GenerateFromRun(_FromRun):
+    load = staticmethod(load_generate)
+
+
+class ScoreFromRun(_FromRun):
+    load = staticmethod(load_score)
+
+
+class ReconstructFromRun(_FromRun):
+    load = staticmethod(load_reconstruct)

@@ -1,0 +1,91 @@
+"""Score: generated rows -> per-image numbers (DESIGN sec. 3), with the classifier injected.
+
+* ``probs`` (K): the classifier's softmax on the generated image; ``judge_top1`` its argmax;
+* ``judge_gt_top1``: the classifier's top-1 on the ground-truth image, the "true class" of the N-way
+  protocol (MinD-Vis: not the dataset label);
+* ``acc_hit``: the N-way top-k hit rate over ``trials`` seeded draws (one generator per row, seeded by the
+  row's seed, so a row's value does not depend on its batch);
+* ``ssim``: SSIM(generated, GT) in the configured convention, the GT read at the generated resolution;
+* ``image`` / ``saliency``: where the generated image and its init image go (paths relative to the run
+  directory, :func:`~neuroimagen.reconstruction.images.image_stem`), written only when an image writer is
+  given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+
+from neuroimagen.data.datasets import load_image
+from neuroimagen.metrics.nway import effective_n, n_way_top_k_hits
+from neuroimagen.metrics.ssim import ssim
+from neuroimagen.models.classifier import Classifier
+from neuroimagen.reconstruction.images import image_stem
+
+# the row columns a scored row keeps (the rest of a batch is dropped with the image arrays)
+KEEP = ("subject", "variant", "item", "eeg_item", "stem", "label", "class_name", "sample", "seed", "gt")
+
+
+class Score:
+    """Generated rows -> per-image scores (see the module docstring); drops the image arrays.
+
+    Components:
+        classifier: the evaluation classifier (a judge or a torchvision model), on its device.
+        n_way, top_k, trials: the N-way top-k protocol (``eval.n_way``, ``eval.top_k``, ``eval.trials``).
+        ssim_convention, ssim_resolution: the SSIM protocol (``eval.ssim_convention``, ``eval.ssim_resolution``).
+        write_image: called as ``write_image(relative_path, (3, H, W) image)`` for every generated image and
+            init image (e.g. :class:`~neuroimagen.reconstruction.images.PngWriter`); None writes nothing.
+    """
+
+    def __init__(self, classifier: Classifier, *, n_way: int, top_k: int, trials: int,
+                 ssim_convention: Literal["dreamdiffusion", "mindeye"], ssim_resolution: Optional[int],
+                 write_image: Optional[Callable[[str, torch.Tensor], None]] = None):
+        self.clf = classifier
+        self.n_way, self.top_k, self.trials = int(n_way), int(top_k), int(trials)
+        self.ssim_convention, self.ssim_resolution = ssim_convention, ssim_resolution
+        self.write_image = write_image
+        self._gt_cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _gt(self, path: str, size: int) -> torch.Tensor:
+        key = (path, size)
+        if key not in self._gt_cache:
+            self._gt_cache[key] = load_image(path, size)
+        return self._gt_cache[key]
+
+    def __call__(self, batch: dict) -> dict:
+        images = torch.from_numpy(np.asarray(batch["image"], dtype=np.float32))  # (B, 3, R, R)
+        B, R = images.shape[0], images.shape[-1]
+        gt = torch.stack([self._gt(str(p), R) for p in batch["gt"]])  # (B, 3, R, R)
+        probs = self.clf.probs(images)  # (B, K)
+        probs_gt = self.clf.probs(gt)
+        true = probs_gt.argmax(1)
+        hits = np.zeros(B)
+        with warnings.catch_warnings():  # the clamping warning is recorded once, in protocol.json
+            warnings.simplefilter("ignore")
+            for i in range(B):
+                g = torch.Generator().manual_seed(int(batch["seed"][i]))
+                hits[i] = float(n_way_top_k_hits(probs[i: i + 1], true[i: i + 1], n=self.n_way, k=self.top_k,
+                                                 trials=self.trials, generator=g)[0])
+        n_eff, _ = effective_n(self.n_way, probs.shape[1])
+        ss = ssim(images.double(), gt.double(), convention=self.ssim_convention, resolution=self.ssim_resolution)
+        img_paths, init_paths = [], []
+        init = np.asarray(batch["init"], dtype=np.float32) if "init" in batch else None
+        kinds = np.asarray(batch.get("init_kind", ["noise"] * B)).astype(str)
+        for i in range(B):
+            rel = image_stem(str(batch["subject"][i]), str(batch["variant"][i]), str(batch["stem"][i]),
+                             int(batch["item"][i]), int(batch["sample"][i]))
+            img_paths.append(str(rel) + ".png")
+            init_paths.append(str(rel) + "-init.png" if kinds[i] != "noise" else "")
+            if self.write_image is not None:
+                self.write_image(img_paths[-1], images[i])
+                if init_paths[-1]:
+                    self.write_image(init_paths[-1], torch.from_numpy(init[i]))
+        out = {k: batch[k] for k in KEEP}
+        out.update(judge_gt_top1=true.numpy().astype(np.int64), judge_top1=probs.argmax(1).numpy().astype(np.int64),
+                   acc_hit=hits, acc_n=np.full(B, n_eff, dtype=np.int64), ssim=ss.numpy(),
+                   probs=probs.numpy().astype(np.float32), image=np.asarray(img_paths, dtype=object),
+                   saliency=np.asarray(init_paths, dtype=object))
+        return out

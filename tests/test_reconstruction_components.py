@@ -1,0 +1,145 @@
+"""Stage 4 composed from tiny components built in code (no run directory, no demo): Decode -> Generate ->
+Score on a handful of rows, with the output shapes, the columns, and a fixed slice of the numbers for a
+fixed seed (the diffusers pattern: dummy components, expected output slice)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neuroimagen.config import VariantConfig
+from neuroimagen.models.classifier import Classifier
+from neuroimagen.models import ldm
+from neuroimagen.models.eeg_encoders import build_encoder
+from neuroimagen.models.saliency_gan import Generator
+from neuroimagen.models.semantic import SemanticRegressor
+from neuroimagen.models.text_encoder import build_tiny_text_encoder
+from neuroimagen.reconstruction.decode import Decode
+from neuroimagen.reconstruction.generate import Generate
+from neuroimagen.reconstruction.images import PngWriter, save_png
+from neuroimagen.reconstruction.reconstruct import Reconstruct
+from neuroimagen.reconstruction.rows import row_seed, rows_to_batch
+from neuroimagen.reconstruction.score import KEEP, Score
+
+C, T = 8, 64  # EEG channels, samples
+SAL = 32  # saliency resolution (the generator's smallest)
+R = 16  # diffusion resolution: the VAE halves once, the UNet once more
+K = 4  # classes
+VARIANTS = (VariantConfig("L+I", "saliency", "label", "own"), VariantConfig("I", "saliency", "none", "own"),
+            VariantConfig("L", "noise", "label", "own"), VariantConfig("oracle", "gt", "true_label", "own"))
+
+
+def _pipeline(te):
+    """An img2img pipeline assembled in memory from tiny components (as ``ldm.save_snapshot`` assembles one)."""
+    from diffusers import StableDiffusionImg2ImgPipeline  # heavy: imported by the test that needs it
+
+    torch.manual_seed(0)
+    vae, unet = ldm.build_tiny_vae(R, (8, 16)), ldm.build_tiny_unet(R // 2, te.hidden_size, (16, 32))
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae.eval(), text_encoder=te.model, tokenizer=te.tokenizer,
+                                          unet=unet.eval(), scheduler=ldm.ddim_scheduler(), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Tiny stage 1-3 modules, a tiny pipeline and classifier sharing one text encoder, EEG, GT images, rows."""
+    root = tmp_path_factory.mktemp("gt")
+    te = build_tiny_text_encoder(seed=0, hidden_size=32, num_layers=1, num_heads=2, max_length=16)
+    torch.manual_seed(0)
+    encoder = build_encoder("tsconv", C, T, 16, width=8).eval()
+    generator = Generator(z_dim=8, cond_dim=16, resolution=SAL, width=8).eval()
+    regressor = SemanticRegressor(C, T, te.max_length, te.hidden_size, embed_dim=16, width=8, hidden=32).eval()
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(3 * 4 * 4, K))  # (B, 3, S, S) -> (B, K)
+    clf = Classifier(net, num_classes=K, input_size=16, identity="test-linear", kind="judge", mean=(0.5, 0.5, 0.5),
+                     std=(0.1, 0.1, 0.1))
+    g = torch.Generator().manual_seed(1)
+    eeg = torch.randn(3, C, T, generator=g)  # three trials
+    gts = []
+    for j in range(3):
+        path = root / f"img{j}.png"
+        save_png(torch.rand(3, 24, 24, generator=g), path)
+        gts.append(str(path))
+    rows = [{"subject": "1", "variant": v.name, "item": j, "eeg_item": j, "sample": 0, "seed": row_seed(0, j, 0),
+             "stem": f"img{j}", "label": j, "class_name": f"class {j}", "gt": gts[j], "init_kind": v.init,
+             "semantics": v.semantics, "eeg_source": v.eeg} for v in VARIANTS for j in (0, 2)]
+    decode = Decode(segment=lambda j: eeg[j], text=te, z_dim=8, resolution=SAL, encoder=encoder, generator=generator,
+                    regressors={"label": regressor})
+    pipe = _pipeline(te)
+    generate = Generate(pipe, te.encode([""])[0], strength=0.75, guidance_scale=3.0, num_inference_steps=4)
+    return {"decode": decode, "generate": generate, "clf": clf, "rows": rows, "te": te, "root": root}
+
+
+def _score(parts, write_image=None):
+    return Score(parts["clf"], n_way=3, top_k=1, trials=20, ssim_convention="dreamdiffusion", ssim_resolution=None,
+                 write_image=write_image)
+
+
+@pytest.fixture(scope="module")
+def staged(parts, tmp_path_factory):
+    """The rows through Decode, Generate and Score one after the other, the PNGs written under ``root``."""
+    root = tmp_path_factory.mktemp("run")
+    decoded = parts["decode"](rows_to_batch(parts["rows"]))
+    generated = parts["generate"](decoded)
+    scored = _score(parts, PngWriter(root))(generated)
+    return decoded, generated, scored, root
+
+
+def test_decode_generate_score_composed_from_tiny_components(parts, staged):
+    rows = parts["rows"]
+    decoded, generated, scored, root = staged
+    B = len(rows)
+    assert decoded["init"].shape == (B, 3, SAL, SAL) and decoded["prompt"].shape == (B, 16, 32)
+    assert list(decoded["init_kind"]) == [r["init_kind"] for r in rows]
+    by = {(r["variant"], r["item"]): i for i, r in enumerate(rows)}
+    assert np.all(decoded["init"][by[("L", 0)]] == 0)  # pure noise: no init image
+    assert np.allclose(decoded["prompt"][by[("I", 0)]], parts["te"].encode([""])[0].numpy())  # empty caption
+    # the same trial's saliency map, whatever the variant: z is seeded by the row
+    np.testing.assert_array_equal(decoded["init"][by[("L+I", 2)]], decoded["init"][by[("I", 2)]])
+
+    assert generated["image"].shape == (B, 3, R, R) and "prompt" not in generated
+    assert generated["image"].min() >= 0 and generated["image"].max() <= 1
+
+    assert set(scored) == set(KEEP) | {"judge_gt_top1", "judge_top1", "acc_hit", "acc_n", "ssim", "probs", "image",
+                                       "saliency"}
+    assert scored["probs"].shape == (B, K) and np.allclose(scored["probs"].sum(1), 1, atol=1e-5)
+    assert (scored["acc_n"] == 3).all() and ((scored["acc_hit"] >= 0) & (scored["acc_hit"] <= 1)).all()
+    assert scored["image"][0] == "results/images/s1/L+I/img0-0-0.png"
+    assert scored["saliency"][by[("L", 0)]] == "" and scored["saliency"][0] == "results/images/s1/L+I/img0-0-0-init.png"
+    assert (root / scored["image"][0]).is_file() and (root / scored["saliency"][0]).is_file()
+
+    # a fixed slice of the numbers for seed 0
+    np.testing.assert_allclose(generated["image"][0, :, 8, 4:7].ravel(), EXPECTED_IMAGE_SLICE, atol=1e-4)
+    np.testing.assert_allclose(scored["ssim"], EXPECTED_SSIM, atol=1e-4)
+    np.testing.assert_allclose(scored["probs"][:, 0], EXPECTED_PROB0, atol=1e-4)
+    np.testing.assert_allclose(scored["acc_hit"], EXPECTED_ACC, atol=1e-6)
+    assert list(scored["judge_top1"]) == [2, 3, 2, 3, 1, 0, 2, 3] and list(scored["judge_gt_top1"]) == [1, 2] * 4
+
+
+def test_reconstruct_is_the_three_in_a_row_and_score_needs_no_image_writer(parts, staged, tmp_path, monkeypatch):
+    _, _, scored, _ = staged
+    monkeypatch.chdir(tmp_path)
+    fused = Reconstruct(parts["decode"], parts["generate"], _score(parts))(rows_to_batch(parts["rows"]))
+    assert list(fused["image"]) == list(scored["image"])  # the paths are still named...
+    assert not any(tmp_path.iterdir())  # ...and nothing is written
+    np.testing.assert_allclose(fused["ssim"], scored["ssim"], atol=1e-6)
+    np.testing.assert_allclose(fused["probs"], scored["probs"], atol=1e-6)
+    assert list(fused["acc_hit"]) == list(scored["acc_hit"])
+
+
+def test_a_row_needing_a_missing_component_is_one_clear_error(parts):
+    from neuroimagen.errors import ConfigError
+
+    row = dict(parts["rows"][0], semantics="image", variant="B+I")
+    with pytest.raises(ConfigError, match="variant 'B\\+I': 'image' semantics need the stage-3 'image' regressor"):
+        parts["decode"](rows_to_batch([row]))
+
+
+# recorded from a first run (CPU, float32)
+EXPECTED_IMAGE_SLICE = [0.394730, 0.582533, 0.578680, 0.752336, 0.468001, 0.346104, 0.009781, 0.138490, 0.137390]
+EXPECTED_SSIM = [0.024566, -0.040417, 0.021471, -0.044792, 0.094649, 0.061239, 0.015968, -0.039973]
+EXPECTED_PROB0 = [0.158452, 0.149580, 0.168392, 0.155420, 0.134871, 0.256014, 0.157988, 0.147853]
+EXPECTED_ACC = [0.0, 0.3, 0.0, 0.3, 1.0, 0.0, 0.0, 0.3]
