@@ -48,7 +48,7 @@ def setup(a: dict) -> dict:
         out["train_s"] = time.perf_counter() - t
     if a.get("eval_models"):
         from neuroimagen.data.datasets import load_splits
-        from neuroimagen.evaluation import prepare_classifier, prepare_ldm
+        from neuroimagen.runs.evaluation import prepare_classifier, prepare_ldm
         from neuroimagen.runs.training import prepare_data as prep
 
         cfg = prep(cfg, run_dir, _log)
@@ -222,7 +222,7 @@ def data_probe(a: dict) -> dict:
     out: dict = {"backend": a["backend"], "actors": a.get("actors", 1), "threads": a["threads"], "rows": len(rows),
                  "batch_size": cfg.eval.batch_size, "runs": []}
     if a["backend"] == "local":
-        from neuroimagen.evaluation import run_local
+        from neuroimagen.runs.evaluation import run_local
         from neuroimagen.reconstruction.factory import load_decode, load_generate, load_score
 
         loads = {}
@@ -233,7 +233,7 @@ def data_probe(a: dict) -> dict:
         out["model_load_s"] = loads
 
         def run(rs, on_batch):
-            run_local(rs, cfg, sources, cfg.eval.batch_size, on_batch, progress=False)
+            run_local(rs, cfg, sources, on_batch, progress=False)
     else:
         from neuroimagen.distributed.data import run_on_ray
         from neuroimagen.distributed.train import init_ray
@@ -258,7 +258,7 @@ def data_probe(a: dict) -> dict:
 
 
 def scale_probe(a: dict) -> dict:
-    from neuroimagen.evaluation import reconstruct
+    from neuroimagen.backends import reconstruct
     from neuroimagen.runs.training import prepare_data
 
     run_dir = Path(a["run_dir"])

@@ -264,10 +264,10 @@ def _csv_list(text, what, cast=str):
 def reconstruct(run, variants, subjects, config_path, overrides):
     """Generate images for subjects x variants x test trials x samples, and score them (resumable)."""
     cfg = _run_config(run, config_path, overrides)
-    from neuroimagen.evaluation import reconstruct as run_reconstruct
+    from neuroimagen import backends
 
     with _hold(run, create=False):
-        run_reconstruct(cfg, run, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int))
+        backends.reconstruct(cfg, run, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int))
 
 
 @cli.command()
@@ -279,12 +279,10 @@ def ablation(out, variants, subjects, config_path, overrides):
     """Train what the variants need, reconstruct and score all subjects x variants, write the report."""
     cfg = _load(config_path, overrides)
     from neuroimagen import backends
-    from neuroimagen.evaluation import ablation as run_ablation
     from neuroimagen.runs.reports import summary_table
 
     with _hold(out):
-        run_ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int),
-                     fit=backends.fit_stage)
+        backends.ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int))
     click.echo(summary_table(out))
 
 
@@ -292,7 +290,7 @@ def ablation(out, variants, subjects, config_path, overrides):
 @click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A reconstructed run directory.")
 def evaluate(run):
     """Reduce the scored shards into results/per_sample.parquet, summary.csv and protocol.json."""
-    from neuroimagen.evaluation import evaluate as run_evaluate
+    from neuroimagen.runs.evaluation import evaluate as run_evaluate
     from neuroimagen.runs.reports import summary_table
 
     with _hold(run, create=False):
@@ -329,7 +327,8 @@ def demo(quick, out, overwrite, config_path, overrides):
 
     check_target(out, "run", overwrite)  # before the lock file: a folder that is not ours is left untouched
     with _hold(out):
-        res = run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage)
+        res = run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage,
+                       execute=backends.run_rows)
     for line in res["lines"]:
         click.echo(line)
 

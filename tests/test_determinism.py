@@ -34,7 +34,7 @@ VARIANTS = ["L+I", "chance"]
 
 
 def _ablation(out: Path, extra=()) -> pd.DataFrame:
-    from neuroimagen.evaluation import ablation
+    from neuroimagen.runs.evaluation import ablation
 
     ablation(load_config(None, TINY + list(extra)), out, VARIANTS, log=lambda m: None)
     return pd.read_csv(out / "results" / "summary.csv", dtype={"subject": str})

@@ -92,7 +92,8 @@ def _one_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 
 @pytest.mark.slow
 def test_a_killed_generation_actor_is_retried_and_every_row_lands_once(demo_run, tmp_path, ray_session):
-    from neuroimagen.evaluation import evaluate, reconstruct
+    from neuroimagen.backends import reconstruct
+    from neuroimagen.runs.evaluation import evaluate
 
     run = _copy(demo_run, tmp_path)
     before = pd.read_parquet(run / "results" / "per_sample.parquet")
@@ -118,19 +119,19 @@ def test_a_killed_generation_actor_is_retried_and_every_row_lands_once(demo_run,
 def test_rows_delivered_twice_are_written_once(demo_run, tmp_path, monkeypatch):
     """At-least-once delivery (a retried task re-emits rows, even after their shard was written) loses and
     duplicates nothing."""
-    import neuroimagen.evaluation as evaluation
+    import neuroimagen.runs.evaluation as evaluation
 
     run = _copy(demo_run, tmp_path)
     before = pd.read_parquet(run / "results" / "per_sample.parquet")
     (_shards(run) / "s2__L.parquet").unlink()
     real = evaluation.run_local
 
-    def twice(rows, cfg, sources, batch_size, on_batch, progress=True):
+    def twice(rows, cfg, sources, on_batch, progress=True):
         def deliver(batch):
             on_batch(batch)
             on_batch({k: v.copy() for k, v in batch.items()})
 
-        real(rows, cfg, sources, batch_size, deliver, progress)
+        real(rows, cfg, sources, deliver, progress)
 
     monkeypatch.setattr(evaluation, "run_local", twice)
     cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.batch_size=12"])

@@ -19,7 +19,7 @@ CORE = ["neuroimagen", "neuroimagen.config", "neuroimagen.errors", "neuroimagen.
         "neuroimagen.models.ldm", "neuroimagen.models.classifier", "neuroimagen.frozen.ldm", "neuroimagen.frozen.judge",
         "neuroimagen.reconstruction.rows", "neuroimagen.reconstruction.images", "neuroimagen.reconstruction.decode",
         "neuroimagen.reconstruction.generate", "neuroimagen.reconstruction.score", "neuroimagen.reconstruction.reconstruct",
-        "neuroimagen.reconstruction.factory", "neuroimagen.evaluation", "neuroimagen.metrics.summary",
+        "neuroimagen.reconstruction.factory", "neuroimagen.runs.evaluation", "neuroimagen.metrics.summary",
         "neuroimagen.runs.reports", "neuroimagen.runs.sweeps", "neuroimagen.logs", "neuroimagen.rundir"]
 
 

@@ -66,7 +66,7 @@ def test_the_callables_run_without_ray(demo_run):
     from neuroimagen.reconstruction.factory import (ReconstructFromRun, RunSources, load_decode, load_generate,
                                                     load_score, stage_models)
     from neuroimagen.reconstruction.rows import build_rows, needed_stages, rows_to_batch
-    from neuroimagen.training.run import read_run
+    from neuroimagen.runs.training import read_run
 
     run, _, _ = demo_run
     cfg = load_config(run / "config.yaml")
@@ -100,7 +100,7 @@ def test_the_callables_run_without_ray(demo_run):
 
 
 def test_rerun_reuses_finished_shards_and_recomputes_missing_or_damaged_ones(demo_run, tmp_path):
-    from neuroimagen.evaluation import evaluate, reconstruct
+    from neuroimagen.runs.evaluation import evaluate, reconstruct
 
     run = _copy(demo_run[0], tmp_path)
     before = pd.read_parquet(run / "results" / "per_sample.parquet")
@@ -119,7 +119,7 @@ def test_rerun_reuses_finished_shards_and_recomputes_missing_or_damaged_ones(dem
 
 
 def test_changed_settings_never_reuse_old_shards(demo_run, tmp_path):
-    from neuroimagen.evaluation import reconstruct
+    from neuroimagen.runs.evaluation import reconstruct
 
     run = _copy(demo_run[0], tmp_path)
     cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.trials=7"])
@@ -129,7 +129,8 @@ def test_changed_settings_never_reuse_old_shards(demo_run, tmp_path):
 
 @pytest.mark.parametrize("pipeline", ["fused", "staged"])
 def test_ray_data_pipeline_matches_the_plain_loop(demo_run, tmp_path, ray_session, pipeline):
-    from neuroimagen.evaluation import evaluate, reconstruct
+    from neuroimagen.backends import reconstruct
+    from neuroimagen.runs.evaluation import evaluate
 
     run = _copy(demo_run[0], tmp_path)
     before = pd.read_parquet(run / "results" / "per_sample.parquet")

@@ -27,6 +27,7 @@ the driver keys rows by (item, sample) per shard, so a re-delivered row is writt
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import ray
@@ -34,8 +35,14 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from neuroimagen.config import Config, to_dict
-from neuroimagen.reconstruction.factory import (DecodeFromRun, GenerateFromRun, ReconstructFromRun, RunSources,
-                                                ScoreFromRun)
+from neuroimagen.distributed.train import init_ray
+from neuroimagen.reconstruction.factory import (
+    DecodeFromRun,
+    GenerateFromRun,
+    ReconstructFromRun,
+    RunSources,
+    ScoreFromRun,
+)
 
 
 def build_dataset(rows: list[dict], cfg: Config, sources: RunSources) -> "ray.data.Dataset":
@@ -59,7 +66,12 @@ def build_dataset(rows: list[dict], cfg: Config, sources: RunSources) -> "ray.da
 
 def run_on_ray(rows: list[dict], cfg: Config, sources: RunSources, on_batch: Callable[[dict], None],
                progress: bool = True) -> None:
-    """Run the pipeline over ``rows`` and hand every scored batch to ``on_batch`` on the driver."""
+    """``RunRows`` on Ray Data (``eval.backend: ray``): joins or starts Ray, runs the pipeline over ``rows`` and
+    hands every scored batch to ``on_batch`` on the driver."""
+    init_ray(cfg)
+    # One torch thread per actor (the one CPU it reserves): measured 2x the images/s of cores/actors threads
+    # on 2 cores, whose OpenMP team stalls whenever the driver or Ray's own processes take a core.
+    sources = sources if sources.threads else dataclasses.replace(sources, threads=1)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
     ds = build_dataset(rows, cfg, sources)

@@ -18,14 +18,23 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from neuroimagen.errors import ConfigError, DataError
-from neuroimagen.models.classifier import Classifier, JudgeCNN, check_images, judge_identity, positive_int, resize_images
+from neuroimagen.logs import Progress, get_logger
+from neuroimagen.models.classifier import (
+    Classifier,
+    JudgeCNN,
+    check_images,
+    judge_identity,
+    positive_int,
+    resize_images,
+)
 
 __all__ = ["augment_batch", "train_judge", "judge_cache_key", "JUDGE_VERSION"]
 
 JUDGE_VERSION = 1  # bump when train_judge's recipe changes: invalidates judge_cache_key caches
+
+_log = get_logger(__name__)
 
 
 def _uniform(b: int, low: float, high: float, g: torch.Generator) -> Tensor:
@@ -156,7 +165,7 @@ def train_judge(images: Tensor, labels: Tensor, num_classes: int, *, val_images:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         model.train()
         order = torch.empty(0, dtype=torch.long)
-        bar = tqdm(total=int(steps), desc="judge", disable=None if progress else True, leave=False)
+        bar = Progress(total=int(steps), desc="judge", unit="step", logger=_log, enabled=progress)
         try:
             for _ in range(int(steps)):
                 if order.numel() < bs:
@@ -170,7 +179,7 @@ def train_judge(images: Tensor, labels: Tensor, num_classes: int, *, val_images:
                 sched.step()
                 bar.update(1)
                 if progress:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                    bar.set_postfix(f"loss={loss.item():.3f}")
         finally:
             bar.close()
     model = model.to(memory_format=torch.contiguous_format).eval()  # same numerics as a loaded judge

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from diffusers import DDPMScheduler
 
 from neuroimagen.config import LDMConfig
 from neuroimagen.errors import DataError
+from neuroimagen.logs import Progress, get_logger
 from neuroimagen.models.ldm import SD_SCHEDULE, build_tiny_unet, build_tiny_vae
+
+_log = get_logger(__name__)
 
 
 def tiny_ldm_key(te_identity: str, image_ids: Sequence[str], captions: Sequence[Sequence[str]], lc: LDMConfig) -> str:
@@ -37,15 +40,14 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor], empty_embed: torch.Tensor,
-                   lc: LDMConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                   lc: LDMConfig, progress: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
     """Train a tiny VAE, then a conditional UNet; returns {'vae', 'unet', 'history'}.
 
     images: (N, 3, R, R) in [0, 1], the training images. caption_embeds: a list of (N, L, E) tensors, one
     per caption kind (row i = a caption of image i); each step draws one kind per image. empty_embed:
     (L, E), the embedding of the empty caption (classifier-free-guidance dropout target).
     """
-    from diffusers import DDPMScheduler  # heavy: imported when a tiny LDM is actually trained
-
+    log = log or _log.info
     torch.manual_seed(lc.seed)
     g = torch.Generator().manual_seed(lc.seed)
     x_all = images.float() * 2 - 1  # (N, 3, R, R) in [-1, 1]
@@ -59,8 +61,8 @@ def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor],
     vae = build_tiny_vae(lc.resolution, lc.vae_channels)
     opt = torch.optim.AdamW(vae.parameters(), lr=lc.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lc.vae_steps)
-    bar = tqdm(range(lc.vae_steps), desc="tiny LDM: VAE", disable=None if progress else True, leave=False)
-    for step in bar:
+    bar = Progress(total=lc.vae_steps, desc="tiny LDM: VAE", unit="step", logger=_log, enabled=progress)
+    for step in range(lc.vae_steps):
         x = _augment(x_all[torch.randint(0, N, (bs,), generator=g)], g)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
@@ -70,7 +72,8 @@ def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor],
         opt.step()
         sched.step()
         history["vae"].append(loss.item())
-        bar.set_postfix(mse=f"{history['vae'][-1]:.4f}")
+        bar.set_postfix(f"mse={history['vae'][-1]:.4f}")
+        bar.update(1)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         lat = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, N, 64)])
@@ -87,8 +90,9 @@ def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor],
     unet = build_tiny_unet(lat.shape[-1], kinds.shape[-1], lc.unet_channels)
     opt = torch.optim.AdamW(unet.parameters(), lr=lc.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lc.unet_steps)
-    bar = tqdm(range(lc.unet_steps), desc="tiny LDM: UNet", disable=None if progress else True, leave=False)
-    for step in bar:
+    bar.close()
+    bar = Progress(total=lc.unet_steps, desc="tiny LDM: UNet", unit="step", logger=_log, enabled=progress)
+    for step in range(lc.unet_steps):
         idx = torch.randint(0, N, (bs,), generator=g)
         z0 = lat[idx]
         flip = torch.rand(bs, generator=g) < 0.5
@@ -109,7 +113,9 @@ def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor],
         opt.step()
         sched.step()
         history["unet"].append(loss.item())
-        bar.set_postfix(eps_mse=f"{history['unet'][-1]:.4f}")
+        bar.set_postfix(f"eps_mse={history['unet'][-1]:.4f}")
+        bar.update(1)
+    bar.close()
     unet.eval().requires_grad_(False)
     tail = history["unet"][-max(1, lc.unet_steps // 10):]
     log(f"tiny LDM: UNet epsilon MSE {sum(tail) / len(tail):.4f} over the last {len(tail)} steps (1.0 = predicting nothing)")

@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from neuroimagen.atomic import atomic_dir
 from neuroimagen.errors import ConfigError, DataError
+from neuroimagen.training.checkpoint import state_to_cpu
 
 __all__ = ["Classifier", "JudgeCNN", "save_classifier", "load_classifier", "load_torchvision_classifier",
            "judge_identity", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -221,9 +223,6 @@ def save_classifier(clf: Classifier, directory: str | os.PathLike, overwrite: bo
     Only judges can be saved (a torchvision classifier is its weights file). A non-empty ``directory`` is
     replaced unless ``overwrite=False`` (then ``OutputError``).
     """
-    from neuroimagen.atomic import atomic_dir
-    from neuroimagen.training.checkpoint import state_to_cpu
-
     if clf.kind != "judge" or not clf.spec or clf.spec.get("builder") not in _BUILDERS:
         raise ConfigError(f"save_classifier: {clf.identity}: only judge classifiers can be saved "
                           f"(kind {clf.kind!r}; a torchvision classifier is its weights file)")
@@ -348,9 +347,9 @@ def load_torchvision_classifier(arch: str, weights: str | os.PathLike, *,
     mean/std. ``num_classes`` is the network's output size. A missing file, an unreadable one or a state
     dict that does not fit raises ``ConfigError("<weights>: ...")``.
     """
-    import torchvision
-
     path = Path(os.fspath(weights)).expanduser()
+    import torchvision  # noqa: PLC0415 - only for these optional classifiers: the judge path stays free of it
+
     names = set(torchvision.models.list_models())
     if arch not in names:
         raise ConfigError(f"{weights}: unknown torchvision architecture {arch!r} (expected a torchvision.models "

@@ -15,11 +15,21 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from neuroimagen.atomic import write_text
-from neuroimagen.config import Config, load_config, write_config
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+from neuroimagen.atomic import atomic_path, write_text
+from neuroimagen.config import Config, load_config, override, write_config
+from neuroimagen.data.datasets import load_image, load_splits
+from neuroimagen.data.inspection import inspect_dataset, render_report
+from neuroimagen.data.synthetic import synthesize
 from neuroimagen.logs import get_logger
+from neuroimagen.probe import probe_datasets, sampling_rate
 from neuroimagen.rundir import start_fresh
-from neuroimagen.runs.training import FitStage
+from neuroimagen.runs.evaluation import RunRows, evaluate, reconstruct
+from neuroimagen.runs.reports import summary_table, write_report
+from neuroimagen.runs.training import FitStage, train
 
 _log = get_logger(__name__)
 
@@ -50,15 +60,7 @@ def _step(i: int, n: int, text: str) -> float:
 
 def stimulus_grid(dataset, path: Path, per_class: int = 4) -> Path:
     """PNG grid: one row per class, ``per_class`` training images each, labelled with the class name."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from neuroimagen.atomic import atomic_path
-    from neuroimagen.data.datasets import load_image
-
     rec = dataset.recording
     labels = dataset.labels.numpy()
     classes = sorted(set(labels.tolist()))
@@ -80,12 +82,13 @@ def stimulus_grid(dataset, path: Path, per_class: int = 4) -> Path:
 
 
 def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False, user_overrides=(),
-             fit: Optional[FitStage] = None) -> dict:
+             fit: Optional[FitStage] = None, execute: Optional[RunRows] = None) -> dict:
     """Run every implemented step on a fresh twin under ``out``; returns the headline numbers, the report's path
     and ``lines``: what to show a person at the end (the summary table, the probe, where to look).
 
-    ``fit``: how a stage is fitted (``neuroimagen.backends.fit_stage``; default: in-process, which the
-    ``--quick`` preset's ``train.backend: local`` needs).
+    ``fit`` / ``execute``: how a stage is fitted and how rows are generated and scored
+    (``neuroimagen.backends.fit_stage`` / ``run_rows``; default: in-process, which the ``--quick`` preset's
+    ``local`` backends need).
 
     ``out`` must be new or empty; with ``overwrite`` it may also be a run directory neuroimagen wrote,
     whose contents are removed first (any other folder is an ``OutputError`` and is left untouched).
@@ -93,13 +96,6 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     The preset (QUICK or FULL) is applied to ``cfg`` and then ``user_overrides`` again, so a user's
     ``--set`` always wins.
     """
-    from neuroimagen.config import override
-    from neuroimagen.data.datasets import load_splits
-    from neuroimagen.data.inspection import inspect_dataset, render_report
-    from neuroimagen.data.synthetic import synthesize
-    from neuroimagen.probe import probe_datasets, sampling_rate
-    from neuroimagen.runs.training import train
-
     # a fresh run (old checkpoints must not be resumed); --overwrite empties only a run neuroimagen wrote
     out_dir = start_fresh(out, "run", "neuroimagen demo", overwrite=overwrite)
     t_start = time.perf_counter()
@@ -130,13 +126,10 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     _step(4, n, f"training stages 1-3 ({run_cfg.train.backend} backend)")
     stages = train(run_cfg, out_dir, fit=fit)
 
-    from neuroimagen.evaluation import evaluate, reconstruct
-    from neuroimagen.runs.reports import summary_table, write_report
-
     _step(5, n, "stage 4: tiny latent diffusion model and judge classifier (trained on the training images)")
     _step(6, n, f"reconstructing and scoring {len(run_cfg.eval.variants)} variants x {synth_cfg.subjects} subjects "
                 f"({run_cfg.eval.backend} backend)")
-    rec_info = reconstruct(run_cfg, out_dir)
+    rec_info = reconstruct(run_cfg, out_dir, execute=execute)
     _step(7, n, "reducing the scores (ACC, IS, SSIM per subject and variant)")
     summary = evaluate(out_dir)
     _step(8, n, "writing the report")

@@ -26,6 +26,14 @@ import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from matplotlib.patches import Rectangle
+from PIL import Image
+
 from neuroimagen.atomic import atomic_dir, atomic_path, write_text
 from neuroimagen.errors import DataError, OutputError
 
@@ -166,8 +174,6 @@ def _results_file(run_dir: Path, name: str) -> Path:
 
 def load_summary(run_dir: str | os.PathLike):
     """``RUN/results/summary.csv`` as a DataFrame (subject and variant as str, the metrics as float)."""
-    import pandas as pd
-
     path = _results_file(Path(run_dir), "summary.csv")
     try:
         df = pd.read_csv(path, dtype={"subject": str, "variant": str}, keep_default_na=False,
@@ -200,9 +206,6 @@ def load_protocol(run_dir: str | os.PathLike) -> dict:
 
 def load_per_sample(run_dir: str | os.PathLike):
     """The columns of ``RUN/results/per_sample.parquet`` the report needs (not the probability vectors)."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
     path = _results_file(Path(run_dir), "per_sample.parquet")
     try:
         names = pq.read_schema(path).names
@@ -263,8 +266,6 @@ def _pooled(summary, variant: str) -> dict:
 
 def _acc_over_subjects(summary, variant: str) -> tuple[float, float, int]:
     """(mean, sample std, number of subjects) of the per-subject ACC of a variant."""
-    import numpy as np
-
     per = summary[(summary["variant"] == variant) & (summary["subject"] != "all")]["acc"].astype(float).dropna()
     if len(per) == 0:
         return float("nan"), float("nan"), 0
@@ -427,8 +428,6 @@ def protocol_section(protocol: dict) -> list[str]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
@@ -437,12 +436,7 @@ def _save(fig, path: Path) -> Path:
 
 def plot_per_subject(summary, path: Path) -> Path:
     """Grouped bars of ACC (dashed chance line) and SSIM per subject × variant."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     variants = _order_variants(summary["variant"])
     groups = _subjects(summary)
     if len(groups) != 1:
@@ -472,9 +466,6 @@ def plot_per_subject(summary, path: Path) -> Path:
 
 def _thumb(path: Path, cell: int):
     """An image scaled to fit a cell (aspect kept, centred on white), as uint8 (cell, cell, 3); None if unreadable."""
-    import numpy as np
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -497,13 +488,7 @@ def _mosaic(cells: list[list[Optional[Path]]], col_titles: list[str], row_titles
     A cell that is ``None`` is left blank ("none"); a path that cannot be read is a grey "missing" cell
     (its path is appended to ``missing``). Columns in ``framed_cols`` get a red frame, as in the paper.
     """
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Rectangle
-
     n_rows, n_cols = len(cells), len(col_titles)
     pad, cell = 6, _CELL
     h, w = n_rows * cell + (n_rows + 1) * pad, n_cols * cell + (n_cols + 1) * pad

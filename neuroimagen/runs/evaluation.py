@@ -21,11 +21,30 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
+
+import pandas as pd
+import torch
 
 from neuroimagen.atomic import atomic_path, make_dir, remove_partials, write_text
 from neuroimagen.config import Config, to_dict
+from neuroimagen.data.captions import label_caption
+from neuroimagen.data.datasets import load_image, load_splits
 from neuroimagen.errors import ConfigError, DataError
+from neuroimagen.frozen.judge import judge_cache_key, train_judge
+from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
+from neuroimagen.logs import Progress, get_logger
+from neuroimagen.metrics.nway import effective_n
+from neuroimagen.metrics.summary import summarize
+from neuroimagen.models import ldm
+from neuroimagen.models.classifier import load_classifier, save_classifier
+from neuroimagen.models.ldm import snapshot_resolution
+from neuroimagen.reconstruction.factory import RunSources, load_reconstruct, stage_models
+from neuroimagen.reconstruction.rows import build_rows, needed_stages, rows_to_batch, safe_name, select_variants
+from neuroimagen.runs.reports import write_report
+from neuroimagen.runs.training import FitStage, prepare_data, read_run, train
+from neuroimagen.stages.semantic import text_encoder_for
+from neuroimagen.training.loop import kill_once
 
 STATE = "results/state.json"
 # eval settings that do not change any number (execution only)
@@ -33,8 +52,15 @@ _EXECUTION_KEYS = ("backend", "actors", "pipeline", "batch_size", "use_gpu", "va
                    "fault_injection_shard")
 
 
-def _log_default(msg: str) -> None:
-    print(msg, flush=True)
+_log = get_logger(__name__)
+
+
+class RunRows(Protocol):
+    """Push ``rows`` through decode -> generate -> score built from ``sources``
+    (``neuroimagen.reconstruction.factory.RunSources``) and hand each scored batch to ``on_batch`` on this process."""
+
+    def __call__(self, rows: list[dict], cfg: Config, sources: RunSources, on_batch: Callable[[dict], None],
+                 progress: bool = True) -> None: ...
 
 
 def _unique_images(ds) -> tuple[list[str], list[int], list[str]]:
@@ -55,31 +81,21 @@ def _unique_images(ds) -> tuple[list[str], list[int], list[str]]:
 
 def _decode(paths: list[str], size: int):
     """Images (N, 3, size, size) in [0, 1]; only called when a cached model has to be (re)trained."""
-    import torch
-
-    from neuroimagen.data.datasets import load_image
-
     return torch.stack([load_image(p, size) for p in paths]) if paths else torch.empty(0, 3, size, size)
 
 
-def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], None] = _log_default) -> tuple[str, dict]:
+def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Optional[Callable[[str], None]] = None) -> tuple[str, dict]:
     """(snapshot directory, description). Pretrained: resolved offline. Tiny: trained once, cached by hash."""
-    from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
-    from neuroimagen.models import ldm
-
+    log = log or _log.info
     lc = cfg.ldm
     if lc.pretrained is not None:
         root = ldm.resolve_snapshot(lc.pretrained)
         return str(root), {"kind": "pretrained", "identity": str(root)}
-    from neuroimagen.stages.semantic import text_encoder_for
-
     train = splits["train"]
     paths, _, stems = _unique_images(train)
     rec = train.recording
     names = rec.class_names
     label_by_stem = {rec.stems[int(j)]: int(rec.labels[int(j)]) for j in train.indices}
-    from neuroimagen.data.captions import label_caption
-
     captions = [[label_caption(names[label_by_stem[s]]) for s in stems]]
     if rec.captions is not None and all(s in rec.captions for s in stems):
         captions.append([rec.captions[s] for s in stems])
@@ -108,8 +124,9 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Callable[[str], N
 
 
 def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int,
-                       log: Callable[[str], None] = _log_default) -> tuple[dict, dict]:
+                       log: Optional[Callable[[str], None]] = None) -> tuple[dict, dict]:
     """(classifier spec for Score, description). Judge: trained on the training images, cached by hash."""
+    log = log or _log.info
     ec = cfg.eval
     if ec.classifier is not None:
         if not Path(ec.classifier_weights).is_file():
@@ -117,11 +134,6 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
         spec = {"kind": "torchvision", "arch": ec.classifier, "weights": ec.classifier_weights,
                 "image_size": ec.classifier_image_size}
         return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}"}
-    from neuroimagen.frozen.judge import judge_cache_key, train_judge
-    from neuroimagen.models.classifier import load_classifier, save_classifier
-
-    import torch
-
     paths, labels, stems = _unique_images(splits["train"])
     key = judge_cache_key(json.dumps(stems), resolution=resolution, steps=ec.judge_steps, width=ec.judge_width,
                           seed=cfg.seed, labels=labels)
@@ -154,15 +166,11 @@ def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identit
 
 
 def _shard_name(subject: str, variant: str) -> str:
-    from neuroimagen.reconstruction.rows import safe_name
-
     return f"s{subject}__{safe_name(variant)}.parquet"
 
 
 def _read_shard(path: Path, expected: int):
     """A finished shard's rows, or None when missing / unreadable / incomplete (then it is recomputed)."""
-    import pandas as pd
-
     if not path.is_file():
         return None
     try:
@@ -174,8 +182,6 @@ def _read_shard(path: Path, expected: int):
 
 def _die_mid_write(tmp: Path, marker: Path) -> None:
     """Testing hook (``eval.fault_injection_shard``): leave ``tmp`` half-written and SIGKILL this process, once."""
-    from neuroimagen.training.loop import kill_once
-
     if marker.exists():
         return
     data = tmp.read_bytes()
@@ -184,14 +190,18 @@ def _die_mid_write(tmp: Path, marker: Path) -> None:
 
 
 def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[str]] = None,
-                subjects: Optional[Sequence[int]] = None, log: Callable[[str], None] = _log_default) -> dict:
-    """Generate and score every missing shard; returns {'rows', 'computed', 'reused', 'seconds', 'state'}."""
-    import pandas as pd
+                subjects: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None,
+                execute: Optional[RunRows] = None) -> dict:
+    """Generate and score every missing shard; returns {'rows', 'computed', 'reused', 'seconds', 'state'}.
 
-    from neuroimagen.data.datasets import load_splits
-    from neuroimagen.reconstruction.rows import build_rows, needed_stages, select_variants
-    from neuroimagen.runs.training import read_run
-
+    ``execute`` runs the rows (``RunRows``; default ``run_local``, which needs ``eval.backend: local``; Ray Data is
+    ``neuroimagen.distributed.data.run_on_ray``, and ``neuroimagen.backends.run_rows`` picks by ``eval.backend``)."""
+    log = log or _log.info
+    if execute is None:
+        if cfg.eval.backend != "local":
+            raise ConfigError(f"eval.backend: '{cfg.eval.backend}' needs its runner passed in "
+                              "(neuroimagen.backends.run_rows); this call only has the in-process one")
+        execute = run_local
     run_dir = Path(run_dir).resolve()
     t0 = time.perf_counter()
     names = select_variants(cfg, variants)
@@ -203,8 +213,6 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                           f"`neuroimagen train --out {run_dir} --stages {','.join(missing)}` first")
     splits = load_splits(cfg.data, image_mode="path")
     snapshot, ldm_desc = prepare_ldm(cfg, run_dir, splits, log)
-    from neuroimagen.models.ldm import snapshot_resolution
-
     resolution = snapshot_resolution(snapshot) if cfg.ldm.pretrained else cfg.ldm.resolution
     # the judge sees images resized to at most 64 px (its input size), whatever the LDM's resolution
     clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, min(resolution, 64), log)
@@ -256,21 +264,9 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                 log(f"reconstruct: shard {name[:-8]} done ({done['shards']}/{len(groups) - reused})")
 
     if todo:
-        from neuroimagen.reconstruction.factory import RunSources, stage_models
-
         sources = RunSources(run_dir=str(run_dir), snapshot=snapshot, classifier=clf_spec,
                              models=stage_models(run_dir, record, stages), device="cuda" if cfg.eval.use_gpu else "cpu")
-        if cfg.eval.backend == "local":
-            run_local(todo, cfg, dataclasses.replace(sources, threads=os.cpu_count() or 1), cfg.eval.batch_size, on_batch,
-                      progress=cfg.train.progress)
-        else:
-            from neuroimagen.distributed.data import run_on_ray
-            from neuroimagen.distributed.train import init_ray
-
-            init_ray(cfg)
-            # One torch thread per actor (the one CPU it reserves): measured 2x the images/s of cores/actors threads
-            # on 2 cores, whose OpenMP team stalls whenever the driver or Ray's own processes take a core.
-            run_on_ray(todo, cfg, dataclasses.replace(sources, threads=1), on_batch, progress=cfg.train.progress)
+        execute(todo, cfg, sources, on_batch, progress=cfg.train.progress)
     left = [n for n, p in pending.items() if p]
     if left:
         raise DataError(f"reconstruct: shard(s) {', '.join(left)} incomplete after the run (rows were lost)")
@@ -279,17 +275,14 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     return {"rows": len(rows), "computed": len(todo), "reused": reused, "seconds": secs, "state": state}
 
 
-def run_local(rows: list[dict], cfg: Config, sources, batch_size: int, on_batch: Callable[[dict], None],
+def run_local(rows: list[dict], cfg: Config, sources: RunSources, on_batch: Callable[[dict], None],
               progress: bool = True) -> None:
-    """The Ray Data pipeline's callables in a plain loop over batches (same outputs, one process);
-    ``sources``: a ``neuroimagen.reconstruction.factory.RunSources``."""
-    from tqdm.auto import tqdm
-
-    from neuroimagen.reconstruction.factory import load_reconstruct
-    from neuroimagen.reconstruction.rows import rows_to_batch
-
+    """``RunRows`` in this process (``eval.backend: local``): the Ray Data pipeline's callables in a plain loop over
+    batches of ``eval.batch_size`` (same outputs), with every core unless ``sources.threads`` says otherwise."""
+    sources = sources if sources.threads else dataclasses.replace(sources, threads=os.cpu_count() or 1)
+    batch_size = cfg.eval.batch_size
     pipeline = load_reconstruct(cfg, sources)
-    with tqdm(total=len(rows), desc="reconstruct", unit="img", disable=None if progress else True, leave=False) as bar:
+    with Progress(total=len(rows), desc="reconstruct", unit="img", logger=_log, enabled=progress) as bar:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i: i + batch_size]
             on_batch(pipeline(rows_to_batch(chunk)))
@@ -302,13 +295,9 @@ def _dataset_name(data: dict) -> str:
     return f"{data.get('format')} `{eeg.name}`{twin}, split file `{Path(str(data.get('split_file') or '')).name}` #{data.get('split_num')}"
 
 
-def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
+def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     """Shards -> ``per_sample.parquet``, ``summary.csv``, ``protocol.json``; returns the summary DataFrame."""
-    import pandas as pd
-
-    from neuroimagen.metrics.nway import effective_n
-    from neuroimagen.metrics.summary import summarize
-
+    log = log or _log.info
     run_dir = Path(run_dir).resolve()
     sp = run_dir / STATE
     if not sp.is_file():
@@ -366,18 +355,16 @@ def evaluate(run_dir: str | Path, log: Callable[[str], None] = _log_default):
 
 
 def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = None,
-             subjects: Optional[Sequence[int]] = None, log: Callable[[str], None] = _log_default,
-             fit=None) -> Path:
+             subjects: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None,
+             fit: Optional[FitStage] = None, execute: Optional[RunRows] = None) -> Path:
     """Train the stages the variants need (those not finished in ``out``), reconstruct, evaluate, report.
 
-    ``fit``: how a stage is fitted (``neuroimagen.runs.training.FitStage``; default: in-process).
+    ``fit`` / ``execute``: how a stage is fitted and how rows are generated and scored (default: in-process;
+    ``neuroimagen.backends.fit_stage`` / ``run_rows`` choose by ``train.backend`` / ``eval.backend``).
 
     The function behind ``neuroimagen ablation`` and ``jobs/ablation.py``; every step resumes.
     """
-    from neuroimagen.reconstruction.rows import needed_stages, select_variants
-    from neuroimagen.runs.reports import write_report
-    from neuroimagen.runs.training import prepare_data, read_run, train
-
+    log = log or _log.info
     run_dir = make_dir(Path(out).resolve())
     names = select_variants(cfg, variants)
     done = read_run(run_dir)["stages"]
@@ -388,7 +375,7 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     else:
         log(f"ablation: reusing the trained stages in {run_dir}")
     cfg = prepare_data(cfg, run_dir, log)
-    reconstruct(cfg, run_dir, names, subjects, log=log)
+    reconstruct(cfg, run_dir, names, subjects, log=log, execute=execute)
     evaluate(run_dir, log=log)
     path = write_report(run_dir)
     log(f"ablation: report -> {path}")
