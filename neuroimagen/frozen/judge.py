@@ -165,7 +165,7 @@ def train_judge(images: Tensor, labels: Tensor, num_classes: int, *, val_images:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         model.train()
         order = torch.empty(0, dtype=torch.long)
-        bar = Progress(total=int(steps), desc="judge", unit="step", logger=_log, enabled=progress)
+        bar = Progress(total=int(steps), desc="judge", unit="steps", logger=_log, enabled=progress)
         try:
             for _ in range(int(steps)):
                 if order.numel() < bs:

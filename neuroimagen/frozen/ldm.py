@@ -61,7 +61,7 @@ def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor],
     vae = build_tiny_vae(lc.resolution, lc.vae_channels)
     opt = torch.optim.AdamW(vae.parameters(), lr=lc.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lc.vae_steps)
-    bar = Progress(total=lc.vae_steps, desc="tiny LDM: VAE", unit="step", logger=_log, enabled=progress)
+    bar = Progress(total=lc.vae_steps, desc="tiny LDM: VAE", unit="steps", logger=_log, enabled=progress)
     for step in range(lc.vae_steps):
         x = _augment(x_all[torch.randint(0, N, (bs,), generator=g)], g)
         post = vae.encode(x).latent_dist
@@ -91,7 +91,7 @@ def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor],
     opt = torch.optim.AdamW(unet.parameters(), lr=lc.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lc.unet_steps)
     bar.close()
-    bar = Progress(total=lc.unet_steps, desc="tiny LDM: UNet", unit="step", logger=_log, enabled=progress)
+    bar = Progress(total=lc.unet_steps, desc="tiny LDM: UNet", unit="steps", logger=_log, enabled=progress)
     for step in range(lc.unet_steps):
         idx = torch.randint(0, N, (bs,), generator=g)
         z0 = lat[idx]

@@ -282,7 +282,7 @@ def run_local(rows: list[dict], cfg: Config, sources: RunSources, on_batch: Call
     sources = sources if sources.threads else dataclasses.replace(sources, threads=os.cpu_count() or 1)
     batch_size = cfg.eval.batch_size
     pipeline = load_reconstruct(cfg, sources)
-    with Progress(total=len(rows), desc="reconstruct", unit="img", logger=_log, enabled=progress) as bar:
+    with Progress(total=len(rows), desc="reconstruct", unit="images", logger=_log, enabled=progress) as bar:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i: i + batch_size]
             on_batch(pipeline(rows_to_batch(chunk)))
