@@ -142,3 +142,18 @@ def test_only_the_edge_imports_ray():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{mod}: {n}" for n in names if n == "ray" or n.startswith("ray.")]
     assert not offenders, offenders
+
+
+def test_the_runs_layer_never_picks_ray_itself(tmp_path):
+    """Asked for Ray without a Ray backend passed in, a runs function says so in one line and writes nothing
+    (only neuroimagen.backends, the face, maps train.backend / eval.backend to Ray)."""
+    from neuroimagen.config import load_config
+    from neuroimagen.errors import ConfigError
+    from neuroimagen.runs.evaluation import reconstruct
+    from neuroimagen.runs.training import train
+
+    with pytest.raises(ConfigError, match=r"train.backend: 'ray' needs its fitter passed in \(neuroimagen.backends"):
+        train(load_config(None, ["train.backend=ray"]), tmp_path / "t", ["encoder"])
+    with pytest.raises(ConfigError, match=r"eval.backend: 'ray' needs its runner passed in \(neuroimagen.backends"):
+        reconstruct(load_config(None, ["eval.backend=ray"]), tmp_path / "r")
+    assert list(tmp_path.iterdir()) == []
