@@ -17,7 +17,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from neuroimagen.config import LDMConfig
 from neuroimagen.errors import DataError
@@ -47,6 +46,8 @@ def train_tiny_ldm(images: torch.Tensor, caption_embeds: Sequence[torch.Tensor],
     per caption kind (row i = a caption of image i); each step draws one kind per image. empty_embed:
     (L, E), the embedding of the empty caption (classifier-free-guidance dropout target).
     """
+    from diffusers import DDPMScheduler  # ~7 s to import: only when a tiny LDM is actually trained
+
     log = log or _log.info
     torch.manual_seed(lc.seed)
     g = torch.Generator().manual_seed(lc.seed)

@@ -29,19 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from diffusers.utils import logging as dlog
 
-from neuroimagen.atomic import atomic_dir
 from neuroimagen.errors import ConfigError
-from neuroimagen.models.text_encoder import _cached_snapshot
 
 # SD 1.x noise schedule (scheduler_config.json of stable-diffusion-v1-5)
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -50,6 +39,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def _quiet_diffusers() -> None:
+    from diffusers.utils import logging as dlog
+
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
 
@@ -61,6 +52,8 @@ def _quiet_diffusers() -> None:
 
 def build_tiny_vae(resolution: int, channels: Sequence[int] = (16, 32), latent_channels: int = 4):
     """AutoencoderKL with ``len(channels) - 1`` halvings: (B, 3, R, R) <-> (B, 4, R / 2^(n-1), ...)."""
+    from diffusers import AutoencoderKL
+
     n = len(channels)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(channels),
@@ -70,6 +63,8 @@ def build_tiny_vae(resolution: int, channels: Sequence[int] = (16, 32), latent_c
 
 def build_tiny_unet(latent_size: int, cross_attention_dim: int, channels: Sequence[int] = (32, 64)):
     """UNet2DConditionModel with cross-attention on the lower-resolution level only (CPU-friendly)."""
+    from diffusers import UNet2DConditionModel
+
     n = len(channels)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
     up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
@@ -79,11 +74,17 @@ def build_tiny_unet(latent_size: int, cross_attention_dim: int, channels: Sequen
 
 
 def ddim_scheduler():
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def save_snapshot(directory: str | os.PathLike, vae, unet, text_encoder, extra: Optional[dict] = None) -> Path:
     """Write a Stable Diffusion snapshot directory (atomically) from components + ``neuroimagen.json``."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from neuroimagen.atomic import atomic_dir
+
     _quiet_diffusers()
     pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer,
                                           unet=unet, scheduler=ddim_scheduler(), safety_checker=None,
@@ -109,6 +110,8 @@ def resolve_snapshot(path: str) -> Path:
     elif p.exists():
         raise ConfigError(f"ldm.pretrained: {path}: is a file; {expected}")
     elif _REPO_ID.match(path) and ".." not in path and "--" not in path:
+        from neuroimagen.models.text_encoder import _cached_snapshot
+
         root = _cached_snapshot(path)
         if root is None:
             raise ConfigError(f"ldm.pretrained: {path}: not a local directory and not in the local Hugging Face "
@@ -130,6 +133,8 @@ def load_img2img(path: str, device: str | torch.device = "cpu", dtype: str = "fl
     kernels on GPUs) or ``eager`` (explicit matmul + softmax) in every UNet and VAE attention layer; the two
     agree to float tolerance. ``attention_slicing`` then replaces both with sliced attention.
     """
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
     _quiet_diffusers()
     if dtype not in _DTYPES:
         raise ConfigError(f"ldm.dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -153,6 +158,8 @@ def load_img2img(path: str, device: str | torch.device = "cpu", dtype: str = "fl
 
 def set_attention(pipe, attention: str) -> None:
     """Use ``sdpa`` or ``eager`` attention processors in the pipeline's UNet and VAE."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
     kinds = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
     if attention not in kinds:
         raise ConfigError(f"ldm.attention: expected one of {', '.join(kinds)}, got {attention!r}")
@@ -163,6 +170,8 @@ def set_attention(pipe, attention: str) -> None:
 
 def text2img_from(img2img_pipe):
     """The text-to-image pipeline sharing the img2img pipeline's components (no copy of the weights)."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(**img2img_pipe.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

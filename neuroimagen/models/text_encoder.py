@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from neuroimagen.errors import ConfigError
 
@@ -137,6 +136,8 @@ def _char_vocab() -> dict[str, int]:
 
 
 def _build_char_tokenizer(max_length: int):
+    from transformers import CLIPTokenizer
+
     # transformers 5: CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores the files (the
     # constructor takes in-memory ``vocab``/``merges``); from_pretrained is what reads vocab.json + merges.txt.
     with tempfile.TemporaryDirectory(prefix="tiny-clip-tokenizer-") as tmp:
@@ -161,6 +162,8 @@ def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, num_layers: in
     The global RNG state is restored afterwards. Same seed and sizes -> identical weights and embeddings.
     ``encode`` returns (N, max_length, hidden_size).
     """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
                         ("max_length", max_length)):
         if isinstance(value, bool) or int(value) != value or value < 1:
@@ -207,7 +210,7 @@ def _short(exc: BaseException) -> str:
 def _cached_snapshot(repo_id: str) -> Path | None:
     """The local Hugging Face cache folder of ``repo_id`` (revision ``main``), or None; never downloads."""
     try:
-        from huggingface_hub import snapshot_download  # noqa: PLC0415 - optional: the cache look-up only
+        from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         return None
     try:
@@ -252,6 +255,8 @@ def load_text_encoder(path: str) -> TextEncoder:
     already in the local Hugging Face cache. The model is loaded in float32 (fp16-only folders too).
     Anything missing or unreadable raises ``ConfigError("text_encoder.pretrained: <path>: ...")``.
     """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     path = os.fspath(path)
     root, tok_dir, enc_dir = _resolve_dirs(path)
     # transformers 5 "loads" a CLIPTokenizer from a folder without vocabulary files (a 2-token default
