@@ -18,10 +18,7 @@ import numpy as np
 
 from neuroimagen.config import Config
 from neuroimagen.errors import ConfigError, DataError
-from neuroimagen.stages import STAGE_ORDER
-
-# semantics -> the stage-3 regressor that predicts its prompt embedding
-SEMANTIC_STAGE = {"label": "semantic", "image": "semantic_image"}
+from neuroimagen.stages import SEMANTIC_STAGE, STAGE_ORDER
 
 
 def row_seed(seed: int, item: int, sample: int) -> int:
