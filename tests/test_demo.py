@@ -58,6 +58,8 @@ def test_quick_demo_results_are_complete_and_labelled(demo_run):
     assert "not Inception-v3" in protocol["is"]["classifier_note"]
     assert protocol["ssim"] == {"convention": "dreamdiffusion", "resolution": 32}
     assert protocol["ldm"]["kind"] == "tiny" and protocol["ldm"]["samples_per_eeg"] == 3
+    for when in ("reconstruct", "evaluate"):  # the versions and hardware behind the numbers
+        assert protocol["provenance"][when]["packages"]["diffusers"] and protocol["provenance"][when]["cpu_count"]
     report = (run / "report" / "report.md").read_text()
     for fragment in ("Table 3", "L+I", "oracle", "Protocol", "n=6", "grid_L+I.png", "| encoder | val_knn_acc |"):
         assert fragment in report, fragment

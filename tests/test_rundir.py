@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, assert_one_line_error
 from neuroimagen.errors import OutputError
@@ -187,6 +188,8 @@ def test_a_second_command_on_a_run_in_use_exits_2_naming_the_first(twin, tmp_pat
     assert "[encoder] done" in err
     record = json.loads((run / "run.json").read_text())
     assert record["stages"]["encoder"]["model"] == "encoder/model"
+    prov = record["stages"]["encoder"]["provenance"]  # what the stage ran on is recorded with it
+    assert prov["packages"]["torch"] == torch.__version__.split("+")[0] and prov["cpu_count"] == os.cpu_count()
     assert (run / "encoder" / "model" / "model.json").is_file()
     assert [h["epoch"] for h in json.loads((run / "encoder" / "history.json").read_text())] == [0, 1, 2]
     assert read_holder(run) is None  # released on exit: the lock file names nobody

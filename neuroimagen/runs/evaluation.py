@@ -34,6 +34,7 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.frozen.judge import judge_cache_key, train_judge
 from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
 from neuroimagen.logs import Progress, get_logger
+from neuroimagen.provenance import provenance
 from neuroimagen.metrics.nway import effective_n
 from neuroimagen.metrics.summary import summarize
 from neuroimagen.models import ldm
@@ -233,7 +234,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
              "data": {"format": cfg.data.format, "eeg": cfg.data.eeg, "split": cfg.eval.split,
                       "split_file": cfg.data.splits, "split_num": cfg.data.split_num},
              "variant_definitions": {n: dataclasses.asdict(cfg.eval.variant(n)) for n in names},
-             "resolution": resolution}
+             "resolution": resolution, "provenance": provenance()}
     write_text(run_dir / STATE, json.dumps(state, indent=1, default=str))
     log(f"reconstruct: {len(rows)} images in {len(groups)} shards ({len(names)} variants x "
         f"{len(state['subjects'])} subjects x {cfg.ldm.samples_per_eeg} samples); {reused} shards already done, "
@@ -341,6 +342,7 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                 "samples_per_eeg": state["ldm"]["samples_per_eeg"], "resolution": state["resolution"],
                 "scheduler": "DDIM (eta 0), SD 1.x noise schedule"},
         "variants": state["variant_definitions"],
+        "provenance": {"reconstruct": state.get("provenance"), "evaluate": provenance()},
     }
     res = run_dir / "results"
     with atomic_path(res / "per_sample.parquet") as tmp:

@@ -39,6 +39,7 @@ from neuroimagen.data.datasets import load_splits
 from neuroimagen.data.synthetic import synthesize
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.logs import get_logger
+from neuroimagen.provenance import provenance
 from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class
 from neuroimagen.stages.semantic import build_targets
 from neuroimagen.training.checkpoint import export_model, load_model_dir
@@ -219,7 +220,7 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
         metrics = export_stage(name, cfg, run_dir, payload)
         record["stages"][name] = {"model": f"{name}/model", "metrics": f"{name}/metrics.json",
                                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                  "seconds": round(time.perf_counter() - t0, 1)}
+                                  "seconds": round(time.perf_counter() - t0, 1), "provenance": provenance()}
         _write_run(run_dir, record)
         log(summary_line(name, metrics, run_dir))
         results[name] = metrics
