@@ -134,9 +134,20 @@ def test_nway_is_fast_at_realistic_size():
     g = gen(10)
     probs = torch.rand(3000, 1000, generator=g).softmax(1)
     true = torch.randint(0, 1000, (3000,), generator=g)
-    t0 = time.perf_counter()
-    n_way_top_k_accuracy(probs, true, n=50, k=1, trials=50, generator=gen())
-    assert time.perf_counter() - t0 < 1.0
+
+    def best_of_3(f) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    # measured side by side with sorting the same (3000, 1000) matrix, so a loaded machine slows both:
+    # 2.1x the sort on 2 idle cores; materialising 3000 x 50 draws of 49 class indices is ~25x
+    nway = best_of_3(lambda: n_way_top_k_accuracy(probs, true, n=50, k=1, trials=50, generator=gen()))
+    sort = best_of_3(lambda: probs.sort(1))
+    assert nway < 8 * sort, f"n-way accuracy took {nway:.3f} s, {nway / sort:.1f}x a sort of the same matrix"
 
 
 @pytest.mark.parametrize("probs, true, kw, frag", [
