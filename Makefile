@@ -6,12 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= demo-out
 
-.PHONY: demo demo-quick test test-fast test-avx2 lint install clean
+.PHONY: demo demo-quick test test-fast test-avx2 lint install clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test]' -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,3 +40,8 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Pin the current environment's versions (after a deliberate upgrade; then regenerate the reference results).
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e\|^pip==\|^setuptools==\|^wheel=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt

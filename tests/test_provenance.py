@@ -42,3 +42,27 @@ def test_differences_name_the_versions_that_differ():
     b = {"packages": {"torch": "2.13.0", "numpy": "2.4.6", "ray": "2.59.0"}, "cpu_capability": "AVX2", "cuda": False}
     assert differences(a, b) == ["torch 2.14.1 vs 2.13.0", "cpu_capability AVX512 vs AVX2"]
     assert differences(a, a) == []
+
+
+def test_constraints_pin_every_dependency_within_its_declared_range():
+    """constraints.txt (what make/CI install) pins each declared dependency to one version its range admits."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from conftest import REPO
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: '{line}' is not an exact pin"
+            pins[canonicalize_name(name)] = version.strip()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [d for ds in project["optional-dependencies"].values() for d in ds]
+    for spec in declared:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt has no pin for {req.name} (declared '{spec}')"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside '{spec}'"
