@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -307,6 +308,22 @@ def report(run):
     with _hold(run, create=False):
         path = write_report(run)
     click.echo(str(path))
+
+
+@cli.command()
+@click.argument("run_a", type=click.Path(file_okay=False, exists=True))
+@click.argument("run_b", type=click.Path(file_okay=False, exists=True))
+@click.option("--per-subject", is_flag=True, help="Every subject's rows, not only the pooled ones.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table to this file.")
+def compare(run_a, run_b, per_subject, out):
+    """Two evaluated runs side by side; numbers whose protocols differ are marked and the differences named."""
+    from neuroimagen.atomic import write_text
+    from neuroimagen.runs.compare import compare_runs, format_comparison
+
+    text = format_comparison(compare_runs(run_a, run_b, subjects=None if per_subject else ("all",)), run_a, run_b)
+    if out:
+        write_text(Path(out), text)
+    click.echo(text, nl=False)
 
 
 # ---------------------------------------------------------------------------------------------

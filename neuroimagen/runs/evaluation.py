@@ -34,12 +34,12 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.frozen.judge import judge_cache_key, train_judge
 from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
 from neuroimagen.logs import Progress, get_logger
-from neuroimagen.provenance import provenance
 from neuroimagen.metrics.nway import effective_n
 from neuroimagen.metrics.summary import summarize
 from neuroimagen.models import ldm
 from neuroimagen.models.classifier import load_classifier, save_classifier
 from neuroimagen.models.ldm import snapshot_resolution
+from neuroimagen.provenance import provenance
 from neuroimagen.reconstruction.factory import RunSources, load_reconstruct, stage_models
 from neuroimagen.reconstruction.rows import build_rows, needed_stages, rows_to_batch, safe_name, select_variants
 from neuroimagen.runs.reports import write_report
