@@ -301,13 +301,26 @@ def evaluate(run):
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
-def report(run):
+@click.option("--reference", "reference", type=click.Path(dir_okay=False), default=None,
+              help="Also save the run's pooled numbers, results block and provenance as a reference JSON.")
+@click.option("--readme", "readme", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Rewrite this file's results block (between <!-- results:begin/end --> markers) from the run.")
+@click.option("--command", "command", default="neuroimagen demo --quick", show_default=True,
+              help="The command that produced the run, named in the results block.")
+def report(run, reference, readme, command):
     """Write RUN/report/report.md: ablation and per-subject tables, figures, image grids, protocols."""
+    from neuroimagen.runs.reference import make_reference, save_reference, update_readme
     from neuroimagen.runs.reports import write_report
 
     with _hold(run, create=False):
         path = write_report(run)
+        ref = make_reference(run, command) if (reference or readme) else None
     click.echo(str(path))
+    if reference:
+        click.echo(str(save_reference(ref, reference)))
+    if readme:
+        changed = update_readme(readme, ref["block"])
+        click.echo(f"{readme}: results block {'rewritten' if changed else 'already up to date'}")
 
 
 @cli.command()
