@@ -116,16 +116,28 @@ def data():
 @click.option("--image-size", type=int, default=None, help="Image side in pixels.")
 @click.option("--snr", type=float, default=None, help="Signal-to-noise ratio of the evoked sources.")
 @click.option("--seed", type=int, default=None, help="Seed; the same seed writes the same files.")
+@click.option("--eeg-code", type=click.Choice(["sources", "bandpower", "erp"]), default=None,
+              help="How the EEG carries class and instance (see `neuroimagen config keys`, synth.eeg_code).")
+@click.option("--images", "images", type=click.Choice(["objects", "glyphs", "cluttered"]), default=None,
+              help="Stimulus image family.")
+@click.option("--member", default=None, help="A named member of the twin family (its settings, then any flags): "
+              "sources-objects, bandpower-objects, erp-glyphs, bandpower-cluttered.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a twin neuroimagen wrote.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @config_options
-def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, image_size, snr, seed,
-               overwrite, quiet, config_path, overrides):
+def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, image_size, snr, seed, eeg_code,
+               images, member, overwrite, quiet, config_path, overrides):
     """Write a synthetic twin dataset to OUT in the real EEG-ImageNet or THINGS-EEG2 layout."""
+    from neuroimagen.data.synthetic import TWIN_FAMILY
+
+    if member is not None and member not in TWIN_FAMILY:
+        raise click.BadParameter(f"unknown member '{member}' (known: {', '.join(TWIN_FAMILY)})", param_hint="--member")
+    preset = tuple(f"synth.{k}={json.dumps(v)}" for k, v in TWIN_FAMILY.get(member, {}).items())
     flags = {"format": fmt, "classes": classes, "images_per_class": images_per_class, "subjects": subjects,
-             "channels": channels, "times": times, "image_size": image_size, "snr": snr, "seed": seed}
+             "channels": channels, "times": times, "image_size": image_size, "snr": snr, "seed": seed,
+             "eeg_code": eeg_code, "images": images}
     extra = tuple(f"synth.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)
-    cfg = _load(config_path, tuple(overrides) + extra)
+    cfg = _load(config_path, preset + tuple(overrides) + extra)
     from neuroimagen.data.synthetic import synthesize
     from neuroimagen.rundir import check_target
 
@@ -133,7 +145,8 @@ def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, i
 
     summary = synthesize(out, cfg.synth, overwrite=overwrite, show_progress=not quiet)
     click.echo(f"wrote {summary['segments']} segments, {summary['images']} images ({cfg.synth.format}, "
-               f"{cfg.synth.classes} classes, {cfg.synth.subjects} subjects, {cfg.synth.channels} channels) to {out}")
+               f"{cfg.synth.classes} classes, {cfg.synth.subjects} subjects, {cfg.synth.channels} channels, "
+               f"EEG code {cfg.synth.eeg_code}, {cfg.synth.images}) to {out}")
     click.echo(f"read it with: --config {out}/config.yaml")
 
 

@@ -104,6 +104,13 @@ class SynthConfig:
     seed: int = param(0, ge=0, doc="everything written is a function of this seed")
     times: int = param(100, ge=8, le=4096, doc="things-eeg: samples per segment (real: 100 or 250)")
     test_repetitions: int = param(8, ge=1, le=80, doc="things-eeg: repetitions of each test image (real: 80)")
+    eeg_code: Literal["sources", "bandpower", "erp"] = param("sources", doc=(
+        "how the EEG carries class and instance: sources (phase-locked oscillatory sources whose amplitudes encode "
+        "them), bandpower (induced narrow-band power, random phase per trial, in localised channel groups), erp "
+        "(time-locked low-frequency components whose latencies and amplitudes encode them)"))
+    images: Literal["objects", "glyphs", "cluttered"] = param("objects", doc=(
+        "stimulus family: objects (class = shape x colour on a textured background), glyphs (class = fill pattern x "
+        "hue inside a rounded panel), cluttered (objects among random distractor shapes)"))
 
 
 EncoderName = Literal["lstm", "channelnet", "tsconv"]

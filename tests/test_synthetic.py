@@ -94,3 +94,97 @@ def test_lower_snr_is_harder(tmp_path):
         held = ds["test"]
         accs.append(probe_datasets(ds["train"], held, 1000.0).accuracy)
     assert accs[0] < accs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The family of twins: ways of carrying class information in the EEG, image families
+
+
+def _time_domain_accuracy(ds) -> float:
+    """A linear decoder of the time course (10-sample means): what an ERP-style decoder sees."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def xy(split):
+        rec, X, Y = split.recording, [], []
+        for j in split.indices:
+            x = rec.segment(int(j)).numpy()
+            T = x.shape[1] // 10 * 10
+            X.append(x[:, :T].reshape(x.shape[0], -1, 10).mean(-1).ravel())
+            Y.append(int(rec.labels[int(j)]))
+        return np.array(X), np.array(Y)
+
+    (xtr, ytr), (xte, yte) = xy(ds["train"]), xy(ds["test"])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(xtr, ytr)
+    return float(clf.score(xte, yte))
+
+
+@pytest.fixture(scope="module")
+def coded_twins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("codes")
+    out = {}
+    for code in ("sources", "bandpower", "erp"):
+        d = make_twin(root / code, format="eeg-imagenet", classes=8, images_per_class=30, subjects=2, channels=16,
+                      image_size=16, seed=11, eeg_code=code)
+        out[code] = load_splits(load_config(d / "config.yaml").data, image_mode="none")
+    return out
+
+
+def test_each_eeg_code_carries_the_class_in_its_own_way(coded_twins):
+    """sources: seen by both decoders; bandpower: only by band power (random phase per trial), erp: mostly in the
+    time course. Measured (8 classes, chance 0.125): band power 0.91 / 0.96 / 0.30, time domain 0.85 / 0.13 / 0.94."""
+    acc = {}
+    for code, ds in coded_twins.items():
+        sf = sampling_rate(ds["train"].recording)
+        acc[code] = (probe_datasets(ds["train"], ds["test"], sf).accuracy, _time_domain_accuracy(ds))
+    chance = 1 / 8
+    assert min(acc["sources"]) >= 4 * chance, acc
+    assert acc["bandpower"][0] >= 4 * chance and acc["bandpower"][1] <= 2 * chance, acc
+    assert acc["erp"][1] >= 4 * chance and acc["erp"][0] < acc["erp"][1] - 0.3, acc
+
+
+def test_an_unknown_eeg_code_is_one_config_error(tmp_path, run_cli):
+    from conftest import assert_one_line_error
+
+    res = run_cli("data", "synth", tmp_path / "t", "--set", "synth.eeg_code=alpha")
+    assert_one_line_error(res, "synth.eeg_code", "alpha")
+
+
+@pytest.mark.parametrize("family", ["glyphs", "cluttered"])
+def test_image_families_are_deterministic_and_the_class_sets_the_look(tmp_path, family):
+    from PIL import Image
+
+    kw = dict(format="eeg-imagenet", classes=5, images_per_class=10, subjects=1, channels=4, image_size=32, seed=4,
+              images=family)
+    a, b = digest(make_twin(tmp_path / "a", **kw)), digest(make_twin(tmp_path / "b", **kw))
+    assert a == b
+    plain = digest(make_twin(tmp_path / "o", **{**kw, "images": "objects"}))
+    jpegs = [k for k in a if k.endswith(".JPEG")]
+    assert jpegs and all(a[k] != plain[k] for k in jpegs)  # another family draws other pictures
+    attrs = json.loads((tmp_path / "a" / "attributes.json").read_text())
+    caps = json.loads((tmp_path / "a" / "captions.json").read_text())
+    looks = {}
+    for stem, at in attrs.items():
+        assert at["shape"] in caps[stem] and at["colour"] in caps[stem]
+        looks.setdefault(at["label"], set()).add((at["shape"], at["colour"]))
+    assert all(len(v) == 1 for v in looks.values()) and len({next(iter(v)) for v in looks.values()}) == 5
+    # images of one class are closer to their class mean than to other classes' means (the class shapes the picture)
+    by_class: dict[int, list[np.ndarray]] = {}
+    for p in (tmp_path / "a" / "images").rglob("*.JPEG"):
+        by_class.setdefault(attrs[p.stem]["label"], []).append(np.asarray(Image.open(p), dtype=np.float64) / 255)
+    means = {c: np.mean(v, 0) for c, v in by_class.items()}
+    hits = [min(means, key=lambda c: np.abs(x - means[c]).mean()) == lab for lab, v in by_class.items() for x in v]
+    assert np.mean(hits) >= 0.8, np.mean(hits)
+
+
+def test_family_members_are_named_presets(tmp_path, run_cli):
+    from neuroimagen.data.synthetic import TWIN_FAMILY
+
+    assert {m.get("eeg_code", "sources") for m in TWIN_FAMILY.values()} == {"sources", "bandpower", "erp"}
+    assert {m.get("images", "objects") for m in TWIN_FAMILY.values()} == {"objects", "glyphs", "cluttered"}
+    res = run_cli("data", "synth", tmp_path / "t", "--member", "erp-glyphs", "--images-per-class", "10", "--channels", "4",
+                  "--subjects", "1", "--image-size", "16", "--quiet")
+    assert res.code == 0, res
+    synth = load_config(tmp_path / "t" / "config.yaml").synth
+    assert (synth.eeg_code, synth.images, synth.classes, synth.seed, synth.images_per_class) == ("erp", "glyphs", 8, 202, 10)

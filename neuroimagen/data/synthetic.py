@@ -1,15 +1,20 @@
 """The synthetic twin: a dataset in exactly the real layouts whose EEG carries what the images show.
 
 Images are simple objects: the class fixes shape and colour; each instance varies position, size and
-background brightness. EEG is a linear mixture of oscillatory evoked sources (one frequency per
-source, spread over 10-85 Hz so every EEG-ImageNet band variant keeps some of them):
+background brightness (``synth.images``: ``objects``; ``glyphs``, a panel filled with the class's pattern in
+its hue; ``cluttered``, the objects among random distractor shapes). By default (``synth.eeg_code:
+sources``) the EEG is a linear mixture of oscillatory evoked sources (one frequency per source, spread over
+10-85 Hz so every EEG-ImageNet band variant keeps some of them):
 
     source amplitudes = class code a_c  +  W_inst @ (instance attributes - 0.5)   (per trial jitter)
     eeg = gain_subject * (M_subject @ sources) * scale(snr)  +  spatially smooth 1/f noise
           + slow drift + line noise + white noise
 
 so class *and* instance (position, size, background) are decodable, but only through noise, subject
-gains and subject-specific mixing. Segment lengths vary (EEG-ImageNet: T about 491-600, median ~505,
+gains and subject-specific mixing. ``bandpower`` carries them instead in the *power* of narrow-band rhythms
+whose phase is new on every trial, in localised channel groups (a linear time-domain decoder sees nothing;
+a band-power decoder does); ``erp`` in the latencies and amplitudes of time-locked low-frequency components
+(the reverse). :data:`TWIN_FAMILY` names members that combine them with the image families. Segment lengths vary (EEG-ImageNet: T about 491-600, median ~505,
 2 % over-long); everything is a function of the seed.
 
 Files written (eeg-imagenet): ``eeg_{5_95,14_70,55_95}_std.pth``, ``eeg_signals_raw_with_mean_std.pth``,
@@ -81,8 +86,30 @@ class ImageSpec:
                          unit(self.background, BACKGROUND)])
 
 
-def class_look(label: int) -> tuple[str, str]:
-    """(shape, colour) of a class; unique for label < 40 (8 shapes x 5 colours, coprime)."""
+# the glyph family: a fill pattern x a hue (5 x 8, coprime: unique for label < 40)
+PATTERNS = ("striped", "checkered", "dotted", "ringed", "zigzag")
+HUES = {
+    "red": (200, 30, 45), "orange": (235, 120, 20), "olive": (150, 150, 20), "green": (30, 150, 60),
+    "teal": (20, 140, 150), "blue": (40, 70, 210), "violet": (130, 50, 200), "pink": (225, 90, 170),
+}
+IMAGE_FAMILIES = ("objects", "glyphs", "cluttered")
+EEG_CODES = ("sources", "bandpower", "erp")
+# Named members of the twin family (``neuroimagen data synth OUT --member NAME``): each changes how the EEG carries
+# class and instance, the stimuli, the sizes and the seed, so that defaults which carry signal on all of them
+# are not tuned to one generator. ``sources-objects`` is the embedded default's twin.
+TWIN_FAMILY = {
+    "sources-objects": {},
+    "bandpower-objects": {"eeg_code": "bandpower", "classes": 8, "images_per_class": 10, "subjects": 3, "seed": 101},
+    "erp-glyphs": {"eeg_code": "erp", "images": "glyphs", "classes": 8, "images_per_class": 12, "seed": 202},
+    "bandpower-cluttered": {"eeg_code": "bandpower", "images": "cluttered", "classes": 6, "seed": 303},
+}
+
+
+def class_look(label: int, family: str = "objects") -> tuple[str, str]:
+    """(shape, colour) of a class; unique for label < 40 in every family (8 shapes x 5 colours, or 5 patterns x
+    8 hues: coprime counts). ``cluttered`` draws the objects' looks among distractors."""
+    if family == "glyphs":
+        return f"{PATTERNS[label % len(PATTERNS)]} panel", list(HUES)[label % len(HUES)]
     return SHAPES[label % len(SHAPES)], list(COLOURS)[label % len(COLOURS)]
 
 
@@ -106,18 +133,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(shape)
 
 
-def render_image(spec: ImageSpec, size: int, rng: np.random.Generator):
-    """A PIL image of ``spec``: a coloured shape on a textured grey background."""
-    ss = 2  # supersample for smooth edges
-    S = size * ss
-    bg = int(round(255 * spec.background))
-    texture = rng.normal(0.0, 6.0, size=(S // 8 + 1, S // 8 + 1, 3))
-    base = np.clip(bg + np.kron(texture, np.ones((8, 8, 1)))[:S, :S], 0, 255).astype(np.uint8)
-    im = Image.fromarray(base, "RGB").filter(ImageFilter.GaussianBlur(radius=3 * ss))
-    draw = ImageDraw.Draw(im)
-    shape, colour = class_look(spec.label)
-    fill = COLOURS[colour]
-    cx, cy, r = spec.cx * S, spec.cy * S, spec.size * S / 2
+def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, bg: int) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "ring":
@@ -135,6 +151,59 @@ def render_image(spec: ImageSpec, size: int, rng: np.random.Generator):
         draw.rectangle([cx - r, cy - 0.35 * r, cx + r, cy + 0.35 * r], fill=fill)
     else:
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+
+
+def _pattern(pattern: str, S: int, period: float, phase: float) -> np.ndarray:
+    """(S, S) mask in {0, 1} of a fill pattern with the given period (pixels)."""
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float64)
+    if pattern == "striped":
+        return (np.mod(xx + yy + phase, period) < period / 2).astype(float)
+    if pattern == "checkered":
+        return ((np.floor((xx + phase) / (period / 2)) + np.floor(yy / (period / 2))) % 2).astype(float)
+    if pattern == "dotted":
+        dx, dy = np.mod(xx + phase, period) - period / 2, np.mod(yy, period) - period / 2
+        return (dx**2 + dy**2 < (0.3 * period) ** 2).astype(float)
+    if pattern == "ringed":
+        rr = np.hypot(xx - S / 2, yy - S / 2)
+        return (np.mod(rr + phase, period) < period / 2).astype(float)
+    if pattern == "zigzag":
+        tri = np.abs(np.mod(xx + phase, period) - period / 2)
+        return (np.mod(yy + tri, period) < period / 2).astype(float)
+    raise ValueError(pattern)
+
+
+def render_image(spec: ImageSpec, size: int, rng: np.random.Generator, family: str = "objects"):
+    """A PIL image of ``spec`` in an image family (``synth.images``).
+
+    objects: a coloured shape on a textured grey background; glyphs: a rounded panel filled with the class's
+    pattern in its hue (position, size and background as for objects); cluttered: the object drawn over 6-10
+    random distractor shapes of random colours, which carry no class information.
+    """
+    ss = 2  # supersample for smooth edges
+    S = size * ss
+    bg = int(round(255 * spec.background))
+    texture = rng.normal(0.0, 6.0, size=(S // 8 + 1, S // 8 + 1, 3))
+    base = np.clip(bg + np.kron(texture, np.ones((8, 8, 1)))[:S, :S], 0, 255).astype(np.uint8)
+    im = Image.fromarray(base, "RGB").filter(ImageFilter.GaussianBlur(radius=3 * ss))
+    draw = ImageDraw.Draw(im)
+    shape, colour = class_look(spec.label, family)
+    cx, cy, r = spec.cx * S, spec.cy * S, spec.size * S / 2
+    if family == "glyphs":
+        fill = np.asarray(HUES[colour], dtype=np.float64)
+        mask = Image.new("L", (S, S), 0)
+        ImageDraw.Draw(mask).rounded_rectangle([cx - r, cy - r, cx + r, cy + r], radius=0.35 * r, fill=255)
+        pat = _pattern(shape.split()[0], S, period=max(4.0, 0.45 * r), phase=float(rng.uniform(0, 8)))
+        ink = fill * (0.45 + 0.55 * pat[..., None]) + 0.0  # the pattern in two shades of the hue
+        panel = np.asarray(mask, dtype=np.float64)[..., None] / 255.0
+        out = np.asarray(im, dtype=np.float64) * (1 - panel) + ink * panel
+        return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGB").resize((size, size), Image.LANCZOS)
+    if family == "cluttered":
+        for _ in range(int(rng.integers(6, 11))):
+            d_shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            d_fill = tuple(int(v) for v in rng.integers(40, 230, size=3))
+            dr = float(rng.uniform(0.06, 0.16)) * S
+            _draw_shape(draw, d_shape, float(rng.uniform(0, S)), float(rng.uniform(0, S)), dr, d_fill, bg)
+    _draw_shape(draw, shape, cx, cy, r, COLOURS[colour], bg)
     return im.resize((size, size), Image.LANCZOS)
 
 
@@ -146,8 +215,10 @@ class EEGModel:
     """The generative model of the twin's EEG (all randomness drawn once from the seed)."""
 
     def __init__(self, rng: np.random.Generator, n_classes: int, n_subjects: int, channels: int,
-                 sfreq: float, onset: float, snr: float):
-        self.sfreq, self.onset, self.snr, self.C = sfreq, onset, snr, channels
+                 sfreq: float, onset: float, snr: float, code: str = "sources"):
+        if code not in EEG_CODES:
+            raise ValueError(f"synth.eeg_code: unknown code '{code}' (expected one of {', '.join(EEG_CODES)})")
+        self.sfreq, self.onset, self.snr, self.C, self.code = sfreq, onset, snr, channels, code
         # Channel positions on a disk (sunflower), source topographies as smooth signed blobs.
         k = np.arange(channels) + 0.5
         rad, ang = np.sqrt(k / channels), k * math.pi * (3 - math.sqrt(5))
@@ -167,10 +238,42 @@ class EEGModel:
         K = np.exp(-d2c / (2 * 0.25**2))
         self.noise_mix = K / np.sqrt((K**2).sum(1, keepdims=True))  # (C, C), unit-norm rows
         self.scale = 1.0
+        if code == "bandpower":
+            # induced rhythms in localised channel groups: narrower topographies, one narrow band per source,
+            # half below and half above 55 Hz so that every EEG-ImageNet band variant keeps some of them
+            self.M = np.exp(-d2 / (2 * 0.22**2)) * rng.choice([-1.0, 1.0], size=N_SOURCES)
+            self.M_subj = self.M[None] + 0.3 * rng.normal(0.0, 1.0, size=(n_subjects, channels, N_SOURCES)) * np.abs(self.M).mean()
+            hi = min(88.0, 0.45 * sfreq)
+            lo_band = (15.0, min(50.0, 0.8 * hi))
+            hi_band = (58.0, hi) if hi > 62.0 else (0.8 * hi, hi)
+            self.freqs = np.concatenate([np.geomspace(*lo_band, N_SOURCES // 2), np.geomspace(*hi_band, N_SOURCES - N_SOURCES // 2)])
+        elif code == "erp":
+            # time-locked components: a latency per source (80-400 ms after onset) shifted by the class, a width
+            self.latency = rng.uniform(0.08, 0.40, size=N_SOURCES)
+            self.class_shift = rng.normal(0.0, 1.0, size=(n_classes, N_SOURCES))
+            self.width = rng.uniform(0.025, 0.06, size=N_SOURCES)
 
     def clean(self, label: int, attrs: np.ndarray, subject: int, T: int, rng: np.random.Generator) -> np.ndarray:
-        """Noise-free evoked signal (C, T) of one trial."""
+        """Noise-free stimulus-related signal (C, T) of one trial, in the model's code (``synth.eeg_code``)."""
         t = np.arange(T) / self.sfreq - self.onset - rng.normal(0.0, 0.008)  # latency jitter
+        if self.code == "bandpower":
+            # log-amplitudes carry class and instance; the rhythm's phase is new on every trial (not phase-locked),
+            # so averaging trials cancels it and only its power is informative
+            log_amp = 0.9 * self.class_amp[label] + 0.6 * (self.W_inst @ attrs) + 0.15 * rng.normal(size=N_SOURCES)
+            u = np.clip((t - 0.05) / 0.5, 0.0, 1.0)
+            env = np.sin(math.pi * u) ** 2  # 0.05-0.55 s after onset
+            spec = np.fft.rfft(rng.normal(size=(N_SOURCES, T)), axis=1)
+            f = np.fft.rfftfreq(T, 1.0 / self.sfreq)
+            spec *= np.exp(-0.5 * ((f[None] - self.freqs[:, None]) / 1.5) ** 2)  # about 3 Hz wide
+            nb = np.fft.irfft(spec, n=T, axis=1)
+            nb /= nb.std(axis=1, keepdims=True) + 1e-12
+            src = np.exp(log_amp)[:, None] * env[None] * nb
+            return self.gain[subject][:, None] * (self.M_subj[subject] @ src)
+        if self.code == "erp":
+            amp = (self.class_amp[label] + self.W_inst @ attrs) * (1.0 + 0.15 * rng.normal(size=N_SOURCES))
+            lat = self.latency + 0.04 * self.class_shift[label] + 0.01 * (self.W_inst[:, :2] @ attrs[:2])
+            src = amp[:, None] * np.exp(-0.5 * ((t[None] - lat[:, None]) / self.width[:, None]) ** 2)
+            return self.gain[subject][:, None] * (self.M_subj[subject] @ src)
         tau = 0.12
         u = np.clip((t - 0.04) / tau, 0.0, None)
         env = u * np.exp(1.0 - u)  # alpha function, peak 1 at 160 ms after onset
@@ -229,9 +332,10 @@ def _image_specs(rng: np.random.Generator, labels: list[int], stems: list[str]) 
     ]
 
 
-def _caption(spec: ImageSpec) -> str:
-    shape, colour = class_look(spec.label)
-    return attribute_caption(colour, shape, spec.cx, spec.cy, spec.size, spec.background)
+def _caption(spec: ImageSpec, family: str = "objects") -> str:
+    shape, colour = class_look(spec.label, family)
+    cap = attribute_caption(colour, shape, spec.cx, spec.cy, spec.size, spec.background)
+    return cap + " among other shapes" if family == "cluttered" else cap
 
 
 def _write_json(path: Path, obj) -> None:
@@ -278,10 +382,10 @@ def write_eeg_imagenet(out: Path, cfg, show_progress: bool = True) -> dict:
     for spec in _progress(specs, len(specs), "images", show_progress, unit="img"):
         d = out / "images" / spec.stem.split("_")[0]
         d.mkdir(parents=True, exist_ok=True)
-        render_image(spec, cfg.image_size, img_rng).save(d / f"{spec.stem}.JPEG", quality=92)
+        render_image(spec, cfg.image_size, img_rng, cfg.images).save(d / f"{spec.stem}.JPEG", quality=92)
 
     sfreq = 1000.0
-    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K, P, C, sfreq, onset=0.0, snr=cfg.snr)
+    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K, P, C, sfreq, onset=0.0, snr=cfg.snr, code=cfg.eeg_code)
     eeg_rng = np.random.default_rng([cfg.seed, 3])
     model.calibrate(specs, P, 500, eeg_rng, (20, 460))
     # Presentation: every subject sees every image once, in the same order; the list interleaves subjects.
@@ -332,16 +436,16 @@ def write_eeg_imagenet(out: Path, cfg, show_progress: bool = True) -> dict:
     torch.save({"splits": all_splits}, out / "block_splits_by_image_all.pth")
     torch.save({"splits": single_splits}, out / "block_splits_by_image_single.pth")
 
-    _write_json(out / "captions.json", {s.stem: _caption(s) for s in specs})
-    _write_json(out / "attributes.json", {s.stem: _attributes(s, CLASS_NAMES[wnids[s.label]]) for s in specs})
+    _write_json(out / "captions.json", {s.stem: _caption(s, cfg.images) for s in specs})
+    _write_json(out / "attributes.json", {s.stem: _attributes(s, CLASS_NAMES[wnids[s.label]], cfg.images) for s in specs})
     return {"segments": n_seg, "images": len(specs), "classes": K, "subjects": P, "channels": C,
             "over_long_segments": int(long.sum()),
             "data": {"format": "eeg-imagenet", "eeg": "eeg_5_95_std.pth", "splits": "block_splits_by_image_all.pth",
                      "images": "images", "captions": "captions.json", "image_size": cfg.image_size}}
 
 
-def _attributes(spec: ImageSpec, name: str) -> dict:
-    shape, colour = class_look(spec.label)
+def _attributes(spec: ImageSpec, name: str, family: str = "objects") -> dict:
+    shape, colour = class_look(spec.label, family)
     return {"label": spec.label, "class": name, "shape": shape, "colour": colour, "cx": round(spec.cx, 4),
             "cy": round(spec.cy, 4), "size": round(spec.size, 4), "background": round(spec.background, 4)}
 
@@ -374,13 +478,13 @@ def write_things_eeg(out: Path, cfg, show_progress: bool = True) -> dict:
         for spec in _progress(specs, len(specs), f"{which} images", show_progress, unit="img"):
             d = set_dir / f"{which}_images" / folders[spec.label]
             d.mkdir(parents=True, exist_ok=True)
-            render_image(spec, cfg.image_size, img_rng).save(d / f"{spec.stem}.jpg", quality=92)
+            render_image(spec, cfg.image_size, img_rng, cfg.images).save(d / f"{spec.stem}.jpg", quality=92)
             meta[f"{key}_img_concepts"].append(folders[spec.label])
             meta[f"{key}_img_files"].append(f"{spec.stem}.jpg")
     np.save(set_dir / "image_metadata.npy", meta, allow_pickle=True)
 
     sfreq = float(T)  # one second per segment, stimulus onset at 0.2 s
-    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K, P, C, sfreq, onset=0.2, snr=cfg.snr)
+    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K, P, C, sfreq, onset=0.2, snr=cfg.snr, code=cfg.eeg_code)
     eeg_rng = np.random.default_rng([cfg.seed, 3])
     model.calibrate(train, P, T, eeg_rng, None)
     ch_names = list(THINGS_17) if C == 17 else [f"E{i + 1}" for i in range(C)]
@@ -400,8 +504,8 @@ def write_things_eeg(out: Path, cfg, show_progress: bool = True) -> dict:
             np.save(sub / fname, {"preprocessed_eeg_data": data, "ch_names": ch_names, "times": times}, allow_pickle=True)
     bar.close()
     every = train + test
-    _write_json(out / "captions.json", {s.stem: _caption(s) for s in every})
-    _write_json(out / "attributes.json", {s.stem: _attributes(s, names[s.label]) for s in every})
+    _write_json(out / "captions.json", {s.stem: _caption(s, cfg.images) for s in every})
+    _write_json(out / "attributes.json", {s.stem: _attributes(s, names[s.label], cfg.images) for s in every})
     return {"segments": total, "images": len(every), "classes": K, "subjects": P, "channels": C, "times": T,
             "data": {"format": "things-eeg", "eeg": ".", "images": "image_set", "captions": "captions.json",
                      "image_size": cfg.image_size}}
