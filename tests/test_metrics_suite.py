@@ -1,0 +1,248 @@
+"""The MindEye reconstruction suite (PixCorr, two-way identification, correlation distance, feature networks)
+and its statistics (bootstrap CI, paired permutation test), each checked against an independent computation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from neuroimagen.metrics.pixcorr import pixcorr, pixcorr_scores
+from neuroimagen.metrics.stats import bootstrap_ci, paired_permutation_test
+from neuroimagen.metrics.twoway import correlation_distance, two_way_identification
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images(b: int, size: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, size, size, generator=gen(seed))
+
+
+# ----------------------------------------------------------------------------------------------- PixCorr
+
+
+def test_pixcorr_matches_mindeye_numpy_loop():
+    """Reference: MindEye's cells verbatim - torchvision Resize((256, 256)), Resize(425, BILINEAR) on tensors
+    (antialias off, as torchvision 0.15/0.16 did for tensors), flatten, np.corrcoef per pair, mean."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    pred, gt = images(3, 40, seed=1), images(3, 40, seed=2)
+    pred[0, :, :5] = 1.7  # out of range: MindEye clamps reconstructions to [0, 1]
+    base = transforms.Resize((256, 256), antialias=False)
+    pre = transforms.Resize(425, interpolation=transforms.InterpolationMode.BILINEAR, antialias=False)
+    p = pre(base(pred.clamp(0, 1))).reshape(3, -1).numpy()
+    g = pre(base(gt)).reshape(3, -1).numpy()
+    ref = [np.corrcoef(g[i], p[i])[0][1] for i in range(3)]
+    assert p.shape[1] == 3 * 425 * 425
+    np.testing.assert_allclose(pixcorr_scores(pred, gt).numpy(), ref, rtol=0, atol=1e-6)
+    assert pixcorr(pred, gt) == pytest.approx(np.mean(ref), abs=1e-6)
+
+
+def test_pixcorr_without_base_step_and_downscaling_matches_loop():
+    pred, gt = images(2, 500, seed=3), images(2, 500, seed=4)
+    x = torch.nn.functional.interpolate(pred.double(), size=(425, 425), mode="bilinear", align_corners=False)
+    y = torch.nn.functional.interpolate(gt.double(), size=(425, 425), mode="bilinear", align_corners=False)
+    ref = [np.corrcoef(x[i].flatten().numpy(), y[i].flatten().numpy())[0, 1] for i in range(2)]
+    np.testing.assert_allclose(pixcorr_scores(pred, gt, base_resolution=None).numpy(), ref, atol=1e-10)
+
+
+def test_pixcorr_invariants():
+    x = images(2, 16, seed=5) * 0.5 + 0.25
+    assert pixcorr(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert pixcorr(x, 1 - x) == pytest.approx(-1.0, abs=1e-12)  # bilinear weights sum to 1: resize(1-x) = 1-resize(x)
+    assert pixcorr(x, 0.5 * x + 0.1) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("pred, gt, frag", [
+    (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), "(B, 3, H, W)"),
+    (torch.rand(2, 3, 8, 8), torch.rand(3, 3, 8, 8), "equal shapes"),
+    (torch.full((1, 3, 8, 8), 0.5), torch.rand(1, 3, 8, 8), "pred image 0 is constant"),
+    (torch.zeros(0, 3, 8, 8), torch.zeros(0, 3, 8, 8), "at least one"),
+])
+def test_pixcorr_errors(pred, gt, frag):
+    with pytest.raises(ValueError, match=frag.replace("(", r"\(").replace(")", r"\)")):
+        pixcorr(pred, gt)
+
+
+# ----------------------------------------------------------------------------------------------- two-way
+
+
+def two_way_loop(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Brute force: for each reconstruction j, count the other gt i whose r(gt_i, pred_j) < r(gt_j, pred_j)."""
+    n = len(pred)
+    out = []
+    for j in range(n):
+        own = np.corrcoef(gt[j], pred[j])[0, 1]
+        wins = sum(np.corrcoef(gt[i], pred[j])[0, 1] < own for i in range(n) if i != j)
+        out.append(wins / (n - 1))
+    return np.array(out)
+
+
+def test_two_way_matches_brute_force_loop_and_mindeye_vectorised_code():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randn(12, 5, 3, generator=g)
+    pred = gt + 1.5 * torch.randn(12, 5, 3, generator=g)  # noisy reconstructions: scores strictly inside (0, 1)
+    scores, mean = two_way_identification(pred, gt)
+    p, t = pred.flatten(1).numpy(), gt.flatten(1).numpy()
+    ref = two_way_loop(p, t)
+    np.testing.assert_array_equal(scores.numpy(), ref)
+    # MindEye's own code (src/Reconstruction_Metrics.py, two_way_identification)
+    r = np.corrcoef(t, p)[:12, 12:]
+    success_cnt = np.sum(r < np.diag(r), 0)
+    assert mean == pytest.approx(np.mean(success_cnt) / 11, abs=1e-15)
+    assert 0 < mean < 1 and len(set(ref)) > 2
+
+
+def test_two_way_perfect_chance_and_ties():
+    gt = torch.randn(6, 10, generator=gen(1))
+    assert two_way_identification(gt.clone(), gt)[1] == 1.0
+    scores, _ = two_way_identification(gt[[1, 0, 2, 3, 4, 5]], gt)  # items 0 and 1 swapped
+    assert scores[0] < 1 and scores[1] < 1 and bool((scores[2:] == 1).all())
+    dup = gt.clone()
+    dup[1] = dup[0]  # two identical ground truths: a tie counts as a failure (strict <)
+    scores, _ = two_way_identification(dup.clone(), dup)
+    assert scores[0] == pytest.approx(4 / 5) and scores[1] == pytest.approx(4 / 5)
+    rand = torch.randn(400, 8, generator=gen(2))
+    assert two_way_identification(torch.randn(400, 8, generator=gen(3)), rand)[1] == pytest.approx(0.5, abs=0.03)
+
+
+def test_two_way_errors():
+    with pytest.raises(ValueError, match="at least 2 items"):
+        two_way_identification(torch.randn(1, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="equal shapes"):
+        two_way_identification(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="gt_feats row 1 is constant"):
+        two_way_identification(torch.randn(3, 4), torch.tensor([[1.0, 2, 3, 4], [2, 2, 2, 2], [0, 1, 0, 1]]))
+
+
+def test_correlation_distance_matches_scipy():
+    distance = pytest.importorskip("scipy.spatial.distance")
+    gt = torch.randn(5, 7, 2, generator=gen(4), dtype=torch.float64)
+    pred = gt + torch.randn(5, 7, 2, generator=gen(5), dtype=torch.float64)
+    d, mean = correlation_distance(pred, gt)
+    ref = [distance.correlation(gt[i].flatten().numpy(), pred[i].flatten().numpy()) for i in range(5)]
+    np.testing.assert_allclose(d.numpy(), ref, atol=1e-12)
+    assert mean == pytest.approx(np.mean(ref), abs=1e-12)
+    assert correlation_distance(gt, gt)[1] == pytest.approx(0.0, abs=1e-12)
+    assert correlation_distance(-gt, gt)[1] == pytest.approx(2.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_coverage_of_the_mean_of_normal_samples():
+    rng = np.random.default_rng(0)
+    g = gen(0)
+    hits = 0
+    for _ in range(500):  # nominal 0.95; the percentile interval of a mean undercovers slightly at n = 50
+        x = rng.normal(1.0, 2.0, size=50)
+        ci = bootstrap_ci(x, n_boot=1000, generator=g)
+        hits += ci.low <= 1.0 <= ci.high
+        assert ci.low < ci.estimate < ci.high and ci.estimate == pytest.approx(x.mean())
+    assert 0.9 <= hits / 500 <= 0.99
+
+
+def test_bootstrap_groups_resample_trials_together():
+    """Samples of one trial share a trial effect: only resampling whole trials keeps the nominal coverage."""
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(30), 4)  # 30 trials x 4 generated images
+    grouped = naive = 0
+    for _ in range(200):
+        x = np.repeat(rng.normal(0.0, 1.0, 30), 4) + rng.normal(0.0, 0.3, 120)
+        ci = bootstrap_ci(x, n_boot=500, groups=groups, seed=int(rng.integers(1 << 30)))
+        grouped += ci.low <= 0.0 <= ci.high
+        ci = bootstrap_ci(x, n_boot=500, seed=int(rng.integers(1 << 30)))
+        naive += ci.low <= 0.0 <= ci.high
+    assert 0.9 <= grouped / 200 <= 0.99
+    assert naive / 200 < 0.8  # treating the 4 images of a trial as independent makes the interval too narrow
+    assert ci.n_units == 120 and not ci.grouped
+
+
+def test_bootstrap_general_stat_uses_the_same_draws_as_the_mean_fast_path():
+    x = np.random.default_rng(2).normal(size=25)
+    groups = np.arange(25) // 2
+    fast = bootstrap_ci(x, n_boot=300, groups=groups, seed=7)
+    slow = bootstrap_ci(x, stat=lambda v: float(np.sum(v) / len(v)), n_boot=300, groups=groups, seed=7)
+    assert (fast.low, fast.high) == pytest.approx((slow.low, slow.high), abs=1e-12)
+    assert fast.n_units == 13 and fast.grouped
+    med = bootstrap_ci(x, stat=np.median, n_boot=300, seed=7)
+    assert med.estimate == pytest.approx(np.median(x)) and med.low < med.high
+    again = bootstrap_ci(torch.tensor(x), n_boot=300, groups=groups, seed=7)
+    assert again == fast  # seeded: the same call gives the same interval, whatever the input type
+    assert bootstrap_ci(x, n_boot=300, groups=groups, seed=8) != fast
+
+
+@pytest.mark.parametrize("kw, frag", [
+    (dict(values=[1.0]), "at least 2 resampling units"),
+    (dict(values=[1.0, 2.0], groups=[0, 0]), "at least 2 resampling units"),
+    (dict(values=[1.0, np.nan]), "non-finite"),
+    (dict(values=[1.0, 2.0], level=1.0), "level must lie in"),
+    (dict(values=[1.0, 2.0], n_boot=0), "n_boot must be"),
+    (dict(values=[[1.0, 2.0]]), "must be 1-D"),
+    (dict(values=[1.0, 2.0], groups=[0]), "one id per value"),
+])
+def test_bootstrap_errors(kw, frag):
+    with pytest.raises(ValueError, match=frag):
+        bootstrap_ci(**kw)
+
+
+# ----------------------------------------------------------------------------------------------- permutation
+
+
+def exact_sign_flip_p(d: np.ndarray) -> float:
+    """Independent reference: every sign vector, two-sided on |mean|."""
+    obs = abs(d.mean())
+    stats = [abs(np.mean(np.array(s) * d)) for s in itertools.product([1, -1], repeat=len(d))]
+    return float(np.mean([s >= obs - 1e-12 for s in stats]))
+
+
+def test_permutation_exact_enumeration_matches_reference():
+    rng = np.random.default_rng(3)
+    for n in (1, 3, 6, 9):
+        a, b = rng.normal(0.3, 1, n), rng.normal(0, 1, n)
+        res = paired_permutation_test(a, b, n_perm=2 ** n)
+        assert res.exact and res.n_perm == 2 ** n
+        assert res.p_value == pytest.approx(exact_sign_flip_p(a - b), abs=1e-12)
+        assert res.statistic == pytest.approx(np.mean(a - b))
+    d = np.ones(5)  # every flip changes |sum| except the identity and its negation: p = 2 / 32
+    assert paired_permutation_test(d, np.zeros(5), n_perm=32).p_value == pytest.approx(2 / 32)
+    assert paired_permutation_test(d, d, n_perm=32).p_value == 1.0
+
+
+def test_permutation_matches_scipy_permutation_test():
+    stats = pytest.importorskip("scipy.stats")
+    if not hasattr(stats, "permutation_test"):
+        pytest.skip("scipy.stats.permutation_test needs scipy >= 1.8")
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(0.5, 1, 10), rng.normal(0, 1, 10)
+    ref = stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
+                                 permutation_type="samples", alternative="two-sided", n_resamples=np.inf)
+    res = paired_permutation_test(a, b, n_perm=2 ** 10)
+    assert res.exact and res.p_value == pytest.approx(ref.pvalue, abs=1e-12)
+
+
+def test_permutation_monte_carlo_is_close_to_exact_and_seeded():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0.4, 1, 15), rng.normal(0, 1, 15)
+    exact = paired_permutation_test(a, b, n_perm=2 ** 15)
+    mc = paired_permutation_test(a, b, n_perm=4000, seed=1)
+    assert not mc.exact and mc.n_perm == 4000
+    se = np.sqrt(exact.p_value * (1 - exact.p_value) / 4000)
+    assert abs(mc.p_value - exact.p_value) < 4 * se + 1 / 4001
+    assert paired_permutation_test(a, b, n_perm=4000, seed=1) == mc
+    assert paired_permutation_test(a, b, n_perm=4000, generator=gen(2)).p_value != mc.p_value
+    assert paired_permutation_test(np.ones(40), np.zeros(40), n_perm=99).p_value == pytest.approx(1 / 100)
+
+
+@pytest.mark.parametrize("a, b, kw, frag", [
+    ([1.0, 2.0], [1.0], {}, "paired"),
+    ([], [], {}, "at least one pair"),
+    ([1.0], [np.inf], {}, "non-finite"),
+    ([1.0], [0.0], dict(n_perm=0), "n_perm must be"),
+])
+def test_permutation_errors(a, b, kw, frag):
+    with pytest.raises(ValueError, match=frag):
+        paired_permutation_test(a, b, **kw)
