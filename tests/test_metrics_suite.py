@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuroimagen.errors import ConfigError
 from neuroimagen.metrics.pixcorr import pixcorr, pixcorr_scores
 from neuroimagen.metrics.stats import bootstrap_ci, paired_permutation_test
 from neuroimagen.metrics.twoway import correlation_distance, two_way_identification
@@ -246,3 +247,132 @@ def test_permutation_monte_carlo_is_close_to_exact_and_seeded():
 def test_permutation_errors(a, b, kw, frag):
     with pytest.raises(ValueError, match=frag):
         paired_permutation_test(a, b, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- feature nets
+
+
+@pytest.fixture(scope="module")
+def tv():
+    return pytest.importorskip("torchvision")
+
+
+def save_state(model: torch.nn.Module, path, keep=lambda k: True, prefix: str = "", extra=None):
+    state = {prefix + k: v for k, v in model.state_dict().items() if keep(k)}
+    state.update(extra or {})
+    torch.save(state, path)
+    return path
+
+
+def test_alexnet_features_shapes_and_values(tv, tmp_path):
+    from neuroimagen.models.feature_nets import load_alexnet
+
+    torch.manual_seed(0)
+    ref = tv.models.alexnet(weights=None).eval()
+    net = load_alexnet(save_state(ref, tmp_path / "alexnet.pth", keep=lambda k: k.startswith("features.")))
+    x = images(2, 64, seed=6)
+    out = net(x)
+    assert out["alexnet2"].shape == (2, 192 * 31 * 31) and out["alexnet5"].shape == (2, 256 * 15 * 15)
+    # independent: MindEye's preprocessing and the torchvision module run by hand up to ReLU 2 / ReLU 5
+    t = tv.transforms
+    pre = t.Compose([t.Resize((256, 256), antialias=False), t.Resize(256, antialias=False),
+                     t.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with torch.no_grad():
+        h2 = ref.features[:5](pre(x))
+        h5 = ref.features[5:12](h2.clone())
+    torch.testing.assert_close(out["alexnet2"], h2.flatten(1))
+    torch.testing.assert_close(out["alexnet5"], h5.flatten(1))
+    torch.testing.assert_close(net.extract(x, batch_size=1)["alexnet5"], out["alexnet5"])
+
+
+def test_feature_net_errors_name_the_file(tv, tmp_path):
+    from neuroimagen.models.feature_nets import load_alexnet, load_clip_vision
+
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(ConfigError, match=f"{missing}: no such file .*nothing is downloaded"):
+        load_alexnet(missing)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match=f"{junk}: cannot read a state dict"):
+        load_alexnet(junk)
+    wrong = save_state(tv.models.squeezenet1_0(weights=None), tmp_path / "squeezenet.pth")
+    with pytest.raises(ConfigError, match=f"{wrong}: state dict does not fit torchvision alexnet") as err:
+        load_alexnet(wrong)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'clip'}: no such directory"):
+        load_clip_vision(tmp_path / "clip")
+
+
+def test_resnet_family_rejects_a_deeper_network(tv, tmp_path):
+    """A resnet101 file holds every resnet50 key with the right shape; its extra blocks must not be ignored."""
+    from neuroimagen.models.feature_nets import load_swav_resnet50
+
+    with torch.device("meta"):
+        deeper, resnet50 = tv.models.resnet101(weights=None), tv.models.resnet50(weights=None)
+    state = {k: torch.zeros(v.shape) for k, v in deeper.state_dict().items() if k.startswith("layer3.")}
+    ok = {k: torch.zeros(v.shape) for k, v in resnet50.state_dict().items()}
+    torch.save({**ok, **state}, tmp_path / "r101.pth")
+    with pytest.raises(ConfigError, match="keys foreign to the architecture, e.g. layer3.6"):
+        load_swav_resnet50(tmp_path / "r101.pth")
+
+
+def test_inception_effnet_swav_features(tv, tmp_path):
+    """Real architectures, random weights; MindEye's input sizes are checked, the forward runs at 96 px."""
+    from neuroimagen.models.feature_nets import load_efficientnet_b1, load_inception_v3, load_swav_resnet50
+
+    torch.manual_seed(0)
+    x = images(2, 32, seed=7)
+    inc = tv.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False).eval()
+    eff = tv.models.efficientnet_b1(weights=None).eval()
+    res = tv.models.resnet50(weights=None).eval()
+    # SwAV's checkpoint layout: DataParallel "module." prefix, projection head and prototypes, no fc
+    swav_file = save_state(res, tmp_path / "swav_800ep_pretrain.pth.tar", keep=lambda k: not k.startswith("fc."),
+                           prefix="module.", extra={"module.projection_head.0.weight": torch.zeros(8, 2048),
+                                                    "module.prototypes.weight": torch.zeros(30, 8)})
+    nets = {"inception": load_inception_v3(save_state(inc, tmp_path / "inception.pth")),
+            "effnet": load_efficientnet_b1(save_state(eff, tmp_path / "effnet.pth")),
+            "swav": load_swav_resnet50(swav_file)}
+    assert {k: (n.resolution, n.base_resolution) for k, n in nets.items()} == {
+        "inception": (342, 256), "effnet": (255, 256), "swav": (224, 256)}
+    for net in nets.values():
+        net.resolution = 96  # small inputs: the architectures pool adaptively
+    out = {k: net(x)[k] for k, net in nets.items()}
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"inception": (2, 2048), "effnet": (2, 1280),
+                                                           "swav": (2, 2048)}
+    # independent: torchvision's transforms and the modules run by hand
+    t = tv.transforms
+    pre = t.Compose([t.Resize((256, 256), antialias=False), t.Resize(96, antialias=False),
+                     t.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with torch.no_grad():
+        r = pre(x)
+        r = res.layer4(res.layer3(res.layer2(res.layer1(res.maxpool(res.relu(res.bn1(res.conv1(r))))))))
+        torch.testing.assert_close(out["swav"], res.avgpool(r).flatten(1))
+        torch.testing.assert_close(out["effnet"], eff.avgpool(eff.features(pre(x))).flatten(1))
+        inc.fc = torch.nn.Identity()  # eval-mode forward up to avgpool + flatten (dropout is off)
+        torch.testing.assert_close(out["inception"], inc(pre(x)))
+
+
+def test_clip_vision_from_a_local_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from neuroimagen.models.feature_nets import load_clip_vision
+
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=224, patch_size=14, projection_dim=16)
+    torch.manual_seed(0)
+    model = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    model.save_pretrained(tmp_path / "clip")
+    net = load_clip_vision(tmp_path / "clip")
+    x = images(2, 32, seed=8)
+    out = net(x)["clip"]
+    assert out.shape == (2, 16) and "patch 14, 224 px" in net.identity
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    px = torch.nn.functional.interpolate(torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear"),
+                                         size=(224, 224), mode="bilinear")
+    with torch.no_grad():
+        ref = model(pixel_values=(px - mean) / std).image_embeds
+    torch.testing.assert_close(out, ref)
+    # a folder without the projection (a plain CLIPVisionModel) is not what the suite needs
+    transformers.CLIPVisionModel(cfg).save_pretrained(tmp_path / "noproj")
+    with pytest.raises(ConfigError, match="noproj: does not hold CLIP vision weights with a projection"):
+        load_clip_vision(tmp_path / "noproj")
