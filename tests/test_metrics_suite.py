@@ -270,6 +270,8 @@ def test_alexnet_features_shapes_and_values(tv, tmp_path):
     torch.manual_seed(0)
     ref = tv.models.alexnet(weights=None).eval()
     net = load_alexnet(save_state(ref, tmp_path / "alexnet.pth", keep=lambda k: k.startswith("features.")))
+    torch.save({k: v.half() for k, v in ref.features.state_dict(prefix="features.").items()}, tmp_path / "a16.pth")
+    half = load_alexnet(tmp_path / "a16.pth")
     x = images(2, 64, seed=6)
     out = net(x)
     assert out["alexnet2"].shape == (2, 192 * 31 * 31) and out["alexnet5"].shape == (2, 256 * 15 * 15)
@@ -283,6 +285,7 @@ def test_alexnet_features_shapes_and_values(tv, tmp_path):
     torch.testing.assert_close(out["alexnet2"], h2.flatten(1))
     torch.testing.assert_close(out["alexnet5"], h5.flatten(1))
     torch.testing.assert_close(net.extract(x, batch_size=1)["alexnet5"], out["alexnet5"])
+    assert half(x)["alexnet2"].dtype == torch.float32  # an fp16 file runs in float32
 
 
 def test_feature_net_errors_name_the_file(tv, tmp_path):
@@ -317,7 +320,7 @@ def test_resnet_family_rejects_a_deeper_network(tv, tmp_path):
 
 
 def test_inception_effnet_swav_features(tv, tmp_path):
-    """Real architectures, random weights; MindEye's input sizes are checked, the forward runs at 96 px."""
+    """Real architectures, random weights; MindEye's input sizes are checked, the forward runs at 75 px."""
     from neuroimagen.models.feature_nets import load_efficientnet_b1, load_inception_v3, load_swav_resnet50
 
     torch.manual_seed(0)
@@ -335,13 +338,13 @@ def test_inception_effnet_swav_features(tv, tmp_path):
     assert {k: (n.resolution, n.base_resolution) for k, n in nets.items()} == {
         "inception": (342, 256), "effnet": (255, 256), "swav": (224, 256)}
     for net in nets.values():
-        net.resolution = 96  # small inputs: the architectures pool adaptively
+        net.resolution = 75  # small inputs: the architectures pool adaptively
     out = {k: net(x)[k] for k, net in nets.items()}
     assert {k: tuple(v.shape) for k, v in out.items()} == {"inception": (2, 2048), "effnet": (2, 1280),
                                                            "swav": (2, 2048)}
     # independent: torchvision's transforms and the modules run by hand
     t = tv.transforms
-    pre = t.Compose([t.Resize((256, 256), antialias=False), t.Resize(96, antialias=False),
+    pre = t.Compose([t.Resize((256, 256), antialias=False), t.Resize(75, antialias=False),
                      t.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     with torch.no_grad():
         r = pre(x)

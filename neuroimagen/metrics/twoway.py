@@ -57,6 +57,8 @@ def two_way_identification(pred_feats: Tensor, gt_feats: Tensor) -> tuple[Tensor
 
     ``pred_feats`` and ``gt_feats`` have equal shapes (B, ...) with B >= 2, flattened to (B, D); correlations
     in float64 as ``np.corrcoef``.  A constant feature row (undefined correlation) raises ``ValueError``.
+    Source: ``two_way_identification`` in MindEye's ``src/Reconstruction_Metrics.py``
+    (MedARC-AI/fMRI-reconstruction-NSD; the same in MindEyeV2 ``src/final_evaluations.ipynb``).
     """
     p, g = _flat_pair(pred_feats, gt_feats, "two_way_identification", min_items=2)
     n = p.shape[0]

@@ -44,6 +44,7 @@ torchvision and transformers are imported inside the loaders: they are heavy, an
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -178,7 +179,10 @@ def _fit(extractor: nn.Module, full_keys: set[str], state: dict[str, Tensor], pa
         problems.append(f"{len(foreign)} keys foreign to the architecture, e.g. {foreign[0]}")
     if problems:
         raise ConfigError(f"{path}: state dict does not fit {what} ({'; '.join(problems)})")
-    extractor.load_state_dict({k: state[k] for k in ref}, strict=True)
+    extractor.load_state_dict({k: state[k] for k in ref}, strict=True, assign=True)
+    left = [n for n, t in itertools.chain(extractor.named_parameters(), extractor.named_buffers()) if t.is_meta]
+    if left:  # a tensor that is not in the state dict (none in these architectures)
+        raise ConfigError(f"{path}: {what} has tensors a state dict cannot fill, e.g. {left[0]}")
 
 
 def _torchvision_features(builder: Callable[[Any], nn.Module], weights: str | os.PathLike, nodes: list[str],
@@ -187,13 +191,14 @@ def _torchvision_features(builder: Callable[[Any], nn.Module], weights: str | os
 
     path = Path(os.fspath(weights)).expanduser()
     state = _read_state(path, what)
-    model = builder().eval()
+    with torch.device("meta"):  # no random init of weights that the file replaces (AlexNet's head alone: 58 M)
+        model = builder().eval()
     full_keys = set(model.state_dict())
     with warnings.catch_warnings():  # Inception's eval graph lacks the train-only AuxLogits: expected here
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing the model in eval mode")
         extractor = create_feature_extractor(model, return_nodes=nodes)
     _fit(extractor, full_keys, state, path, what, extra_prefixes)
-    return extractor.eval(), path.resolve()
+    return extractor.float().eval(), path.resolve()  # float32 whatever the file's dtype (assign keeps it)
 
 
 def load_alexnet(weights: str | os.PathLike, base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> FeatureNet:
