@@ -4,6 +4,7 @@ and its statistics (bootstrap CI, paired permutation test), each checked against
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -257,6 +258,11 @@ def tv():
     return pytest.importorskip("torchvision")
 
 
+def at(path) -> str:
+    """A file path as a regular expression, for matching error messages that start with it."""
+    return re.escape(str(path))
+
+
 def save_state(model: torch.nn.Module, path, keep=lambda k: True, prefix: str = "", extra=None):
     state = {prefix + k: v for k, v in model.state_dict().items() if keep(k)}
     state.update(extra or {})
@@ -292,18 +298,34 @@ def test_feature_net_errors_name_the_file(tv, tmp_path):
     from neuroimagen.models.feature_nets import load_alexnet, load_clip_vision
 
     missing = tmp_path / "nope.pth"
-    with pytest.raises(ConfigError, match=f"{missing}: no such file .*nothing is downloaded"):
+    with pytest.raises(ConfigError, match=f"{at((missing))}: no such file .*nothing is downloaded"):
         load_alexnet(missing)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
-    with pytest.raises(ConfigError, match=f"{junk}: cannot read a state dict"):
+    with pytest.raises(ConfigError, match=f"{at((junk))}: cannot read a state dict"):
         load_alexnet(junk)
     wrong = save_state(tv.models.squeezenet1_0(weights=None), tmp_path / "squeezenet.pth")
-    with pytest.raises(ConfigError, match=f"{wrong}: state dict does not fit torchvision alexnet") as err:
+    with pytest.raises(ConfigError, match=f"{at((wrong))}: state dict does not fit torchvision alexnet") as err:
         load_alexnet(wrong)
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match=f"{tmp_path / 'clip'}: no such directory"):
+    with pytest.raises(ConfigError, match=f"{at((tmp_path / 'clip'))}: no such directory"):
         load_clip_vision(tmp_path / "clip")
+
+
+@pytest.mark.parametrize("loader", ["load_alexnet", "load_inception_v3", "load_efficientnet_b1",
+                                    "load_swav_resnet50"])
+def test_every_torchvision_loader_names_a_missing_or_wrong_file(tv, tmp_path, loader):
+    from neuroimagen.models import feature_nets
+
+    load = getattr(feature_nets, loader)
+    with pytest.raises(ConfigError, match=f"{at((tmp_path / 'w.pth'))}: no such file"):
+        load(tmp_path / "w.pth")
+    torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "tiny.pth")
+    with pytest.raises(ConfigError, match=f"{at((tmp_path / 'tiny.pth'))}: state dict does not fit .*missing keys"):
+        load(tmp_path / "tiny.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ConfigError, match=f"{at((tmp_path / 'list.pth'))}: expected a state dict"):
+        load(tmp_path / "list.pth")
 
 
 def test_resnet_family_rejects_a_deeper_network(tv, tmp_path):

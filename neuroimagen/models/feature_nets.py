@@ -4,16 +4,16 @@ Source: MindEye 1 ``src/Reconstruction_Metrics.py`` (MedARC-AI/fMRI-reconstructi
 ``src/final_evaluations.ipynb`` (MedARC-AI/MindEyeV2).  Each network maps images (B, 3, H, W) in [0, 1] to
 flattened features ``{name: (B, D) float32}``; the metrics (``neuroimagen.metrics.twoway``) compare them.
 
-==========  ==================================================  ==========  ===================  ======================
-name        network (MindEye's weights)                         node        preprocessing        metric
-==========  ==================================================  ==========  ===================  ======================
-alexnet2    torchvision ``alexnet`` (IMAGENET1K_V1)             features.4  Resize 256, ImageNet  two-way identification
-alexnet5    same network                                        features.11 Resize 256, ImageNet  two-way identification
-inception   torchvision ``inception_v3`` (IMAGENET1K_V1)        avgpool     Resize 342, ImageNet  two-way identification
-clip        CLIP ViT-L/14 image embedding (OpenAI ``clip``)     image_embeds Resize 224, CLIP     two-way identification
-effnet      torchvision ``efficientnet_b1`` (DEFAULT = V2)      avgpool     Resize 255, ImageNet  correlation distance
-swav        torchvision ``resnet50`` + SwAV 800-ep weights      avgpool     Resize 224, ImageNet  correlation distance
-==========  ==================================================  ==========  ===================  ======================
+=========  ===============================================  ============  ====================  ======================
+name       network (MindEye's weights)                      node          preprocessing         metric
+=========  ===============================================  ============  ====================  ======================
+alexnet2   torchvision ``alexnet`` (IMAGENET1K_V1)          features.4    Resize 256, ImageNet  two-way identification
+alexnet5   same network                                     features.11   Resize 256, ImageNet  two-way identification
+inception  torchvision ``inception_v3`` (IMAGENET1K_V1)     avgpool       Resize 342, ImageNet  two-way identification
+clip       CLIP ViT-L/14 image embedding (OpenAI ``clip``)  image_embeds  Resize 224, CLIP      two-way identification
+effnet     torchvision ``efficientnet_b1`` (DEFAULT = V2)   avgpool       Resize 255, ImageNet  correlation distance
+swav       torchvision ``resnet50`` + SwAV 800-ep weights   avgpool       Resize 224, ImageNet  correlation distance
+=========  ===============================================  ============  ====================  ======================
 
 Preprocessing, exactly as the public code: reconstructions clamped to [0, 1] (here both images, which is the
 same for ground truth in [0, 1]); both image sets resized to 256 x 256 first (MindEye's display cell, whose
