@@ -60,6 +60,31 @@ def test_balanced_batches_have_positives_for_every_class_in_them():
     assert a != b  # ranks see different batches
 
 
+def test_encoder_features_are_unit_norm_by_default():
+    """The triplet margin is measured on unit-norm embeddings unless stages.encoder.l2_normalize=false: scaling
+    the encoder's output layer (the way to meet a margin on raw features) leaves them unchanged."""
+    from neuroimagen.stages.encoder import build_from_spec, encoder_spec
+
+    sc = load_config(None).stages.encoder
+    assert sc.l2_normalize and sc.squared and sc.margin == 0.2
+    x = torch.randn(5, 8, 440, generator=torch.Generator().manual_seed(0))
+    for name in ("lstm", "tsconv"):
+        torch.manual_seed(0)
+        enc = build_from_spec(encoder_spec(load_config(None, [f"stages.encoder.name={name}"]).stages.encoder, 8, 440)).eval()
+        with torch.no_grad():
+            emb = enc(x)  # (5, D)
+            last = [m for m in enc.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.mul_(10.0)
+            last.bias.mul_(10.0)
+            inflated = enc(x)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5), name
+        assert torch.allclose(inflated, emb, atol=1e-5), name
+    raw = load_config(None, ["stages.encoder.l2_normalize=false"]).stages.encoder
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.allclose(build_from_spec(encoder_spec(raw, 8, 440)).eval()(x).norm(dim=1), torch.ones(5))
+
+
 # ----------------------------------------------------------------------------------------------
 # One trained run shared by the stage tests
 

@@ -1,8 +1,11 @@
 """Stage 1: the EEG encoder f_theta, trained with the triplet loss (NeuroImagen eq. 1).
 
 Batches are class-balanced (P classes x K samples) so every anchor has positives; mining is
-batch-all, semi-hard or batch-hard (hardest negative = the closest). Validation: k-NN top-1
-accuracy of validation embeddings against training embeddings, and k-means clustering accuracy.
+batch-all, semi-hard or batch-hard (hardest negative = the closest). With
+``stages.encoder.l2_normalize`` (the default) the features are unit-norm and so are the embeddings
+the margin is measured on, which an encoder cannot then satisfy by inflating its output norms.
+Validation: k-NN top-1 accuracy of validation embeddings against training embeddings, and k-means
+clustering accuracy.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class EncoderStage(Stage):
         opt = self._optimizers["encoder"]
         with self.ctx.autocast():
             emb = self.model(batch["eeg"])  # (B, D)
-        loss, stats = triplet_loss(emb.float(), batch["label"], self.sc.margin, self.sc.mining, self.sc.squared)
+        loss, stats = triplet_loss(emb.float(), batch["label"], self.sc.margin, self.sc.mining, self.sc.squared,
+                                   normalize=self.sc.l2_normalize)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
