@@ -129,8 +129,10 @@ class EncoderStageConfig:
     mining: Literal["batch_all", "semi_hard", "batch_hard"] = param("semi_hard", doc="triplet mining strategy")
     squared: bool = param(True, doc="squared Euclidean distances in the triplet loss (eq. 1)")
     epochs: int = param(30, ge=1, doc="training epochs")
-    classes_per_batch: int = param(8, ge=2, doc="P: classes in each class-balanced batch")
-    samples_per_class: int = param(4, ge=2, doc="K: samples per class in each batch (batch = P x K)")
+    classes_per_batch: int = param(8, ge=2, doc="P: classes per worker in each class-balanced batch (the global "
+                                                "batch holds min(P x workers, classes) distinct classes)")
+    samples_per_class: int = param(4, ge=2, doc="K: samples per class in each batch (batch = P x K); a class with "
+                                                "fewer gives all it has, no sample twice")
     lr: float = param(1e-3, gt=0, doc="Adam learning rate")
     weight_decay: float = param(1e-4, ge=0, doc="Adam weight decay")
     val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
