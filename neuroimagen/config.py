@@ -125,13 +125,21 @@ class EncoderStageConfig:
     embed_dim: int = param(128, ge=2, doc="feature size D of f_theta(x)")
     width: Optional[int] = param(None, ge=1, doc="encoder size (LSTM hidden, conv filters); null = the encoder's default")
     dropout: float = param(0.25, ge=0, lt=1, doc="dropout inside the encoder")
-    l2_normalize: bool = param(False, doc="L2-normalise the features (as in EEGStyleGAN-ADA)")
-    margin: float = param(0.2, ge=0, doc="triplet margin beta (eq. 1)")
+    # On raw features a fixed margin is met by inflating their norms (every gap scales with them), so
+    # features are L2-normalised by default; false keeps the old, unnormalised behaviour.
+    l2_normalize: bool = param(True, doc="L2-normalise the features f_theta(x) (as in EEGStyleGAN-ADA) and the "
+                                         "triplet loss's embeddings; false: raw features, margin in their units")
+    # 0.2 is FaceNet's margin for squared distances between unit-norm embeddings: those lie in [0, 4]
+    # ([0, 2] after the encoders' final ReLU, 2 = orthogonal), so 0.2 is a tenth of the orthogonal gap.
+    margin: float = param(0.2, ge=0, doc="triplet margin beta (eq. 1), in units of d: squared distance on the unit "
+                                         "sphere when l2_normalize and squared (d in [0, 4])")
     mining: Literal["batch_all", "semi_hard", "batch_hard"] = param("semi_hard", doc="triplet mining strategy")
     squared: bool = param(True, doc="squared Euclidean distances in the triplet loss (eq. 1)")
     epochs: int = param(30, ge=1, doc="training epochs")
-    classes_per_batch: int = param(8, ge=2, doc="P: classes in each class-balanced batch")
-    samples_per_class: int = param(4, ge=2, doc="K: samples per class in each batch (batch = P x K)")
+    classes_per_batch: int = param(8, ge=2, doc="P: classes per worker in each class-balanced batch (the global "
+                                                "batch holds min(P x workers, classes) distinct classes)")
+    samples_per_class: int = param(4, ge=2, doc="K: samples per class in each batch (batch = P x K); a class with "
+                                                "fewer gives all it has, no sample twice")
     lr: float = param(1e-3, gt=0, doc="Adam learning rate")
     weight_decay: float = param(1e-4, ge=0, doc="Adam weight decay")
     val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")

@@ -57,12 +57,19 @@ def pairwise_distances(emb: Tensor, squared: bool = True) -> Tensor:
 
 
 def triplet_loss(emb: Tensor, labels: Tensor, margin: float, mining: str = "semi_hard",
-                 squared: bool = True) -> tuple[Tensor, dict[str, float]]:
+                 squared: bool = True, normalize: bool = False) -> tuple[Tensor, dict[str, float]]:
     """Triplet loss of eq. 1, ``max(0, margin + d(a, p) - d(a, n))``, with online mining.
+
+    On raw embeddings a fixed margin has no scale: multiplying every embedding by s > 1 multiplies
+    every distance gap by s (s^2 when squared), so an encoder can meet the margin by inflating its
+    output norms instead of separating classes. With ``normalize`` the embeddings are put on the unit
+    sphere first (FaceNet), the loss is invariant to their scale, and ``d`` is bounded: ``[0, 4]``
+    squared (``[0, 2]`` for non-negative embeddings such as a ReLU output), ``[0, 2]`` Euclidean.
 
     Args:
         emb: (B, D) embeddings (B up to a few hundred: batch_all / semi_hard build (B, B, B) tensors).
-        labels: (B,) integer class labels.
+        labels: (B,) integer class labels; classes may have unequal counts in the batch, and a class
+            with one sample only supplies negatives.
         margin: the margin beta of eq. 1 (in units of ``d``, i.e. squared distance when ``squared``).
         mining: which triplets enter the mean
             - ``"batch_all"``: every valid triplet (a, p, n) with ``label[a] == label[p]``, ``a != p``,
@@ -76,6 +83,7 @@ def triplet_loss(emb: Tensor, labels: Tensor, margin: float, mining: str = "semi
               if there is none, the negative with the largest ``d(a, n)``; mean over the positive pairs
               (pairs whose anchor has no negative at all are not considered).
         squared: ``d`` is the squared Euclidean distance (paper) if True, the Euclidean one otherwise.
+        normalize: L2-normalise each row of ``emb`` before the distances (idempotent on unit-norm rows).
 
     Returns:
         ``(loss, stats)``: a scalar loss ``>= 0`` and ``{"fraction_active": float, "n_triplets": float}``,
@@ -88,6 +96,8 @@ def triplet_loss(emb: Tensor, labels: Tensor, margin: float, mining: str = "semi
     if emb.dim() != 2 or labels.dim() != 1 or labels.shape[0] != emb.shape[0]:
         raise ValueError(f"expected emb (B, D) and labels (B,), got {tuple(emb.shape)} and {tuple(labels.shape)}")
 
+    if normalize:
+        emb = F.normalize(emb, p=2.0, dim=1)  # (B, D) unit rows
     d = pairwise_distances(emb, squared=squared)  # (B, B)
     b = emb.shape[0]
     same = labels.unsqueeze(0) == labels.unsqueeze(1)  # (B, B)

@@ -162,6 +162,37 @@ def test_triplet_matches_brute_force(mining, squared):
         assert 0.0 <= stats["fraction_active"] <= 1.0
 
 
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("mining", MININGS)
+def test_triplet_normalized_is_invariant_to_the_embedding_scale(mining, squared):
+    """On the unit sphere the margin cannot be met by inflating the norms: scaling (even per row) changes
+    nothing, and the value is the brute force on the normalised rows."""
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4])  # unequal counts, a singleton class
+    margin = 0.5
+    ref, _ = triplet_loss(emb, labels, margin, mining, squared, normalize=True)
+    unit = (emb / emb.norm(dim=1, keepdim=True)).numpy()
+    assert ref.item() == pytest.approx(brute_force(unit, labels.numpy(), margin, mining, squared), abs=1e-9)
+    assert ref.item() > 0
+    rows = torch.rand(12, 1, generator=g, dtype=torch.float64) * 50 + 0.1
+    for scaled in (emb * 1e-3, emb * 1e3, emb * rows):
+        loss, _ = triplet_loss(scaled, labels, margin, mining, squared, normalize=True)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
+
+
+def test_triplet_unnormalized_margin_is_met_by_inflating_the_norms():
+    """Why the encoder normalises by default: without it, scaling a barely ordered embedding zeroes the loss."""
+    emb = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.3, 0.0], [0.4, 0.0]])  # d(a, p) < d(a, n), gap < margin
+    labels = torch.tensor([0, 0, 1, 1])
+    for mining in MININGS:
+        small, _ = triplet_loss(emb, labels, margin=0.2, mining=mining)
+        big, _ = triplet_loss(emb * 10, labels, margin=0.2, mining=mining)
+        assert small.item() > 0 and big.item() == 0.0, mining
+        same, _ = triplet_loss(emb * 10, labels, margin=0.2, mining=mining, normalize=True)
+        assert same.item() == pytest.approx(triplet_loss(emb, labels, 0.2, mining, normalize=True)[0].item())
+
+
 def test_triplet_float32_batch_256_runs_and_has_gradient():
     g = torch.Generator().manual_seed(2)
     emb = torch.randn(256, 16, generator=g, requires_grad=True)

@@ -46,18 +46,63 @@ def test_global_batches_do_not_depend_on_the_number_of_workers():
         GlobalBatchSampler(5, 4, world_size=2)
 
 
-def test_balanced_batches_have_positives_for_every_class_in_them():
+def test_balanced_batches_never_repeat_a_trial():
+    """A repeated trial is a "positive" at distance 0: a class with fewer than K trials gives all it has, and a
+    class queue refilled mid-batch never hands back a trial already in the batch."""
     labels = np.repeat(np.arange(7), [3, 9, 4, 5, 6, 2, 8])
-    for rank in range(2):
-        s = BalancedBatchSampler(labels, classes_per_batch=4, samples_per_class=3, seed=0, rank=rank, world_size=2)
-        batches = list(s)
-        assert len(batches) == len(s) >= 1
-        for b in batches:
-            counts = np.bincount(labels[b], minlength=7)
-            assert len(b) == 12 and sorted(c for c in counts if c) == [3, 3, 3, 3]
-    a = list(BalancedBatchSampler(labels, 4, 3, seed=0, rank=0, world_size=2))
-    b = list(BalancedBatchSampler(labels, 4, 3, seed=0, rank=1, world_size=2))
-    assert a != b  # ranks see different batches
+    sizes = np.bincount(labels)
+    for K in (3, 4):
+        for world in (1, 2):
+            shards = [BalancedBatchSampler(labels, classes_per_batch=4 // world, samples_per_class=K, seed=0,
+                                           rank=r, world_size=world) for r in range(world)]
+            for epoch in range(4):
+                for s in shards:
+                    s.set_epoch(epoch)
+                for parts in zip(*shards):
+                    batch = [i for p in parts for i in p]  # the global batch
+                    assert len(set(batch)) == len(batch), (K, world, epoch, batch)
+                    counts = np.bincount(labels[batch], minlength=7)
+                    drawn = np.flatnonzero(counts)
+                    assert len(drawn) == 4 and (counts[drawn] == np.minimum(K, sizes[drawn])).all(), counts
+
+
+def test_balanced_global_batch_does_not_depend_on_the_number_of_workers():
+    labels = np.repeat(np.arange(7), [3, 9, 4, 5, 6, 2, 8])
+    one = list(BalancedBatchSampler(labels, 4, 3, seed=5, rank=0, world_size=1))
+    two = [list(BalancedBatchSampler(labels, 2, 3, seed=5, rank=r, world_size=2)) for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 37 // 12
+    for s, batch in enumerate(one):
+        assert two[0][s] + two[1][s] == batch  # rank r holds the r-th contiguous slice of the global batch
+        assert abs(len(two[0][s]) - len(two[1][s])) <= 1 and not set(two[0][s]) & set(two[1][s])
+    # more classes asked for than exist: the global batch holds each class once, on any number of workers
+    assert sorted(set(labels[list(BalancedBatchSampler(labels, 8, 2, seed=1))[0]])) == list(range(7))
+    with pytest.raises(ValueError, match="as few as 2 samples, too few to give each of 3 workers one"):
+        BalancedBatchSampler([0, 1], classes_per_batch=1, samples_per_class=2, world_size=3)
+
+
+def test_encoder_features_are_unit_norm_by_default():
+    """The triplet margin is measured on unit-norm embeddings unless stages.encoder.l2_normalize=false: scaling
+    the encoder's output layer (the way to meet a margin on raw features) leaves them unchanged."""
+    from neuroimagen.stages.encoder import build_from_spec, encoder_spec
+
+    sc = load_config(None).stages.encoder
+    assert sc.l2_normalize and sc.squared and sc.margin == 0.2
+    x = torch.randn(5, 8, 440, generator=torch.Generator().manual_seed(0))
+    for name in ("lstm", "tsconv"):
+        torch.manual_seed(0)
+        enc = build_from_spec(encoder_spec(load_config(None, [f"stages.encoder.name={name}"]).stages.encoder, 8, 440)).eval()
+        with torch.no_grad():
+            emb = enc(x)  # (5, D)
+            last = [m for m in enc.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.mul_(10.0)
+            last.bias.mul_(10.0)
+            inflated = enc(x)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5), name
+        assert torch.allclose(inflated, emb, atol=1e-5), name
+    raw = load_config(None, ["stages.encoder.l2_normalize=false"]).stages.encoder
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.allclose(build_from_spec(encoder_spec(raw, 8, 440)).eval()(x).norm(dim=1), torch.ones(5))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
 """Stage 1: the EEG encoder f_theta, trained with the triplet loss (NeuroImagen eq. 1).
 
-Batches are class-balanced (P classes x K samples) so every anchor has positives; mining is
-batch-all, semi-hard or batch-hard (hardest negative = the closest). Validation: k-NN top-1
-accuracy of validation embeddings against training embeddings, and k-means clustering accuracy.
+Batches are class-balanced (P classes x K samples, no trial twice) so every anchor has positives;
+mining is batch-all, semi-hard or batch-hard (hardest negative = the closest). With
+``stages.encoder.l2_normalize`` (the default) the features are unit-norm and so are the embeddings
+the margin is measured on, which an encoder cannot then satisfy by inflating its output norms.
+Under DDP one global P x K batch is drawn and sharded over the ranks, and the triplets are mined
+over the gathered global batch: W workers train exactly like one worker with W times the classes.
+Validation: k-NN top-1 accuracy of validation embeddings against training embeddings, and k-means
+clustering accuracy.
 """
 
 from __future__ import annotations
@@ -71,8 +76,12 @@ class EncoderStage(Stage):
     def train_step(self, batch: dict) -> dict[str, float]:
         opt = self._optimizers["encoder"]
         with self.ctx.autocast():
-            emb = self.model(batch["eeg"])  # (B, D)
-        loss, stats = triplet_loss(emb.float(), batch["label"], self.sc.margin, self.sc.mining, self.sc.squared)
+            emb = self.model(batch["eeg"])  # (B_r, D): this rank's share of the global P x K batch
+        # Mine the global batch: every rank gathers all embeddings (gradients flow back to its own rows) and
+        # computes the same loss, which DDP's gradient averaging turns into that loss's exact gradient.
+        emb_all, labels = self.ctx.gather(emb.float()), self.ctx.gather(batch["label"])  # (B, D), (B,)
+        loss, stats = triplet_loss(emb_all, labels, self.sc.margin, self.sc.mining, self.sc.squared,
+                                   normalize=self.sc.l2_normalize)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from neuroimagen.training.collectives import convert_sync_batchnorm, gather
+
 
 @dataclass
 class RunContext:
@@ -46,13 +48,19 @@ class RunContext:
         return self.world_size > 1
 
     def wrap(self, module: nn.Module, image: bool = False) -> nn.Module:
-        """Move to the device (channels_last for an ``image`` model when asked); DDP-wrap when distributed
-        (gradients averaged across ranks); ``torch.compile`` the result when asked (compile after DDP, as
-        PyTorch recommends, so DDP's bucketing sees the compiled graph's gradients)."""
+        """Move to the device (channels_last for an ``image`` model when asked); when distributed, make every
+        BatchNorm cross-rank and DDP-wrap (gradients averaged across ranks); ``torch.compile`` the result when
+        asked (compile after DDP, as PyTorch recommends, so DDP's bucketing sees the compiled graph's gradients).
+
+        Cross-rank BatchNorm (``collectives.convert_sync_batchnorm``) normalises with the statistics of the
+        global batch, so W workers x batch b train exactly like one worker with batch W*b; per-rank statistics
+        would differ from those of the global batch."""
+        trainable = any(p.requires_grad for p in module.parameters())
+        if self.distributed and trainable:
+            module = convert_sync_batchnorm(module, self.device)
         module = module.to(self.device)
         if image and self.channels_last:
             module = module.to(memory_format=torch.channels_last)
-        trainable = any(p.requires_grad for p in module.parameters())
         if self.distributed and trainable:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -71,6 +79,13 @@ class RunContext:
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``x`` (n_r, ...) from every rank, concatenated in rank order (the global batch when the
+        sampler shards it contiguously); gradients flow back to this rank's rows. Identity when not
+        distributed. A loss computed on the result by every rank gives, after DDP's averaging, the gradient of
+        that loss on the global batch (``collectives``)."""
+        return gather(x) if self.distributed else x
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over ranks (identity when not distributed)."""

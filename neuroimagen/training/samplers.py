@@ -49,9 +49,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
 class BalancedBatchSampler(Sampler[list[int]]):
     """Class-balanced batches for triplet mining: P classes x K samples, every batch has positives.
 
-    Per epoch, every class keeps a shuffled queue of its samples (recycled when exhausted); each
-    global step draws ``world_size`` x P classes without replacement where possible and K samples
-    from each, and rank r takes its slice. ``len`` is about one pass over the data.
+    One *global* batch per step, drawn independently of the number of workers and sharded across them:
+    each step draws ``min(P x world_size, classes)`` distinct classes and up to K distinct samples of
+    each (P = ``classes_per_batch`` is per worker, like ``batch_size`` in :class:`GlobalBatchSampler`),
+    lists them class by class and gives rank r the r-th of ``world_size`` contiguous, near-equal slices.
+    So W workers with P classes each see, together, exactly the batch one worker with P x W classes
+    sees, which is what makes DDP with W workers equal one worker with a W times larger batch (the
+    encoder stage mines the gathered global batch, see ``RunContext.gather``).
+
+    No trial appears twice in a batch (a repeat would be a "positive" at distance 0): a class with
+    fewer than K samples contributes all it has, so classes can have unequal counts in a batch and a
+    class with a single sample only supplies negatives (the triplet mining masks handle both). Per
+    epoch every class keeps a shuffled queue of its samples, refilled with a fresh permutation when it
+    runs short (never re-taking a sample already in the batch); ``len`` is about one pass over the data.
     """
 
     def __init__(self, labels: Sequence[int] | torch.Tensor, classes_per_batch: int, samples_per_class: int,
@@ -60,38 +70,47 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
         if len(self.by_class) < 2:
             raise ValueError("class-balanced batches need at least 2 classes")
-        self.P = min(classes_per_batch, len(self.by_class))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size} workers")
+        self.P = min(classes_per_batch * world_size, len(self.by_class))  # classes of the global batch
         self.K = samples_per_class
         self.n = len(labels)
         self.seed, self.rank, self.world = seed, rank, world_size
         self.epoch = 0
+        smallest = sum(sorted(min(self.K, len(ix)) for ix in self.by_class.values())[: self.P])
+        if smallest < world_size:
+            raise ValueError(f"a class-balanced global batch can hold as few as {smallest} samples, too few to give "
+                             f"each of {world_size} workers one")
 
     @property
     def batch_size(self) -> int:
-        return self.P * self.K
+        """Nominal samples per worker and step (P x K; fewer when a drawn class has fewer than K samples)."""
+        return self.P * self.K // self.world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, self.n // (self.batch_size * self.world))
+        return max(1, self.n // (self.P * self.K))
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = _generator(self.seed, self.epoch)
         classes = np.array(sorted(self.by_class))
-        queues = {c: list(rng.permutation(ix)) for c, ix in self.by_class.items()}
+        queues = {c: [int(i) for i in rng.permutation(ix)] for c, ix in self.by_class.items()}
 
         def take(c: int) -> list[int]:
-            out = []
-            for _ in range(self.K):
-                if not queues[c]:
-                    queues[c] = list(rng.permutation(self.by_class[c]))
-                out.append(int(queues[c].pop()))
+            """Up to K distinct samples of class c from its queue (refilled without re-taking any of them)."""
+            k = min(self.K, len(self.by_class[c]))
+            out, queues[c] = queues[c][:k], queues[c][k:]
+            if len(out) < k:
+                perm = [int(i) for i in rng.permutation(self.by_class[c])]
+                fresh = [i for i in perm if i not in out][: k - len(out)]
+                queues[c] = [i for i in perm if i not in fresh]
+                out += fresh
             return out
 
         for _ in range(len(self)):
-            batches = []
-            for _w in range(self.world):
-                chosen = rng.choice(classes, size=self.P, replace=False)
-                batches.append([i for c in chosen for i in take(int(c))])
-            yield batches[self.rank]
+            chosen = rng.choice(classes, size=self.P, replace=False)
+            batch = [i for c in chosen for i in take(int(c))]  # the global batch, class by class
+            bounds = np.linspace(0, len(batch), self.world + 1).round().astype(int)
+            yield batch[bounds[self.rank]: bounds[self.rank + 1]]
