@@ -9,6 +9,8 @@ the reference passes ``antialias=False`` explicitly.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +74,28 @@ def test_mindeye_ssim_rejects_bad_base_resolution():
     x = torch.rand(1, 3, 16, 16)
     with pytest.raises(ValueError, match="base_resolution must be a positive int or None, got 0"):
         ssim(x, x, convention="mindeye", base_resolution=0)
+
+
+def test_metrics_package_exports_are_importable_and_documented():
+    import neuroimagen.metrics as metrics
+    from neuroimagen.metrics import inception_score, n_way_top_k_accuracy, ssim  # noqa: F401
+
+    expected = {"ssim", "mean_ssim", "inception_score", "n_way_top_k_accuracy", "n_way_top_k_hits", "effective_n",
+                "cosine_similarity", "retrieval_hits", "retrieval_accuracy", "pixcorr", "pixcorr_scores",
+                "two_way_identification", "correlation_distance", "bootstrap_ci", "paired_permutation_test",
+                "BootstrapCI", "PermutationResult"}
+    assert expected <= set(metrics.__all__)
+    assert len(metrics.__all__) == len(set(metrics.__all__))
+    for name in metrics.__all__:
+        obj = getattr(metrics, name)
+        assert (inspect.getdoc(obj) or "").strip(), f"neuroimagen.metrics.{name} has no docstring"
+
+
+def test_metrics_package_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, neuroimagen.metrics; "
+            "print(sorted(m for m in ('torchvision', 'transformers', 'skimage', 'scipy', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert out == "[]"
