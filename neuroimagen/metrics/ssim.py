@@ -33,11 +33,13 @@ Conventions
     Both resizes are torchvision tensor resizes with the default ``antialias`` of the pinned torchvision
     (0.15.2 / 0.16.0), which for tensors means **no antialiasing**: bilinear ``F.interpolate(...,
     align_corners=False, antialias=False)`` (:func:`~.pixcorr.torchvision_resize`).  Values are not quantised.
-    The public code computes in float32 (its tensors are float32 and skimage keeps float32); here float64.
+    The public code computes in float32 (its tensors are float32 and skimage keeps float32); here float64
+    (the two differ by ~1e-7).
 
-    Caveat: the public notebooks also pass ``multichannel=True`` on the 2-D grey image.  scikit-image >= 0.22
-    silently ignores that keyword (2-D SSIM, as here); 0.19-0.21 mapped it to ``channel_axis=-1``, i.e. a
-    column-wise 1-D SSIM.  Published MindEye numbers may therefore come from either variant.
+    The public code also passes ``multichannel=True`` on the 2-D grey image.  The pinned scikit-image (0.20.0
+    for MindEye 1, 0.22.0 for MindEye 2) no longer has that parameter (removed in 0.20) and its ``**kwargs``
+    silently swallow it: 2-D SSIM, as here.  Only scikit-image <= 0.19 read it (as ``channel_axis=-1``: a
+    column-wise 1-D SSIM).
 
 Border handling: skimage filters with ``mode="reflect"`` and then crops exactly the filter radius, so every
 kept value comes from a window lying fully inside the image; the valid (unpadded) convolution used here is
