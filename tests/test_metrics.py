@@ -273,7 +273,8 @@ def test_ssim_mindeye_matches_skimage(kind):
     else:
         gt = _structured(3, 36, 36, 31)
         pred = (0.8 * gt + 0.1 + 0.05 * torch.randn(gt.shape, generator=gen(32))).clamp(0, 1)
-    ours = ssim(pred, gt, convention="mindeye", resolution=36)  # no-op resize: pure SSIM check
+    # no 256 px step and a no-op resize: pure SSIM check (the resizes: tests/test_ssim_mindeye.py)
+    ours = ssim(pred, gt, convention="mindeye", resolution=36, base_resolution=None)
     np.testing.assert_allclose(ours.numpy(), _sk_mindeye(pred, gt), atol=1e-4)
 
 
@@ -283,14 +284,15 @@ def test_ssim_resolution_path_matches_independent_resize():
     gt = _structured(2, 64, 64, 40)
     pred = (gt + 0.1 * torch.randn(gt.shape, generator=gen(41))).clamp(0, 1)
 
-    def tv(x, r):
-        return resize(x, [r, r], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    def tv(x, r, antialias=True):
+        return resize(x, [r, r], interpolation=InterpolationMode.BILINEAR, antialias=antialias)
 
     ours = ssim(pred, gt, convention="dreamdiffusion", resolution=40)
     np.testing.assert_allclose(ours.numpy(), _sk_dreamdiffusion(tv(pred, 40), tv(gt, 40)), atol=1e-4)
-    # mindeye defaults to 425 px (upsampling here)
+    # mindeye defaults to 256 px, then 425 px, both without antialiasing (as MindEye's pinned torchvision)
     ours = ssim(pred, gt, convention="mindeye")
-    np.testing.assert_allclose(ours.numpy(), _sk_mindeye(tv(pred, 425), tv(gt, 425)), atol=1e-4)
+    ref = _sk_mindeye(tv(tv(pred, 256, False), 425, False), tv(tv(gt, 256, False), 425, False))
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)

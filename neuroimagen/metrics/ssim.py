@@ -14,17 +14,32 @@ Conventions
     map cropped by (7-1)//2 = 3 pixels on every side, mean over pixels, then mean over the 3 channels.
     ``resolution=None`` scores at the input size.
 
-``"mindeye"`` (MindEye 1/2 evaluation notebooks)
-    Resize both images to ``resolution`` x ``resolution`` (default 425; bilinear, antialias), convert to grey
-    with ``skimage.color.rgb2gray`` weights ``0.2125 R + 0.7154 G + 0.0721 B`` (what the public code calls;
-    note these are *not* the ITU-R 601 luma weights 0.299/0.587/0.114), then
-    ``structural_similarity(gray_pred, gray_gt, gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=1.0)``: 11-tap Gaussian window (truncate 3.5 -> radius 5),
-    population covariance, map cropped by 5 pixels per side, mean.  Values are not clamped or quantised.
+``"mindeye"`` (MindEye 1 ``src/Reconstruction_Metrics.py``, MedARC-AI/fMRI-reconstruction-NSD; MindEye 2
+``src/final_evaluations.ipynb``, MedARC-AI/MindEyeV2; the same preprocessing as :mod:`~.pixcorr`)
+    The public code, in order:
 
-    Caveat: the public notebooks also pass ``multichannel=True`` on the 2-D grey image.  scikit-image >= 0.22
-    silently ignores that keyword (2-D SSIM, as here); 0.19-0.21 mapped it to ``channel_axis=-1``, i.e. a
-    column-wise 1-D SSIM.  Published MindEye numbers may therefore come from either variant.
+    1. clamp to [0, 1] (the public code clamps the reconstructions; its ground truth is already in [0, 1]);
+    2. ``transforms.Resize((256, 256))`` of both sets (the grid-display cell, whose result every later metric
+       inherits; ``base_resolution``, ``None`` skips it).  Images already 256 x 256 are unchanged: MindEye 1
+       resizes them to the same size, an exact identity for bilinear interpolation, and MindEye 2 skips them;
+    3. ``transforms.Resize(425, interpolation=BILINEAR)`` of both sets (``resolution``; an int resizes the
+       short edge and keeps the aspect ratio, ``int(425 * long / short)``);
+    4. grey with ``skimage.color.rgb2gray``: ``0.2125 R + 0.7154 G + 0.0721 B`` (*not* the ITU-R 601 luma
+       weights 0.299/0.587/0.114);
+    5. ``structural_similarity(gray_pred, gray_gt, gaussian_weights=True, sigma=1.5,
+       use_sample_covariance=False, data_range=1.0)`` per pair: 11-tap Gaussian window (truncate 3.5 ->
+       radius 5), population covariance, map cropped by 5 pixels per side, mean.
+
+    Both resizes are torchvision tensor resizes with the default ``antialias`` of the pinned torchvision
+    (0.15.2 / 0.16.0), which for tensors means **no antialiasing**: bilinear ``F.interpolate(...,
+    align_corners=False, antialias=False)`` (:func:`~.pixcorr.torchvision_resize`).  Values are not quantised.
+    The public code computes in float32 (its tensors are float32 and skimage keeps float32); here float64
+    (the two differ by ~1e-7).
+
+    The public code also passes ``multichannel=True`` on the 2-D grey image.  The pinned scikit-image (0.20.0
+    for MindEye 1, 0.22.0 for MindEye 2) no longer has that parameter (removed in 0.20) and its ``**kwargs``
+    silently swallow it: 2-D SSIM, as here.  Only scikit-image <= 0.19 read it (as ``channel_axis=-1``: a
+    column-wise 1-D SSIM).
 
 Border handling: skimage filters with ``mode="reflect"`` and then crops exactly the filter radius, so every
 kept value comes from a window lying fully inside the image; the valid (unpadded) convolution used here is
@@ -37,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neuroimagen.metrics.pixcorr import MINDEYE_BASE_RESOLUTION, torchvision_resize
+
 CONVENTIONS = ("dreamdiffusion", "mindeye")
 
 _K1, _K2 = 0.01, 0.03
@@ -47,7 +64,7 @@ _GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray, as called by
 _CHUNK = 16  # images per vectorised chunk (bounds memory at 425 px in float64)
 
 
-def _check(pred: Tensor, gt: Tensor, convention: str, resolution: int | None) -> None:
+def _check(pred: Tensor, gt: Tensor, convention: str, resolution: int | None, base_resolution: int | None) -> None:
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown SSIM convention {convention!r}; expected one of {CONVENTIONS}")
     for name, x in (("pred", pred), ("gt", gt)):
@@ -56,8 +73,9 @@ def _check(pred: Tensor, gt: Tensor, convention: str, resolution: int | None) ->
                              f"{tuple(getattr(x, 'shape', ()))}")
     if pred.shape != gt.shape:
         raise ValueError(f"pred and gt must have equal shapes, got {tuple(pred.shape)} vs {tuple(gt.shape)}")
-    if resolution is not None and (int(resolution) != resolution or resolution < 1):
-        raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
+    for name, value in (("resolution", resolution), ("base_resolution", base_resolution)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 def _resize(x: Tensor, resolution: int | None) -> Tensor:
@@ -98,26 +116,39 @@ def _ssim_maps_mean(x: Tensor, y: Tensor, taps: Tensor, data_range: float, cov_n
     return s.mean(dim=(2, 3)).mean(dim=1)
 
 
-def ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None) -> Tensor:
+def _mindeye_preprocess(x: Tensor, resolution: int, base_resolution: int | None) -> Tensor:
+    """Steps 1-3 of the mindeye convention on a float64 (b, 3, H, W) chunk."""
+    x = x.clamp(0, 1)
+    if base_resolution is not None:
+        x = torchvision_resize(x, (base_resolution, base_resolution))  # (b, 3, 256, 256)
+    return torchvision_resize(x, int(resolution))  # short edge to 425
+
+
+def ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None,
+         base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> Tensor:
     """Per-pair SSIM, a float64 tensor of shape (B,); see the module docstring for the exact protocols.
 
-    ``pred`` and ``gt`` are (B, 3, H, W) float images in [0, 1] of equal shape.  ``resolution`` resizes both
-    to ``resolution`` x ``resolution`` first (``None``: as-is for ``"dreamdiffusion"``, 425 for
-    ``"mindeye"``).  Raises ``ValueError`` for an unknown convention, malformed or mismatched shapes, or images
-    smaller than the window (7 px for dreamdiffusion, 11 px for mindeye).
+    ``pred`` and ``gt`` are (B, 3, H, W) float images in [0, 1] of equal shape.  ``"dreamdiffusion"``:
+    ``resolution`` resizes both to ``resolution`` x ``resolution`` (bilinear, antialias; ``None``: as-is).
+    ``"mindeye"``: clamp, resize both to ``base_resolution`` x ``base_resolution`` (MindEye's 256 px step;
+    ``None`` skips it), then the short edge to ``resolution`` (``None``: 425), bilinear without antialiasing;
+    ``base_resolution`` is read by the mindeye convention only.  Raises ``ValueError`` for an unknown
+    convention, malformed or mismatched shapes, or images smaller than the window (7 px for dreamdiffusion,
+    11 px for mindeye).
     """
-    _check(pred, gt, convention, resolution)
+    _check(pred, gt, convention, resolution, base_resolution)
     device = pred.device
     if convention == "dreamdiffusion":
         taps = torch.full((_UNIFORM_WIN,), 1.0 / _UNIFORM_WIN, dtype=torch.float64, device=device)
         np_ = _UNIFORM_WIN ** 2
         cov_norm, data_range = np_ / (np_ - 1), 255.0
+        out_h = resolution if resolution is not None else pred.shape[-2]
+        out_w = resolution if resolution is not None else pred.shape[-1]
     else:
         resolution = _MINDEYE_RESOLUTION if resolution is None else resolution
         taps = _gaussian_taps(_SIGMA, _TRUNCATE, torch.float64, device)
         cov_norm, data_range = 1.0, 1.0
-    out_h = resolution if resolution is not None else pred.shape[-2]
-    out_w = resolution if resolution is not None else pred.shape[-1]
+        out_h = out_w = resolution  # the short edge; the long edge is at least as long
     if min(out_h, out_w) < taps.numel():
         raise ValueError(f"images ({out_h}x{out_w}) are smaller than the {taps.numel()}x{taps.numel()} SSIM "
                          f"window of convention {convention!r}")
@@ -126,23 +157,24 @@ def ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolutio
     scores = []
     with torch.no_grad():
         for i in range(0, pred.shape[0], _CHUNK):
-            x = _resize(pred[i:i + _CHUNK].detach().to(torch.float64), resolution)
-            y = _resize(gt[i:i + _CHUNK].detach().to(torch.float64), resolution)
+            x = pred[i:i + _CHUNK].detach().to(torch.float64)
+            y = gt[i:i + _CHUNK].detach().to(torch.float64)
             if convention == "dreamdiffusion":
-                x = torch.round(x.clamp(0, 1) * 255)
-                y = torch.round(y.clamp(0, 1) * 255)
+                x = torch.round(_resize(x, resolution).clamp(0, 1) * 255)
+                y = torch.round(_resize(y, resolution).clamp(0, 1) * 255)
             else:
-                x = (x * gray).sum(1, keepdim=True)
-                y = (y * gray).sum(1, keepdim=True)
+                x = (_mindeye_preprocess(x, resolution, base_resolution) * gray).sum(1, keepdim=True)
+                y = (_mindeye_preprocess(y, resolution, base_resolution) * gray).sum(1, keepdim=True)
             scores.append(_ssim_maps_mean(x, y, taps, data_range, cov_norm))
     if not scores:
         return torch.zeros(0, dtype=torch.float64, device=device)
     return torch.cat(scores)
 
 
-def mean_ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None) -> float:
+def mean_ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None,
+              base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> float:
     """Mean over pairs of :func:`ssim` (same conventions and arguments)."""
-    s = ssim(pred, gt, convention=convention, resolution=resolution)
+    s = ssim(pred, gt, convention=convention, resolution=resolution, base_resolution=base_resolution)
     if s.numel() == 0:
         raise ValueError("mean_ssim needs at least one image pair (B >= 1)")
     return float(s.mean())
