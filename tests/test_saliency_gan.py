@@ -239,7 +239,8 @@ def test_validation_reports_diversity_realism_and_the_sweep_objective(saliency_s
 
     st = saliency_stage
     v = st.validate()
-    assert {"val_ssim", "val_diversity", "val_kid", "val_fid", "val_kid_mean_image", "val_objective"} <= set(v)
+    assert {"val_ssim", "val_diversity", "val_kid", "val_kid_mean_image", "val_objective"} <= set(v)
+    assert len(st.div_items) == min(len(st.f_val), 256)
     sc = st.sc
     k = max(v["val_kid"], 0.0)
     assert v["val_objective"] == pytest.approx(v["val_ssim"] + sc.objective_diversity * v["val_diversity"]
@@ -247,7 +248,7 @@ def test_validation_reports_diversity_realism_and_the_sweep_objective(saliency_s
     assert st.validate() == v  # every z and every KID subset is fixed: the same G scores the same
     # realism is measured against the validation images on the embedded features: they themselves have FID 0
     assert frechet_distance(st.features(st.img_val), st.feat_val) == pytest.approx(0.0, abs=1e-6)
-    assert v["val_kid_mean_image"] > 0.1 and v["val_fid"] > 0
+    assert v["val_kid_mean_image"] > 0.1
     assert SaliencyStage.select_metric == "val_ssim"  # selection unchanged; the objective is for sweeps
     assert "random-conv" in st.describe_data()["realism_features"] and "NOT Inception-v3" in SaliencyStage.protocol
 

@@ -11,14 +11,15 @@ validation split at the saliency resolution, G in eval mode, every z fixed per i
   ``val_ssim_mean_image`` is the baseline of predicting the mean training image. ``val_ssim`` selects the
   exported epoch.
 * ``val_diversity``: what alpha1 (mode seeking) pays for: for each item, ``val_samples`` images of G for
-  ``val_samples`` z, the mean absolute pixel difference ([0, 1] units) over all pairs, averaged over items.
+  ``val_samples`` z, the mean absolute pixel difference ([0, 1] units) over all pairs, averaged over items
+  (at most ``DIVERSITY_ITEMS`` evenly spaced ones, so validation costs at most ~2x G's pass over the split).
   0 = G ignores z.
-* ``val_kid``, ``val_fid``: what alpha2 (adversarial) pays for: KID (cubic kernel, mean over
-  ``KID_SUBSETS`` seeded subsets) and FID between G's outputs and the ground-truth images, on the
-  *embedded random-conv feature network* (:class:`RandomConvFeatures`: a fixed, seeded, untrained conv net,
-  features centred and scaled with the ground-truth images' statistics). Not Inception-v3: the numbers rank
-  generators within this project and are not comparable with published FID/KID (with fewer validation items
-  than 64 features FID's covariances are rank-deficient and KID, unbiased, is the one to read).
+* ``val_kid``: what alpha2 (adversarial) pays for: KID (cubic kernel, unbiased, mean over ``KID_SUBSETS``
+  seeded subsets) between G's outputs and the ground-truth images, on the *embedded random-conv feature
+  network* (:class:`RandomConvFeatures`: a fixed, seeded, untrained conv net, features centred and scaled
+  with the ground-truth images' statistics). Not Inception-v3: the number ranks generators within this
+  project and is not comparable with published KID. KID rather than FID because validation splits are small
+  (FID is biased at small N and its covariances of 64 features are rank-deficient below 64 items).
   ``val_kid_mean_image`` is the KID of the mean training image (a blur with no detail), the reference that
   ``val_objective`` scales by.
 * ``val_objective = val_ssim + objective_diversity * val_diversity - objective_kid * k / (k + val_kid_mean_image)``
@@ -34,7 +35,7 @@ import torch
 from neuroimagen.augment import diff_augment
 from neuroimagen.data.datasets import load_image
 from neuroimagen.losses import hinge_d_loss, hinge_g_loss, mode_seeking_loss, ssim, ssim_loss
-from neuroimagen.metrics.fid import frechet_distance, kernel_inception_distance
+from neuroimagen.metrics.fid import kernel_inception_distance
 from neuroimagen.models.saliency_gan import sample_z
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
 from neuroimagen.stages.encoder import build_from_spec
@@ -42,6 +43,7 @@ from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import GlobalBatchSampler
 
 KID_SUBSETS = 10  # KID subsets of min(100, validation items) rows each
+DIVERSITY_ITEMS = 256  # val_diversity on at most this many validation items (evenly spaced): S x this G images
 
 
 def load_images(ds, size: int) -> torch.Tensor:
@@ -86,8 +88,8 @@ class RandomConvFeatures(torch.nn.Module):
           per-feature scaling would blow up features that barely vary across the reference images)
 
     Random convolutional features are a known stand-in for a trained embedding when ranking generators
-    (Naeem et al. 2020, "Reliable fidelity and diversity metrics", sec. 5.2), but FID/KID on them are not
-    Inception numbers: they are labelled ``random-conv`` wherever they are reported.
+    (Naeem et al. 2020, "Reliable fidelity and diversity metrics for generative models"), but KID on them is
+    not an Inception number: it is labelled ``random-conv`` wherever it is reported.
     """
 
     name = "random-conv"
@@ -130,11 +132,12 @@ class SaliencyStage(Stage):
     protocol = ("SSIM (Gaussian window 11, sigma 1.5, data range 1, colour channels averaged) and Pearson pixel "
                 "correlation of G(z, f(x)) at {sc.resolution} px against the validation-split images, z fixed per item, "
                 "G in eval mode; baseline: the mean training image; val_diversity = mean absolute pixel difference "
-                "([0, 1]) between G's images for {sc.val_samples} fixed z per validation item, over all pairs; "
-                "val_kid (cubic-kernel unbiased MMD^2, mean of 10 seeded subsets of min(100, N)) and val_fid between "
-                "G's outputs and the validation images on the embedded random-conv features (fixed seeded untrained "
-                "conv net, 64 features centred and scaled on the validation images; NOT Inception-v3, not comparable with "
-                "published FID/KID), val_kid_mean_image = the mean training image's KID; val_objective = val_ssim + "
+                "([0, 1]) between G's images for {sc.val_samples} fixed z per validation item, over all pairs "
+                "(at most 256 evenly spaced items); "
+                "val_kid (cubic-kernel unbiased MMD^2, mean of 10 seeded subsets of min(100, N)) between G's outputs "
+                "and the validation images on the embedded random-conv features (fixed seeded untrained conv net, "
+                "64 features centred and scaled on the validation images; NOT Inception-v3, not comparable with "
+                "published KID), val_kid_mean_image = the mean training image's KID; val_objective = val_ssim + "
                 "{sc.objective_diversity} * val_diversity - {sc.objective_kid} * k / (k + val_kid_mean_image), k = "
                 "max(val_kid, 0) (the sweep objective); model selected on val_ssim")
 
@@ -176,14 +179,15 @@ class SaliencyStage(Stage):
         self.loader = TensorBatches({"feat": f_train, "image": self.img_train}, self.sampler, ctx.device)
         g = torch.Generator().manual_seed(cfg.seed + 17)
         self.z_val = sample_z(f_val.shape[0], sc.z_dim, generator=g)  # fixed z per validation item
-        self.z_samples = sample_z(f_val.shape[0] * sc.val_samples, sc.z_dim, generator=g)  # diversity: S per item
+        M = f_val.shape[0]
+        self.div_items = torch.linspace(0, M - 1, min(M, DIVERSITY_ITEMS)).round().long().unique()  # (m,)
+        self.z_samples = sample_z(len(self.div_items) * sc.val_samples, sc.z_dim, generator=g)  # S z per item
         mean_img = ((self.img_train + 1) / 2).mean(0, keepdim=True)  # (1, 3, R, R)
         self.baseline = float(ssim(mean_img.expand_as(self.img_val), self.img_val).mean()) if len(self.img_val) else float("nan")
         # realism: the embedded feature network, centred and scaled on the validation images (fixed for the run)
         self.features = RandomConvFeatures(seed=cfg.seed + 31)
         self.feat_val = self.features.fit_reference(self.img_val)(self.img_val) if len(self.img_val) else None
-        self.kid_baseline = (self._realism(mean_img.expand_as(self.img_val))[0]
-                             if len(self.img_val) >= 2 else float("nan"))
+        self.kid_baseline = self._kid(mean_img.expand_as(self.img_val)) if len(self.img_val) >= 2 else float("nan")
         self._data_desc = {"train": describe_split(train), "val": describe_split(val), "resolution": R,
                            "encoder": inputs.get("encoder_path"),
                            "realism_features": f"{RandomConvFeatures.name} (seed {cfg.seed + 31}, untrained, 64 "
@@ -238,28 +242,27 @@ class SaliencyStage(Stage):
         G.train(was)
         return (torch.cat(outs) + 1) / 2
 
-    def _realism(self, images: torch.Tensor) -> tuple[float, float]:
-        """(KID, FID) of images (M, 3, R, R) in [0, 1] against the validation images, on the embedded features."""
+    def _kid(self, images: torch.Tensor) -> float:
+        """KID of images (M, 3, R, R) in [0, 1] against the validation images, on the embedded features."""
         f = self.features(images)  # (M, 64)
-        m = min(100, len(f))
-        kid, _ = kernel_inception_distance(f, self.feat_val, subsets=KID_SUBSETS, subset_size=m,
+        kid, _ = kernel_inception_distance(f, self.feat_val, subsets=KID_SUBSETS, subset_size=min(100, len(f)),
                                            generator=torch.Generator().manual_seed(self.cfg.seed + 37))
-        return kid, frechet_distance(f, self.feat_val)
+        return kid
 
     def validate(self) -> dict[str, float]:
         if self.f_val.shape[0] < 2:
             return {"val_ssim": float("nan"), "val_objective": float("nan")}
         sc = self.sc
         pred = self.generate(self.f_val, self.z_val)  # (M, 3, R, R) in [0, 1]
-        M, S = self.f_val.shape[0], sc.val_samples
-        many = self.generate(self.f_val.repeat_interleave(S, 0), self.z_samples)  # (M * S, 3, R, R), S z per item
-        diversity = sample_diversity(many.view(M, S, *many.shape[1:]))
-        kid, fid = self._realism(pred)
+        m, S = len(self.div_items), sc.val_samples
+        many = self.generate(self.f_val[self.div_items].repeat_interleave(S, 0), self.z_samples)  # (m * S, 3, R, R)
+        diversity = sample_diversity(many.view(m, S, *many.shape[1:]))
+        kid = self._kid(pred)
         val_ssim = float(ssim(pred, self.img_val).mean())
         k = max(kid, 0.0)
         return {"val_ssim": val_ssim,
                 "val_pixcorr": float(pixel_correlation(pred, self.img_val).mean()),
                 "val_ssim_mean_image": self.baseline,
-                "val_diversity": diversity, "val_kid": kid, "val_fid": fid, "val_kid_mean_image": self.kid_baseline,
+                "val_diversity": diversity, "val_kid": kid, "val_kid_mean_image": self.kid_baseline,
                 "val_objective": val_ssim + sc.objective_diversity * diversity
                                  - sc.objective_kid * k / max(k + self.kid_baseline, 1e-12)}
