@@ -141,6 +141,10 @@ def test_check_text_encoder_compares_weights_not_shapes(semantic_parts, two_snap
     msg = str(err.value)
     assert "\n" not in msg and str(model_dir) in msg and str(other) in msg
     assert a.fingerprint in msg and b.fingerprint in msg and "--stages semantic" in msg
+    # the configured text encoder (Decode's empty and true-caption prompts) is held to the same rule
+    check_text_encoder({}, str(same), configured=str(same))
+    with pytest.raises(ConfigError, match=r"^text_encoder.pretrained: .*other.* has other weights"):
+        check_text_encoder({}, str(same), configured=str(other))
 
 
 def test_reconstruct_stops_before_generating_with_another_text_encoder(semantic_parts, two_snapshots, tmp_path):

@@ -84,8 +84,8 @@ def load_module(model_dir: str | Path, module: str) -> tuple[torch.nn.Module, di
     return m.eval().requires_grad_(False), doc["modules"][module]
 
 
-def check_text_encoder(models: Mapping[str, str], snapshot: str,
-                       snapshot_text_encoder: TextEncoder | None = None) -> None:
+def check_text_encoder(models: Mapping[str, str], snapshot: str, snapshot_text_encoder: TextEncoder | None = None,
+                       configured: str | None = None) -> None:
     """Refuse stage-3 regressors whose targets came from another text encoder than the diffusion model's own.
 
     A regressor predicts in the space of the text encoder that embedded its training captions; the diffusion
@@ -93,12 +93,20 @@ def check_text_encoder(models: Mapping[str, str], snapshot: str,
     77 x 768), so the weight fingerprint recorded with each exported regressor (``targets`` in its spec, see
     ``neuroimagen.stages.semantic``) must equal the fingerprint of ``snapshot``'s ``text_encoder/`` (+ tokenizer).
     ``models``: stage -> exported model directory (only the semantic stages are checked); ``snapshot_text_encoder``:
-    the snapshot's encoder when already loaded. One ``ConfigError`` line naming both encoders otherwise.
+    the snapshot's encoder when already loaded; ``configured``: ``text_encoder.pretrained``, which Decode embeds
+    the empty and the true captions with (the tiny default is the snapshot's by construction), checked the same
+    way. One ``ConfigError`` line naming both encoders otherwise.
     """
     semantic = [(stage, models[stage]) for stage in SEMANTIC_STAGE.values() if stage in models]
-    if not semantic:
+    if not semantic and configured is None:
         return
     te = snapshot_text_encoder if snapshot_text_encoder is not None else load_text_encoder(snapshot)
+    if configured is not None:
+        other = load_text_encoder(configured)
+        if other.fingerprint != te.fingerprint:
+            raise ConfigError(f"text_encoder.pretrained: {configured} has other weights ({other.fingerprint}) than the "
+                              f"text encoder of the diffusion model {snapshot} ({te.fingerprint}): caption embeddings "
+                              f"would not be prompts for it; set text_encoder.pretrained to the diffusion snapshot")
     for stage, model_dir in semantic:
         doc, _ = load_model_dir(model_dir)
         rec = doc["modules"]["regressor"].get("targets") or {}

@@ -213,7 +213,8 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                           f"`neuroimagen train --out {run_dir} --stages {','.join(missing)}` first")
     splits = load_splits(cfg.data, image_mode="path")
     snapshot, ldm_desc = prepare_ldm(cfg, run_dir, splits, log)
-    check_text_encoder(stage_models(run_dir, record, stages), snapshot)  # before anything is generated
+    # stage 3 and the prompts must live in the diffusion model's own text-encoder space: checked before generating
+    check_text_encoder(stage_models(run_dir, record, stages), snapshot, configured=cfg.text_encoder.pretrained)
     resolution = snapshot_resolution(snapshot) if cfg.ldm.pretrained else cfg.ldm.resolution
     # the judge sees images resized to at most 64 px (its input size), whatever the LDM's resolution
     clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, min(resolution, 64), log)
