@@ -250,14 +250,14 @@ class SaliencyStage(Stage):
         return kid
 
     def validate(self) -> dict[str, float]:
-        if self.f_val.shape[0] < 2:
+        if self.f_val.shape[0] == 0:
             return {"val_ssim": float("nan"), "val_objective": float("nan")}
         sc = self.sc
         pred = self.generate(self.f_val, self.z_val)  # (M, 3, R, R) in [0, 1]
         m, S = len(self.div_items), sc.val_samples
         many = self.generate(self.f_val[self.div_items].repeat_interleave(S, 0), self.z_samples)  # (m * S, 3, R, R)
         diversity = sample_diversity(many.view(m, S, *many.shape[1:]))
-        kid = self._kid(pred)
+        kid = self._kid(pred) if len(pred) >= 2 else float("nan")  # KID needs two items per set
         val_ssim = float(ssim(pred, self.img_val).mean())
         k = max(kid, 0.0)
         return {"val_ssim": val_ssim,
