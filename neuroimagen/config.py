@@ -168,6 +168,11 @@ class SaliencyStageConfig:
     epochs: int = param(30, ge=1, doc="training epochs")
     batch_size: int = param(32, ge=2, doc="batch size per worker")
     val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
+    val_samples: int = param(4, ge=2, doc="validation: images of G per item (one fixed z each) for val_diversity")
+    # val_objective = val_ssim + objective_diversity * val_diversity - objective_kid * k / (k + val_kid_mean_image):
+    # the defaults keep pure noise (diversity 1/3, penalty -> 1) below the mean training image (penalty 1/2)
+    objective_diversity: float = param(0.5, ge=0, doc="val_objective: weight of val_diversity (mean pairwise |G(z1) - G(z2)| in [0, 1] pixels)")
+    objective_kid: float = param(0.25, ge=0, doc="val_objective: weight of the realism penalty k / (k + val_kid_mean_image), k = max(val_kid, 0) on the embedded random-conv features")
 
     def validate(self, prefix: str) -> None:
         bad = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in DIFFAUGMENT_POLICIES]

@@ -50,6 +50,16 @@ def test_real_path_loader_reads_the_snapshot_offline(pipe, snapshot, monkeypatch
     assert pipe.safety_checker is None
 
 
+def test_a_saved_snapshot_keeps_the_text_encoder_fingerprint(snapshot, pipe):
+    """Stage 3 records the run's text encoder by fingerprint; the tiny LDM's snapshot must carry the same one, or
+    reconstruction would refuse its own regressors (neuroimagen.reconstruction.factory.check_text_encoder)."""
+    from neuroimagen.models.text_encoder import TextEncoder, load_text_encoder
+
+    te = build_tiny_text_encoder(seed=0, hidden_size=32, num_layers=1, num_heads=2, max_length=16)
+    assert load_text_encoder(str(snapshot)).fingerprint == te.fingerprint
+    assert TextEncoder(pipe.tokenizer, pipe.text_encoder, identity="pipe").fingerprint == te.fingerprint
+
+
 def _embeds(pipe, b, seed):
     g = torch.Generator().manual_seed(seed)
     L, E = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size

@@ -184,3 +184,92 @@ def test_generator_learns_conditional_targets(one_thread):
         other = (out[i] - targets[1 - label]).abs().mean()
         assert own < other, (i, label, own.item(), other.item())
         assert own < 0.25
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2's validation: diversity (what alpha1 buys), realism (what alpha2 buys), the sweep objective
+
+
+def test_sample_diversity_is_the_mean_pairwise_l1():
+    from neuroimagen.stages.saliency import sample_diversity
+
+    x = torch.zeros(2, 3, 3, 4, 4)  # (M, S, 3, R, R)
+    x[0, 1] = 0.6
+    x[0, 2] = 0.9  # item 0: pairs |0 - .6|, |0 - .9|, |.6 - .9| -> mean 0.6
+    x[1] = 0.25  # item 1: G ignores z -> 0
+    assert sample_diversity(x) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        sample_diversity(x[:, :1])
+
+
+def test_random_conv_features_are_fixed_seeded_and_centred_on_the_reference():
+    from neuroimagen.stages.saliency import RandomConvFeatures
+
+    g = torch.Generator().manual_seed(0)
+    ref, other = torch.rand(20, 3, 32, 32, generator=g), torch.rand(5, 3, 32, 32, generator=g)
+    a, b = RandomConvFeatures(seed=3).fit_reference(ref), RandomConvFeatures(seed=3).fit_reference(ref)
+    assert torch.equal(a(other), b(other)) and not torch.equal(a(other), RandomConvFeatures(seed=4).fit_reference(ref)(other))
+    f = a(ref)  # (20, 64)
+    assert f.shape == (20, 64) and f.mean(0).abs().max() < 1e-5 and f.pow(2).mean() == pytest.approx(1.0, rel=1e-4)
+    assert not any(p.requires_grad for p in a.parameters())
+
+
+@pytest.fixture(scope="module")
+def saliency_stage(twin):
+    import dataclasses
+
+    from neuroimagen.config import load_config
+    from neuroimagen.data.datasets import load_splits
+    from neuroimagen.stages import build_stage
+    from neuroimagen.training.context import RunContext, unwrap
+
+    cfg = load_config(twin / "config.yaml")
+    sc = dataclasses.replace(cfg.stages.saliency, resolution=32, g_width=8, d_width=8, val_samples=3)
+    cfg = dataclasses.replace(cfg, stages=dataclasses.replace(cfg.stages, saliency=sc))
+    splits = load_splits(cfg.data, image_mode="path")
+    enc = build_stage("encoder", cfg, RunContext(), {"splits": splits})
+    inputs = {"splits": splits, "encoder_spec": enc.specs()["encoder"],
+              "encoder_state": unwrap(enc.modules()["encoder"]).state_dict()}
+    return build_stage("saliency", cfg, RunContext(), inputs)
+
+
+def test_validation_reports_diversity_realism_and_the_sweep_objective(saliency_stage):
+    from neuroimagen.metrics.fid import frechet_distance
+    from neuroimagen.stages.saliency import SaliencyStage
+
+    st = saliency_stage
+    v = st.validate()
+    assert {"val_ssim", "val_diversity", "val_kid", "val_kid_mean_image", "val_objective"} <= set(v)
+    assert len(st.div_items) == min(len(st.f_val), 256)
+    sc = st.sc
+    k = max(v["val_kid"], 0.0)
+    assert v["val_objective"] == pytest.approx(v["val_ssim"] + sc.objective_diversity * v["val_diversity"]
+                                               - sc.objective_kid * k / (k + v["val_kid_mean_image"]))
+    assert st.validate() == v  # every z and every KID subset is fixed: the same G scores the same
+    # realism is measured against the validation images on the embedded features: they themselves have FID 0
+    assert frechet_distance(st.features(st.img_val), st.feat_val) == pytest.approx(0.0, abs=1e-6)
+    assert v["val_kid_mean_image"] > 0.1
+    assert SaliencyStage.select_metric == "val_ssim"  # selection unchanged; the objective is for sweeps
+    assert "random-conv" in st.describe_data()["realism_features"] and "NOT Inception-v3" in SaliencyStage.protocol
+
+
+def test_diversity_is_zero_when_g_ignores_z_and_grows_when_it_does_not(saliency_stage):
+    st = saliency_stage
+    G = st.G
+
+    class IgnoresZ(nn.Module):
+        def __init__(self, g, scale):
+            super().__init__()
+            self.g, self.scale = g, scale
+
+        def forward(self, z, c):
+            return self.g(z * self.scale, c)
+
+    try:
+        st.G = IgnoresZ(G, 0.0)
+        flat = st.validate()["val_diversity"]
+        st.G = IgnoresZ(G, 1.0)
+        varied = st.validate()["val_diversity"]
+    finally:
+        st.G = G
+    assert flat == pytest.approx(0.0, abs=1e-7) and varied > 1e-4, (flat, varied)

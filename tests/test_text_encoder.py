@@ -122,6 +122,19 @@ def test_save_then_load_snapshot_layout(tiny, tmp_path):
     assert next(loaded.model.parameters()).dtype == torch.float32
 
 
+def test_fingerprint_names_the_weights_not_the_path(tiny, tmp_path):
+    tiny.save(tmp_path / "a")
+    loaded = load_text_encoder(str(tmp_path / "a"))
+    assert loaded.identity != tiny.identity and loaded.fingerprint == tiny.fingerprint  # same weights, other path
+    assert tiny.fingerprint.startswith("sha256:") and len(tiny.fingerprint) == 7 + 16
+    other = build_tiny_text_encoder(seed=1)  # same shapes, other weights
+    assert other.encode([CAPTION]).shape == tiny.encode([CAPTION]).shape and other.fingerprint != tiny.fingerprint
+    with torch.no_grad():
+        next(loaded.model.parameters())[0, 0] += 1e-3
+    loaded._fingerprint = None
+    assert loaded.fingerprint != tiny.fingerprint  # one changed weight changes it
+
+
 def test_load_flat_directory(tiny, tmp_path):
     flat = tmp_path / "clip"
     tiny.tokenizer.save_pretrained(str(flat))

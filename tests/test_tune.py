@@ -55,8 +55,13 @@ def test_space_files_are_validated_before_anything_starts(tmp_path, change, frag
 def test_shipped_spaces_sweep_what_the_paper_leaves_open():
     gan, _ = load_space(REPO / "tune_spaces" / "gan.yaml")
     assert {"stages.saliency.alpha1", "stages.saliency.alpha2", "stages.saliency.alpha3"} <= set(gan.params)
+    # SSIM alone would drive alpha1 (mode seeking) and alpha2 (adversarial) to their minimum
+    assert (gan.metric, gan.mode) == ("val_objective", "max")
     enc, _ = load_space(REPO / "tune_spaces" / "encoder.yaml")
     assert "stages.encoder.margin" in enc.params and enc.metric.startswith("val_")
+    sem, _ = load_space(REPO / "tune_spaces" / "semantic.yaml")
+    # the training objective's own scale (standardised MSE), not raw MSE that CLIP-L's huge channels dominate
+    assert (sem.metric, sem.mode) == ("val_std_mse", "min")
 
 
 def test_cli_errors_are_one_line(tmp_path, run_cli):

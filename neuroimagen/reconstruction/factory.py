@@ -24,7 +24,7 @@ from neuroimagen.data.datasets import load_recording
 from neuroimagen.errors import ConfigError
 from neuroimagen.models.classifier import Classifier, load_classifier, load_torchvision_classifier
 from neuroimagen.models.ldm import load_img2img
-from neuroimagen.models.text_encoder import TextEncoder
+from neuroimagen.models.text_encoder import TextEncoder, load_text_encoder
 from neuroimagen.reconstruction.decode import Decode
 from neuroimagen.reconstruction.generate import Generate
 from neuroimagen.reconstruction.images import PngWriter
@@ -82,6 +82,42 @@ def load_module(model_dir: str | Path, module: str) -> tuple[torch.nn.Module, di
     m = build_from_spec(doc["modules"][module])
     m.load_state_dict(states[module])
     return m.eval().requires_grad_(False), doc["modules"][module]
+
+
+def check_text_encoder(models: Mapping[str, str], snapshot: str, snapshot_text_encoder: TextEncoder | None = None,
+                       configured: str | None = None) -> None:
+    """Refuse stage-3 regressors whose targets came from another text encoder than the diffusion model's own.
+
+    A regressor predicts in the space of the text encoder that embedded its training captions; the diffusion
+    model reads ``prompt_embeds`` in its own text encoder's space. Equal shapes prove nothing (every CLIP-L has
+    77 x 768), so the weight fingerprint recorded with each exported regressor (``targets`` in its spec, see
+    ``neuroimagen.stages.semantic``) must equal the fingerprint of ``snapshot``'s ``text_encoder/`` (+ tokenizer).
+    ``models``: stage -> exported model directory (only the semantic stages are checked); ``snapshot_text_encoder``:
+    the snapshot's encoder when already loaded; ``configured``: ``text_encoder.pretrained``, which Decode embeds
+    the empty and the true captions with (the tiny default is the snapshot's by construction), checked the same
+    way. One ``ConfigError`` line naming both encoders otherwise.
+    """
+    semantic = [(stage, models[stage]) for stage in SEMANTIC_STAGE.values() if stage in models]
+    if not semantic and configured is None:
+        return
+    te = snapshot_text_encoder if snapshot_text_encoder is not None else load_text_encoder(snapshot)
+    if configured is not None:
+        other = load_text_encoder(configured)
+        if other.fingerprint != te.fingerprint:
+            raise ConfigError(f"text_encoder.pretrained: {configured} has other weights ({other.fingerprint}) than the "
+                              f"text encoder of the diffusion model {snapshot} ({te.fingerprint}): caption embeddings "
+                              f"would not be prompts for it; set text_encoder.pretrained to the diffusion snapshot")
+    for stage, model_dir in semantic:
+        doc, _ = load_model_dir(model_dir)
+        rec = doc["modules"]["regressor"].get("targets") or {}
+        trained = rec.get("text_encoder_fingerprint")
+        if trained == te.fingerprint:
+            continue
+        what = (f"was trained on caption embeddings of text encoder {rec.get('text_encoder')} (weights {trained})"
+                if trained else "records no text encoder for its targets (exported before they were recorded)")
+        raise ConfigError(f"{model_dir}: stage-3 regressor '{stage}' {what}, but the diffusion model {snapshot} "
+                          f"conditions on its own text encoder (weights {te.fingerprint}); set text_encoder.pretrained "
+                          f"to the diffusion snapshot and retrain it (`neuroimagen train --out <run> --stages {stage}`)")
 
 
 def load_classifier_spec(spec: Mapping) -> Classifier:

@@ -40,7 +40,7 @@ from neuroimagen.models import ldm
 from neuroimagen.models.classifier import load_classifier, save_classifier
 from neuroimagen.models.ldm import snapshot_resolution
 from neuroimagen.provenance import provenance
-from neuroimagen.reconstruction.factory import RunSources, load_reconstruct, stage_models
+from neuroimagen.reconstruction.factory import RunSources, check_text_encoder, load_reconstruct, stage_models
 from neuroimagen.reconstruction.rows import build_rows, needed_stages, rows_to_batch, safe_name, select_variants
 from neuroimagen.runs.reports import write_report
 from neuroimagen.runs.training import FitStage, prepare_data, read_run, train
@@ -214,6 +214,8 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                           f"`neuroimagen train --out {run_dir} --stages {','.join(missing)}` first")
     splits = load_splits(cfg.data, image_mode="path")
     snapshot, ldm_desc = prepare_ldm(cfg, run_dir, splits, log)
+    # stage 3 and the prompts must live in the diffusion model's own text-encoder space: checked before generating
+    check_text_encoder(stage_models(run_dir, record, stages), snapshot, configured=cfg.text_encoder.pretrained)
     resolution = snapshot_resolution(snapshot) if cfg.ldm.pretrained else cfg.ldm.resolution
     # the judge sees images resized to at most 64 px (its input size), whatever the LDM's resolution
     clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, min(resolution, 64), log)

@@ -4,9 +4,28 @@ Discriminator (eq. 2): hinge loss on DiffAugment-ed real and fake images, condit
 Generator (eq. 6): ``alpha2 * L_adv`` (hinge, eq. 3) ``+ alpha1 * L_ms`` (mode seeking, eq. 4)
 ``+ alpha3 * (1 - SSIM(G, y))`` (eq. 5). A weight of 0 switches its term off.
 
-Images are handled in [-1, 1] (tanh range) for G and D, and in [0, 1] for SSIM. Validation: SSIM and
-pixel correlation of G(z, f(x)) against the ground-truth validation images, with z fixed per item;
-``val_ssim_mean_image`` is the baseline of predicting the mean training image.
+Images are handled in [-1, 1] (tanh range) for G and D, and in [0, 1] for SSIM. Validation, all on the
+validation split at the saliency resolution, G in eval mode, every z fixed per item:
+
+* ``val_ssim``, ``val_pixcorr``: SSIM and pixel correlation of G(z, f(x)) against the ground-truth images;
+  ``val_ssim_mean_image`` is the baseline of predicting the mean training image. ``val_ssim`` selects the
+  exported epoch.
+* ``val_diversity``: what alpha1 (mode seeking) pays for: for each item, ``val_samples`` images of G for
+  ``val_samples`` z, the mean absolute pixel difference ([0, 1] units) over all pairs, averaged over items
+  (at most ``DIVERSITY_ITEMS`` evenly spaced ones, so validation costs at most ~2x G's pass over the split).
+  0 = G ignores z.
+* ``val_kid``: what alpha2 (adversarial) pays for: KID (cubic kernel, unbiased, mean over ``KID_SUBSETS``
+  seeded subsets) between G's outputs and the ground-truth images, on the *embedded random-conv feature
+  network* (:class:`RandomConvFeatures`: a fixed, seeded, untrained conv net, features centred and scaled
+  with the ground-truth images' statistics). Not Inception-v3: the number ranks generators within this
+  project and is not comparable with published KID. KID rather than FID because validation splits are small
+  (FID is biased at small N and its covariances of 64 features are rank-deficient below 64 items).
+  ``val_kid_mean_image`` is the KID of the mean training image (a blur with no detail), the reference that
+  ``val_objective`` scales by.
+* ``val_objective = val_ssim + objective_diversity * val_diversity - objective_kid * k / (k + val_kid_mean_image)``
+  with ``k = max(val_kid, 0)`` (weights ``stages.saliency.objective_*``): the sweep objective, so that a sweep
+  of alpha1 and alpha2 sees what those terms buy instead of SSIM alone, which only pushes them to their
+  minimum. Every term lies in [0, 1]; the realism penalty is 0 for KID 0 and 1/2 for the mean image's KID.
 """
 
 from __future__ import annotations
@@ -16,11 +35,15 @@ import torch
 from neuroimagen.augment import diff_augment
 from neuroimagen.data.datasets import load_image
 from neuroimagen.losses import hinge_d_loss, hinge_g_loss, mode_seeking_loss, ssim, ssim_loss
+from neuroimagen.metrics.fid import kernel_inception_distance
 from neuroimagen.models.saliency_gan import sample_z
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
 from neuroimagen.stages.encoder import build_from_spec
 from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import GlobalBatchSampler
+
+KID_SUBSETS = 10  # KID subsets of min(100, validation items) rows each
+DIVERSITY_ITEMS = 256  # val_diversity on at most this many validation items (evenly spaced): S x this G images
 
 
 def load_images(ds, size: int) -> torch.Tensor:
@@ -45,6 +68,60 @@ def pixel_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
+def sample_diversity(samples: torch.Tensor) -> float:
+    """Mean absolute difference between the images of one condition, over all pairs and conditions.
+
+    samples: (M, S, 3, R, R) in [0, 1], S >= 2 images (different z) per condition -> float in [0, 1].
+    """
+    M, S = samples.shape[:2]
+    if S < 2:
+        raise ValueError(f"samples: expected at least 2 images per condition, got {S}")
+    i, j = torch.triu_indices(S, S, offset=1)  # all S (S - 1) / 2 pairs
+    return float((samples[:, i] - samples[:, j]).abs().mean())
+
+
+class RandomConvFeatures(torch.nn.Module):
+    """The embedded feature network of the realism metrics: fixed, seeded, *untrained* (no weights to load).
+
+        (B, 3, R, R) in [0, 1] -> 3 x [Conv 4x4 stride 2 -> ReLU] (16, 32, 64 channels) -> spatial mean
+          -> (B, 64), minus the reference set's mean feature, over its root-mean-square spread (one scalar:
+          per-feature scaling would blow up features that barely vary across the reference images)
+
+    Random convolutional features are a known stand-in for a trained embedding when ranking generators
+    (Naeem et al. 2020, "Reliable fidelity and diversity metrics for generative models"), but KID on them is
+    not an Inception number: it is labelled ``random-conv`` wherever it is reported.
+    """
+
+    name = "random-conv"
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 16, 4, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 4, 2, 1), torch.nn.ReLU(),
+                torch.nn.Conv2d(32, 64, 4, 2, 1), torch.nn.ReLU())
+        self.requires_grad_(False).eval()
+        self.register_buffer("mean", torch.zeros(64))
+        self.register_buffer("scale", torch.ones(()))
+        self.seed = seed
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.net(x[i: i + 256].float()).mean(dim=(2, 3)) for i in range(0, len(x), 256)])
+
+    def fit_reference(self, x: torch.Tensor) -> "RandomConvFeatures":
+        """Centre and scale on reference images x (N, 3, R, R): afterwards their features have mean 0 and
+        mean variance 1 per feature."""
+        f = self.raw(x)  # (N, 64)
+        self.mean.copy_(f.mean(0))
+        self.scale.copy_((f - self.mean).pow(2).mean().sqrt().clamp_min(1e-6) if len(f) > 1 else torch.ones(()))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.raw(x) - self.mean) / self.scale  # (B, 64)
+
+
 class SaliencyStage(Stage):
     name = "saliency"
     requires = ("encoder",)
@@ -54,7 +131,15 @@ class SaliencyStage(Stage):
     select_mode = "max"
     protocol = ("SSIM (Gaussian window 11, sigma 1.5, data range 1, colour channels averaged) and Pearson pixel "
                 "correlation of G(z, f(x)) at {sc.resolution} px against the validation-split images, z fixed per item, "
-                "G in eval mode; baseline: the mean training image; model selected on val_ssim")
+                "G in eval mode; baseline: the mean training image; val_diversity = mean absolute pixel difference "
+                "([0, 1]) between G's images for {sc.val_samples} fixed z per validation item, over all pairs "
+                "(at most 256 evenly spaced items); "
+                "val_kid (cubic-kernel unbiased MMD^2, mean of 10 seeded subsets of min(100, N)) between G's outputs "
+                "and the validation images on the embedded random-conv features (fixed seeded untrained conv net, "
+                "64 features centred and scaled on the validation images; NOT Inception-v3, not comparable with "
+                "published KID), val_kid_mean_image = the mean training image's KID; val_objective = val_ssim + "
+                "{sc.objective_diversity} * val_diversity - {sc.objective_kid} * k / (k + val_kid_mean_image), k = "
+                "max(val_kid, 0) (the sweep objective); model selected on val_ssim")
 
     @classmethod
     def chance(cls, data: dict, val_metrics: dict) -> dict:
@@ -94,10 +179,19 @@ class SaliencyStage(Stage):
         self.loader = TensorBatches({"feat": f_train, "image": self.img_train}, self.sampler, ctx.device)
         g = torch.Generator().manual_seed(cfg.seed + 17)
         self.z_val = sample_z(f_val.shape[0], sc.z_dim, generator=g)  # fixed z per validation item
+        M = f_val.shape[0]
+        self.div_items = torch.linspace(0, M - 1, min(M, DIVERSITY_ITEMS)).round().long().unique()  # (m,)
+        self.z_samples = sample_z(len(self.div_items) * sc.val_samples, sc.z_dim, generator=g)  # S z per item
         mean_img = ((self.img_train + 1) / 2).mean(0, keepdim=True)  # (1, 3, R, R)
         self.baseline = float(ssim(mean_img.expand_as(self.img_val), self.img_val).mean()) if len(self.img_val) else float("nan")
+        # realism: the embedded feature network, centred and scaled on the validation images (fixed for the run)
+        self.features = RandomConvFeatures(seed=cfg.seed + 31)
+        self.feat_val = self.features.fit_reference(self.img_val)(self.img_val) if len(self.img_val) else None
+        self.kid_baseline = self._kid(mean_img.expand_as(self.img_val)) if len(self.img_val) >= 2 else float("nan")
         self._data_desc = {"train": describe_split(train), "val": describe_split(val), "resolution": R,
-                           "encoder": inputs.get("encoder_path")}
+                           "encoder": inputs.get("encoder_path"),
+                           "realism_features": f"{RandomConvFeatures.name} (seed {cfg.seed + 31}, untrained, 64 "
+                                               f"features centred and scaled on the validation images; not Inception-v3)"}
 
     def export_modules(self):
         return {"generator": self.G}
@@ -148,10 +242,27 @@ class SaliencyStage(Stage):
         G.train(was)
         return (torch.cat(outs) + 1) / 2
 
+    def _kid(self, images: torch.Tensor) -> float:
+        """KID of images (M, 3, R, R) in [0, 1] against the validation images, on the embedded features."""
+        f = self.features(images)  # (M, 64)
+        kid, _ = kernel_inception_distance(f, self.feat_val, subsets=KID_SUBSETS, subset_size=min(100, len(f)),
+                                           generator=torch.Generator().manual_seed(self.cfg.seed + 37))
+        return kid
+
     def validate(self) -> dict[str, float]:
         if self.f_val.shape[0] == 0:
-            return {"val_ssim": float("nan")}
+            return {"val_ssim": float("nan"), "val_objective": float("nan")}
+        sc = self.sc
         pred = self.generate(self.f_val, self.z_val)  # (M, 3, R, R) in [0, 1]
-        return {"val_ssim": float(ssim(pred, self.img_val).mean()),
+        m, S = len(self.div_items), sc.val_samples
+        many = self.generate(self.f_val[self.div_items].repeat_interleave(S, 0), self.z_samples)  # (m * S, 3, R, R)
+        diversity = sample_diversity(many.view(m, S, *many.shape[1:]))
+        kid = self._kid(pred) if len(pred) >= 2 else float("nan")  # KID needs two items per set
+        val_ssim = float(ssim(pred, self.img_val).mean())
+        k = max(kid, 0.0)
+        return {"val_ssim": val_ssim,
                 "val_pixcorr": float(pixel_correlation(pred, self.img_val).mean()),
-                "val_ssim_mean_image": self.baseline}
+                "val_ssim_mean_image": self.baseline,
+                "val_diversity": diversity, "val_kid": kid, "val_kid_mean_image": self.kid_baseline,
+                "val_objective": val_ssim + sc.objective_diversity * diversity
+                                 - sc.objective_kid * k / max(k + self.kid_baseline, 1e-12)}

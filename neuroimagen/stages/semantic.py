@@ -5,10 +5,17 @@ Targets are the text encoder's ``last_hidden_state`` of each item's caption: the
 computed once on the driver (``build_targets``) and cached in one file per run keyed by the encoder
 and the caption set.
 
-Validation: MSE, cosine similarity, and the nearest-class rate — the fraction of validation items
-whose prediction is closest (Euclidean, flattened) to their own class's prototype: the label-caption
-embedding (label captions) or the mean per-image-caption embedding of the class's training images
-(per-image captions).
+Validation: ``val_std_mse``, the training objective itself (eq. 7 in standardised target units: the mean
+of ((h - t) / std)^2 with the per-element std of the training targets), which selects the exported epoch
+and is what sweeps optimise; ``val_mse`` in the text encoder's raw units (reported only: CLIP-L's few
+channels of huge variance dominate it, so it would select for those channels alone); cosine similarity;
+and the nearest-class rate — the fraction of validation items whose prediction is closest (Euclidean,
+flattened) to their own class's prototype: the label-caption embedding (label captions) or the mean
+per-image-caption embedding of the class's training images (per-image captions).
+
+The exported regressor's spec records the text encoder its targets came from (``targets``: identity and
+weight fingerprint), so that reconstruction can refuse a diffusion model with another text encoder
+(``neuroimagen.reconstruction.factory.check_text_encoder``).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ def build_targets(cfg, splits: dict, run_dir: Path, kind: str = "label") -> dict
     """Caption tables and per-item caption indices for train/val, cached under ``<run>/semantic/``.
 
     Returns {'table': (n, L, E), 'captions': [...], 'index': {split: (N,) long}, 'prototypes': (K, L, E),
-    'identity': str, 'kind': 'label'|'image', 'cache': path}.
+    'identity': str, 'fingerprint': the text encoder's weight hash, 'kind': 'label'|'image', 'cache': path}.
     """
     if kind not in ("label", "image"):
         raise ValueError(f"kind: expected 'label' or 'image', got {kind!r}")
@@ -75,7 +82,8 @@ def build_targets(cfg, splits: dict, run_dir: Path, kind: str = "label") -> dict
         prototypes = torch.stack([t[y == k].mean(0) if (y == k).any() else torch.zeros_like(t[0])
                                   for k in range(rec.num_classes)])
     return {"table": table, "captions": captions, "index": index, "prototypes": prototypes,
-            "label_table": label_table, "identity": te.identity, "kind": kind, "cache": str(cache)}
+            "label_table": label_table, "identity": te.identity, "fingerprint": te.fingerprint, "kind": kind,
+            "cache": str(cache)}
 
 
 def semantic_spec(sc, enc_name: str, n_chans: int, n_times: int, tokens: int, token_dim: int) -> dict:
@@ -94,10 +102,13 @@ class SemanticStage(Stage):
     name = "semantic"
     config_section = "semantic"
     caption_kind = "label"
-    select_metric = "val_mse"
+    select_metric = "val_std_mse"
     select_mode = "min"
-    protocol = ("MSE and cosine similarity to the {cap} caption embeddings of the validation split; nearest-class "
-                "rate = fraction of validation items closest (Euclidean) to their class prototype; model selected on val_mse")
+    protocol = ("val_std_mse = MSE to the {cap} caption embeddings of the validation split in standardised units (per "
+                "element, minus the training targets' mean, over their std: the training objective, eq. 7); val_mse = "
+                "the same MSE in the text encoder's raw units (reported only); cosine similarity of the flattened "
+                "embeddings; nearest-class rate = fraction of validation items closest (Euclidean) to their class "
+                "prototype; model selected on val_std_mse")
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)
@@ -114,7 +125,10 @@ class SemanticStage(Stage):
         C, T = self.x_train.shape[1:]
         L, E = table.shape[1:]
         enc_name = sc.encoder or cfg.stages.encoder.name
-        self._specs = {"regressor": semantic_spec(sc, enc_name, C, T, L, E)}
+        # which text encoder's space the regressor predicts in (checked against the LDM's at reconstruction)
+        self._specs = {"regressor": {**semantic_spec(sc, enc_name, C, T, L, E),
+                                     "targets": {"captions": targets["kind"], "text_encoder": targets["identity"],
+                                                 "text_encoder_fingerprint": targets["fingerprint"]}}}
         torch.manual_seed(cfg.seed + 3)  # identical initial weights on every rank
         model = build_from_spec(self._specs["regressor"])
         model.set_target_stats(self.t_train)
@@ -134,7 +148,8 @@ class SemanticStage(Stage):
         self.sampler = GlobalBatchSampler(self.x_train.shape[0], bs, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
         self.loader = TensorBatches({"eeg": self.x_train, "target": self.t_train}, self.sampler, ctx.device)
         self._data_desc = {"train": describe_split(train), "val": describe_split(val), "captions": targets["kind"],
-                           "text_encoder": targets["identity"], "targets_cache": targets["cache"], "init": self.init_note}
+                           "text_encoder": targets["identity"], "text_encoder_fingerprint": targets["fingerprint"],
+                           "targets_cache": targets["cache"], "init": self.init_note}
 
     def train_step(self, batch: dict) -> dict[str, float]:
         opt = self._optimizers["regressor"]
@@ -150,10 +165,12 @@ class SemanticStage(Stage):
 
     def validate(self) -> dict[str, float]:
         if self.x_val.shape[0] == 0:
-            return {"val_mse": float("nan")}
+            return {"val_std_mse": float("nan"), "val_mse": float("nan")}
         pred = batched(self.model, self.x_val, self.ctx.device)  # (M, L, E)
+        std = unwrap(self.model).target_std.float().cpu()  # (L, E), the training targets' (as in train_step)
         cos = F.cosine_similarity(pred.flatten(1), self.t_val.flatten(1), dim=1)
-        return {"val_mse": float(F.mse_loss(pred, self.t_val)), "val_cosine": float(cos.mean()),
+        return {"val_std_mse": float(F.mse_loss(pred / std, self.t_val / std)),
+                "val_mse": float(F.mse_loss(pred, self.t_val)), "val_cosine": float(cos.mean()),
                 "val_nearest_class_acc": nearest_class_rate(pred, self.prototypes, self.y_val)}
 
 
