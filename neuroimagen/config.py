@@ -284,12 +284,15 @@ class EvalConfig:
     classifier: Optional[str] = param(None, doc="torchvision architecture of the evaluation classifier (e.g. vit_h_14); null = the judge CNN trained on the training images")
     classifier_weights: Optional[str] = param(None, path=True, doc="local state-dict file of eval.classifier")
     classifier_image_size: Optional[int] = param(None, ge=32, doc="input size for ViT classifiers (SWAG ViT-H/14: 518)")
+    classifier_classes: Optional[str] = param(None, path=True, doc="class-index file of eval.classifier (imagenet_class_index.json layout {\"0\": [\"n01440764\", \"tench\"], ...}, or one WNID per line in class-index order): puts the dataset's WNIDs in the classifier's label space for its top-1 accuracy on the GT images; null with a torchvision classifier = that accuracy is reported as not available (the judge is trained on the dataset's labels: identity)")
+    is_network: Literal["classifier", "inception_v3"] = param("classifier", doc="network of the Inception Score: classifier = the ACC classifier's probabilities (the judge CNN by default; labelled as not Inception-v3); inception_v3 = torchvision Inception-v3 from eval.is_weights at 299 px with its weights' preprocessing, scored beside the ACC classifier")
+    is_weights: Optional[str] = param(None, path=True, doc="local state dict of eval.is_network: inception_v3 (torchvision Inception_V3_Weights.IMAGENET1K_V1 layout, 1000 classes); nothing is downloaded")
     judge_steps: int = param(300, ge=1, doc="judge CNN training steps")
     judge_width: int = param(16, ge=4, doc="judge CNN base width")
     n_way: int = param(50, ge=2, doc="N of N-way top-k accuracy (clamped to the classifier's classes, with a warning)")
     top_k: int = param(1, ge=1, doc="k of N-way top-k accuracy")
     trials: int = param(50, ge=1, doc="distractor draws per image")
-    is_splits: int = param(10, ge=1, doc="Inception Score splits")
+    is_splits: int = param(10, ge=1, doc="most Inception Score splits: a group of N images uses clamp(N // 50, 1, is_splits) splits (at least 50 images each; one split below 100 images), after a permutation seeded by seed")
     ssim_convention: Literal["dreamdiffusion", "mindeye"] = param("dreamdiffusion", doc="SSIM protocol (DESIGN sec. 3)")
     ssim_resolution: Optional[int] = param(None, ge=7, doc="resize both images to this size before SSIM; null = the LDM's resolution (mindeye: 425)")
     backend: Literal["ray", "local"] = param("ray", doc="ray: Ray Data actors; local: the same callables in a loop in this process")
@@ -311,6 +314,13 @@ class EvalConfig:
         if (self.classifier is None) != (self.classifier_weights is None):
             raise ConfigError(f"{prefix}.classifier_weights: set eval.classifier and eval.classifier_weights together "
                               f"(got classifier={self.classifier!r}, classifier_weights={self.classifier_weights!r})")
+        if self.classifier_classes is not None and self.classifier is None:
+            raise ConfigError(f"{prefix}.classifier_classes: only for a torchvision eval.classifier (the judge CNN is "
+                              f"trained on the dataset's own labels); set eval.classifier or drop classifier_classes")
+        if (self.is_network == "inception_v3") != (self.is_weights is not None):
+            raise ConfigError(f"{prefix}.is_weights: eval.is_network: inception_v3 needs eval.is_weights (a local "
+                              f"state dict) and is_weights needs it (got is_network={self.is_network!r}, "
+                              f"is_weights={self.is_weights!r})")
 
     def variant(self, name: str) -> VariantConfig:
         return next(d for d in self.definitions if d.name == name)

@@ -12,8 +12,8 @@ import torch
 
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.frozen.judge import augment_batch, judge_cache_key, train_judge
-from neuroimagen.models.classifier import (Classifier, JudgeCNN, load_classifier, load_torchvision_classifier,
-                                           save_classifier)
+from neuroimagen.models.classifier import (Classifier, JudgeCNN, load_classifier, load_is_network,
+                                           load_torchvision_classifier, save_classifier)
 
 SIZE = 32
 
@@ -284,12 +284,21 @@ def test_torchvision_classifier_with_another_head(tmp_path):
     assert clf.num_classes == 10 and clf.probs(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_inception_v3_uses_299_px_and_the_main_logits(tmp_path):
-    from torchvision.models import get_model
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A random-weight torchvision Inception-v3 state dict in the IMAGENET1K_V1 layout (AuxLogits head included,
+    as torchvision's pretrained file has it), built and saved once for this module (~100 MB)."""
+    from torchvision.models import inception_v3
 
-    net = get_model("inception_v3", weights=None, aux_logits=True, init_weights=False).eval()
-    path = tmp_path / "inception.pth"
-    torch.save(net.state_dict(), path)  # includes the AuxLogits head, as torchvision's pretrained file does
+    torch.manual_seed(0)
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
+    path = tmp_path_factory.mktemp("inception") / "inception_v3.pth"
+    torch.save(net.state_dict(), path)
+    return path, net
+
+
+def test_inception_v3_uses_299_px_and_the_main_logits(inception_weights):
+    path, net = inception_weights
     clf = load_torchvision_classifier("inception_v3", path)
     assert clf.input_size == 299 and clf.num_classes == 1000
     assert clf.module.transform_input  # torchvision's pretrained Inception-v3 expects it
@@ -299,6 +308,147 @@ def test_inception_v3_uses_299_px_and_the_main_logits(tmp_path):
     with torch.no_grad():
         ref = torch.softmax(net(clf.preprocess(x)), dim=1)
     assert p.shape == (2, 1000) and torch.allclose(p, ref, atol=1e-6)
+
+
+def test_is_network_is_inception_v3_with_its_weights_own_preprocessing(inception_weights):
+    import hashlib
+
+    from torchvision.models import Inception_V3_Weights
+
+    path, net = inception_weights
+    clf = load_is_network(path)
+    assert clf.kind == "inception" and clf.num_classes == 1000
+    assert clf.input_size == 299 and clf.resize_size == 342  # torchvision: resize 342, centre crop 299
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert clf.record["weights_sha256"] == digest and clf.identity == f"inception_v3@{path.resolve()}#sha256:{digest[:12]}"
+    assert clf.record["torchvision_file"] is False  # random weights: not torchvision's own file (0cc3c7bd...)
+    assert "resize 342 bilinear" in clf.record["preprocessing"] and "centre crop 299" in clf.record["preprocessing"]
+    x = torch.rand(2, 3, 64, 64)  # generated images at the LDM's resolution
+    p = clf.probs(x)
+    net.transform_input = True  # as torchvision's pretrained builder sets it
+    with torch.no_grad():  # the independent route: torchvision's own preset transform, then the network
+        ref = torch.softmax(net(Inception_V3_Weights.IMAGENET1K_V1.transforms()(x)), dim=1)
+    assert p.shape == (2, 1000) and torch.allclose(p, ref, atol=1e-5)
+    assert json.loads(json.dumps(clf.describe()))["resize_size"] == 342
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 40, 56), (1, 3, 500, 300)])
+def test_resize_and_crop_is_torchvisions_preset(shape):
+    import torchvision.transforms.functional as TF
+
+    from neuroimagen.models.classifier import resize_and_crop
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    ref = TF.center_crop(TF.resize(x, [342], interpolation=TF.InterpolationMode.BILINEAR, antialias=True), [299])
+    out = resize_and_crop(x, 342, 299)
+    assert out.shape == ref.shape == (shape[0], 3, 299, 299) and torch.allclose(out, ref, atol=1e-5)
+
+
+WNIDS = ["n01440764", "n01443537", "n02106662", "n02124075", "n02389026"]  # classifier order
+
+
+@pytest.mark.parametrize("layout", ["imagenet_class_index", "list", "lines", "synset_mapping"])
+def test_read_class_index_layouts(tmp_path, layout):
+    from neuroimagen.models.classifier import read_class_index
+
+    path = tmp_path / "classes"
+    if layout == "imagenet_class_index":
+        path.write_text(json.dumps({str(i): [w, f"name {i}"] for i, w in reversed(list(enumerate(WNIDS)))}))
+    elif layout == "list":
+        path.write_text(json.dumps(WNIDS))
+    elif layout == "lines":
+        path.write_text("\n".join(WNIDS) + "\n\n")
+    else:
+        path.write_text("".join(f"{w} name {i}, other name\n" for i, w in enumerate(WNIDS)))
+    assert read_class_index(path) == WNIDS
+
+
+@pytest.mark.parametrize("text, frag", [
+    ('{"0": ["n01440764", "tench"], "2": ["n01443537", "goldfish"]}', "keys must be the class indices 0..1"),
+    ('{"0": ["tench", "n01440764"]}', "class 0: 'tench' is not a WordNet id"),
+    ("n01440764\nn01443537\nn01440764\n", "n01440764 is listed twice (classes 0 and 2)"),
+    ('{"0": ', "not valid JSON"),
+    ("", "no classes"),
+])
+def test_read_class_index_errors_are_one_line(tmp_path, text, frag):
+    from neuroimagen.models.classifier import read_class_index
+
+    path = tmp_path / "classes.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        read_class_index(path)
+    assert str(err.value).startswith(str(path)) and frag in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="no such file"):
+        read_class_index(tmp_path / "missing.json")
+
+
+def test_label_to_class_maps_dataset_wnids_to_classifier_indices():
+    from neuroimagen.models.classifier import label_to_class
+
+    dataset = ["n02389026", "n02106662", "n01440764"]  # label order
+    assert label_to_class(dataset, WNIDS, "f.json") == [4, 2, 0]
+    with pytest.raises(ConfigError, match=r"f.json: the dataset's class n09999999 \(label 1\) is not among its 5"):
+        label_to_class(["n02389026", "n09999999"], WNIDS, "f.json")
+
+
+def test_class_file_that_does_not_match_the_head_is_one_clear_error(mobilenet_weights):
+    from neuroimagen.reconstruction.factory import load_classifier_spec
+
+    path, _ = mobilenet_weights
+    spec = {"kind": "torchvision", "arch": "mobilenet_v3_small", "weights": str(path), "image_size": None,
+            "class_names": WNIDS, "classes_file": "classes.json"}
+    with pytest.raises(ConfigError, match=r"eval.classifier_classes: classes.json: lists 5 classes, but .* has 1000"):
+        load_classifier_spec(spec)
+    names = [f"n{i:08d}" for i in range(1000)]
+    assert load_classifier_spec({**spec, "class_names": names}).class_names == names
+
+
+def _tv_config(path, classes=None):
+    from neuroimagen.config import Config, from_dict
+
+    ev = {"classifier": "mobilenet_v3_small", "classifier_weights": str(path)}
+    return from_dict(Config, {"eval": {**ev, **({"classifier_classes": str(classes)} if classes else {})}})
+
+
+def _splits(class_ids):
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(class_ids=list(class_ids))
+    return {"train": SimpleNamespace(recording=rec, num_classes=len(class_ids))}
+
+
+def test_prepare_classifier_maps_the_dataset_wnids_through_the_class_file(mobilenet_weights, tmp_path):
+    from neuroimagen.runs.evaluation import prepare_classifier
+
+    path, _ = mobilenet_weights
+    classes = tmp_path / "imagenet_class_index.json"
+    classes.write_text(json.dumps({str(i): [w, "x"] for i, w in enumerate(WNIDS)}))
+    spec, desc = prepare_classifier(_tv_config(path, classes), tmp_path, _splits(["n02106662", "n01440764"]), 64)
+    assert desc["label_to_class"] == [2, 0] and str(classes) in desc["label_space"]
+    assert spec["class_names"] == WNIDS and "gt_accuracy_unavailable" not in desc
+    with pytest.raises(ConfigError) as err:  # a dataset WNID the file lacks: one clear error naming both
+        prepare_classifier(_tv_config(path, classes), tmp_path, _splits(["n02106662", "n03000000"]), 64)
+    assert str(err.value).startswith(f"eval.classifier_classes: {classes}: the dataset's class n03000000 (label 1)")
+
+
+def test_prepare_classifier_without_a_class_file_reports_gt_accuracy_unavailable(mobilenet_weights, tmp_path):
+    from neuroimagen.runs.evaluation import prepare_classifier
+
+    path, _ = mobilenet_weights
+    _, desc = prepare_classifier(_tv_config(path), tmp_path, _splits(["n02106662", "n01440764"]), 64)
+    assert desc["label_to_class"] is None
+    assert "eval.classifier_classes is not set" in desc["gt_accuracy_unavailable"]
+
+
+def test_classifier_classes_needs_a_torchvision_classifier(tmp_path):
+    from neuroimagen.config import Config, from_dict
+
+    with pytest.raises(ConfigError, match="eval.classifier_classes: only for a torchvision eval.classifier"):
+        from_dict(Config, {"eval": {"classifier_classes": str(tmp_path / "c.json")}})
+    with pytest.raises(ConfigError, match="eval.is_weights: eval.is_network: inception_v3 needs eval.is_weights"):
+        from_dict(Config, {"eval": {"is_network": "inception_v3"}})
+    with pytest.raises(ConfigError, match="eval.is_weights"):
+        from_dict(Config, {"eval": {"is_weights": str(tmp_path / "w.pth")}})
 
 
 def test_vit_image_size_is_read_from_the_state_dict():

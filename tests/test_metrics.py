@@ -170,53 +170,140 @@ def test_nway_validation_errors(probs, true, kw, frag):
 
 # ----------------------------------------------------------------------------------- Inception Score
 
+def _np_is(preds: np.ndarray) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) over all of ``preds`` (one split), in numpy."""
+    py = preds.mean(0, keepdims=True)
+    kl = np.where(preds > 0, preds * (np.log(np.clip(preds, 1e-300, None)) - np.log(py)), 0.0)
+    return float(np.exp(kl.sum(1).mean()))
+
+
+def _trials_table(n_classes=6, trials=12, samples=3, seed=0):
+    """A per-image table sorted by trial: ``trials`` EEG trials x ``samples`` near-identical samples, each trial of
+    one of ``n_classes`` perfectly separated classes (the true class gets most of the mass), as summarize sees it."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for item in range(trials):
+        label = item % n_classes
+        for k in range(samples):
+            p = rng.dirichlet(np.full(n_classes, 0.5)) * 0.1
+            p[label] += 0.9
+            rows.append(dict(subject="1", variant="L+I", item=item, sample=k, probs=p, acc_hit=1.0, acc_n=n_classes,
+                             ssim=0.5, judge_gt_top1=label, label=label))
+    return pd.DataFrame(rows)
+
+
 def test_is_uniform_predictions_is_one():
-    mean, std = inception_score(torch.full((50, 10), 0.1), splits=5)
+    mean, std = inception_score(torch.full((50, 10), 0.1), splits=5, generator=gen())
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
 
 
 def test_is_confident_and_evenly_spread_is_num_classes():
-    probs = F.one_hot(torch.arange(100) % 10, 10).double()  # each split of 20 holds every class twice
-    mean, std = inception_score(probs, splits=5)
-    assert mean == pytest.approx(10.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+    probs = F.one_hot(torch.arange(100) % 10, 10).double()
+    mean, std = inception_score(probs, splits=1, generator=gen())
+    assert mean == pytest.approx(10.0, rel=1e-9) and std == 0.0
 
 
 def test_is_hand_computed_two_class_case():
     probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     # p(y) = (0.75, 0.25); KL1 = log(4/3); KL2 = 0.5 log(2/3) + 0.5 log 2 = 0.5 log(4/3)
-    mean, std = inception_score(probs, splits=1)
+    mean, std = inception_score(probs, splits=1, generator=gen())
     assert mean == pytest.approx((4 / 3) ** 0.75, rel=1e-9) and std == 0.0
 
 
-def test_is_splits_are_contiguous_chunks():
-    one_hot = F.one_hot(torch.arange(4) % 2, 2).double()  # split score 2
-    uniform = torch.full((4, 2), 0.5)  # split score 1
-    mean, std = inception_score(torch.cat([one_hot, uniform]), splits=2)
-    assert mean == pytest.approx(1.5) and std == pytest.approx(0.5)  # population std of (2, 1)
-    # identical splits -> zero spread
-    mean, std = inception_score(torch.cat([one_hot, one_hot, one_hot]), splits=3)
-    assert mean == pytest.approx(2.0) and std == pytest.approx(0.0, abs=1e-12)
-
-
-def test_is_matches_numpy_reference_on_random_probs():
+def test_is_splits_are_chunks_of_the_seeded_permutation():
     rng = np.random.default_rng(1)
-    preds = rng.dirichlet(np.full(7, 0.3), size=53)
-    scores = []
-    for i in range(4):  # the Salimans et al. loop
-        part = preds[i * 53 // 4:(i + 1) * 53 // 4]
-        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
-        scores.append(np.exp(np.mean(np.sum(kl, 1))))
-    mean, std = inception_score(torch.from_numpy(preds), splits=4)
+    preds = rng.dirichlet(np.full(7, 0.3), size=203)
+    perm = torch.randperm(203, generator=gen(5)).numpy()  # the documented shuffle, reproduced here
+    shuffled = preds[perm]
+    scores = [_np_is(shuffled[i * 203 // 4:(i + 1) * 203 // 4]) for i in range(4)]  # Salimans et al. loop
+    mean, std = inception_score(torch.from_numpy(preds), splits=4, generator=gen(5))
     assert mean == pytest.approx(np.mean(scores), rel=1e-9) and std == pytest.approx(np.std(scores), rel=1e-7)
+    assert inception_score(torch.from_numpy(preds), splits=4, generator=gen(5)) == (mean, std)  # seeded
+
+
+def test_is_rows_sorted_by_class_do_not_collapse_the_splits():
+    # 200 confident images of 10 classes, sorted by class: contiguous chunks of 50 would hold 2-3 classes each
+    probs = F.one_hot(torch.arange(200) // 20, 10).double()
+    mean, _ = inception_score(probs, splits=4, generator=gen())
+    assert mean > 8.5  # each shuffled split of 50 holds nearly all 10 classes (contiguous chunks: 2.5)
+
+
+@pytest.mark.parametrize("n, max_splits, expected", [(0, 10, 1), (36, 10, 1), (99, 10, 1), (100, 10, 2),
+                                                     (549, 10, 10), (5000, 10, 10), (600, 3, 3), (600, 1, 1)])
+def test_is_split_count_keeps_splits_of_at_least_50(n, max_splits, expected):
+    from neuroimagen.metrics.inception_score import is_split_count
+
+    k = is_split_count(n, max_splits)
+    assert k == expected and (n < 50 or n // k >= 50)
 
 
 def test_is_errors():
     with pytest.raises(ValueError, match="N=3 < splits=10"):
-        inception_score(torch.full((3, 4), 0.25))
+        inception_score(torch.full((3, 4), 0.25), 10, generator=gen())
     with pytest.raises(ValueError, match=r"\(N, K\)"):
-        inception_score(torch.full((12,), 0.25))
+        inception_score(torch.full((12,), 0.25), 1, generator=gen())
     with pytest.raises(ValueError, match="logits"):
-        inception_score(torch.randn(20, 4), splits=2)
+        inception_score(torch.randn(20, 4), splits=2, generator=gen())
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        inception_score(torch.full((4, 4), 0.25), 1, generator=None)
+
+
+def test_summary_is_over_the_whole_group_when_it_holds_fewer_than_100_images():
+    """12 trials x 3 samples sorted by trial: 10 contiguous splits of 3-4 images held one trial each (IS -> 1);
+    the group's IS is now one split over all 36 images, and N and the split count are recorded."""
+    from neuroimagen.metrics.summary import summarize
+
+    df = _trials_table()
+    row = summarize(df, k=1, is_splits=10, is_seed=0).set_index("subject").loc["1"]
+    assert row["is"] == pytest.approx(_np_is(np.stack(df["probs"])), rel=1e-9)
+    assert row["is"] > 4.0 and row["is_std"] == 0.0  # 10 contiguous splits of this table: 1.56
+    assert row["is_n"] == 36 and row["is_splits"] == 1
+
+
+def test_summary_is_splits_and_seed():
+    from neuroimagen.metrics.summary import summarize
+
+    df = _trials_table(trials=80, samples=3)  # 240 images -> 4 splits of 60
+    a = summarize(df, k=1, is_splits=10, is_seed=0).set_index("subject").loc["1"]
+    b = summarize(df.sample(frac=1.0, random_state=3), k=1, is_splits=10, is_seed=0).set_index("subject").loc["1"]
+    c = summarize(df, k=1, is_splits=10, is_seed=1).set_index("subject").loc["1"]
+    assert a["is_splits"] == 4 and a["is_n"] == 240
+    assert a["is"] == b["is"] and a["is_std"] == b["is_std"]  # the shuffle starts from the sorted rows
+    assert a["is_std"] != c["is_std"]  # another seed, another partition
+    shuffled = np.stack(df.sort_values(["item", "sample"])["probs"])[torch.randperm(240, generator=gen(0)).numpy()]
+    assert a["is"] == pytest.approx(np.mean([_np_is(shuffled[i * 60:(i + 1) * 60]) for i in range(4)]), rel=1e-9)
+
+
+def test_summary_has_one_is_per_network():
+    from neuroimagen.metrics.summary import summarize
+
+    df = _trials_table()
+    rng = np.random.default_rng(2)
+    df["is_probs"] = list(rng.dirichlet(np.full(20, 0.2), size=len(df)))
+    out = summarize(df, k=1, is_splits=10, is_seed=0)
+    row = out.set_index("subject").loc["1"]
+    assert row["is_inception_v3"] == pytest.approx(_np_is(np.stack(df["is_probs"])), rel=1e-9)
+    assert row["is"] == pytest.approx(_np_is(np.stack(df["probs"])), rel=1e-9)
+    assert "is_inception_v3" not in summarize(_trials_table(), k=1, is_splits=10, is_seed=0).columns
+
+
+def test_summary_gt_accuracy_in_the_classifier_label_space():
+    """An ImageNet-1k classifier's top-1 (0..999) against dataset labels (0..5): compared through the mapping,
+    never index against index (which read ~0 %); without a mapping the number is not available (NaN)."""
+    from neuroimagen.metrics.summary import summarize
+
+    df = _trials_table()
+    lut = [409, 2, 817, 980, 130, 555]  # dataset label -> classifier class
+    df["judge_gt_top1"] = [lut[label] for label in df["label"]]
+    df.loc[df["item"] == 0, "judge_gt_top1"] = 3  # one trial of 12 misread
+    mapped = summarize(df, k=1, is_splits=10, is_seed=0, label_to_class=lut).set_index("subject")
+    assert mapped.loc["1", "judge_gt_acc"] == pytest.approx(11 / 12)
+    unmapped = summarize(df, k=1, is_splits=10, is_seed=0).set_index("subject")
+    assert math.isnan(unmapped.loc["1", "judge_gt_acc"]) and math.isnan(unmapped.loc["all", "judge_gt_acc"])
+    with pytest.raises(ValueError, match="label_to_class has 3 entries"):
+        summarize(df, k=1, is_splits=10, is_seed=0, label_to_class=lut[:3])
 
 
 # ---------------------------------------------------------------------------------------------- SSIM

@@ -149,14 +149,17 @@ def test_ray_data_pipeline_matches_the_plain_loop(demo_run, tmp_path, ray_sessio
 
 
 def test_summary_reduces_is_once_per_group(demo_run):
-    from neuroimagen.metrics.inception_score import inception_score
+    from neuroimagen.metrics.inception_score import inception_score, is_split_count
 
     run, _, _ = demo_run
     per = pd.read_parquet(run / "results" / "per_sample.parquet")
     s = pd.read_csv(run / "results" / "summary.csv", dtype={"subject": str}).set_index(["subject", "variant"])
     g = per[(per["subject"] == "2") & (per["variant"] == "L+I")].sort_values(["item", "sample"])
-    is_mean, _ = inception_score(torch.tensor(np.stack(g["probs"]), dtype=torch.float64), splits=10)
+    splits = is_split_count(len(g), load_config(run / "config.yaml").eval.is_splits)
+    is_mean, _ = inception_score(torch.tensor(np.stack(g["probs"]), dtype=torch.float64), splits=splits,
+                                 generator=torch.Generator().manual_seed(load_config(run / "config.yaml").seed))
     assert s.loc[("2", "L+I"), "is"] == pytest.approx(is_mean, rel=1e-5)
+    assert s.loc[("2", "L+I"), "is_splits"] == splits and s.loc[("2", "L+I"), "is_n"] == len(g)
     acc_max = g.groupby("item")["acc_hit"].max().mean()
     assert s.loc[("2", "L+I"), "acc_max"] == pytest.approx(acc_max, rel=1e-5)
     pooled = per[per["variant"] == "L+I"]

@@ -130,6 +130,21 @@ def test_reconstruct_is_the_three_in_a_row_and_score_needs_no_image_writer(parts
     assert list(fused["acc_hit"]) == list(scored["acc_hit"])
 
 
+def test_score_scores_the_is_network_beside_the_classifier_in_the_same_pass(parts, staged):
+    _, generated, scored, _ = staged
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 7))  # another label space
+    is_net = Classifier(net, num_classes=7, input_size=12, resize_size=14, identity="test-is", kind="inception")
+    both = Score(parts["clf"], n_way=3, top_k=1, trials=20, ssim_convention="dreamdiffusion", ssim_resolution=None,
+                 is_network=is_net)(generated)
+    assert set(both) == set(scored) | {"is_probs"}
+    expected = is_net.probs(torch.from_numpy(np.asarray(generated["image"], dtype=np.float32)))
+    assert both["is_probs"].shape == (len(parts["rows"]), 7) and both["is_probs"].dtype == np.float32
+    np.testing.assert_allclose(both["is_probs"], expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(both["probs"], scored["probs"], atol=1e-6)  # the ACC classifier is untouched
+    assert list(both["acc_hit"]) == list(scored["acc_hit"])
+
+
 def test_a_row_needing_a_missing_component_is_one_clear_error(parts):
     from neuroimagen.errors import ConfigError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -79,7 +80,12 @@ def make_run(root: Path, subjects=("1", "2"), variants=ALL_VARIANTS, samples=2, 
         "classifier": {"identity": "judge-tiny-cnn@abc123", "kind": judge_kind, "num_classes": 5, "input_size": 32,
                        "gt_accuracy": 0.85},
         "acc": {"n": 50, "k": 1, "trials": 37, "seed": 7, "n_eff": 5, "warning": WARNING},
-        "is": {"splits": 2, "classifier_note": "probabilities of the in-domain judge"},
+        "is": {"networks": {"is": {"label": "IS (judge CNN, not Inception-v3)" if judge_kind == "judge" else
+                                   "IS (vit_h_14 ACC classifier, not Inception-v3)",
+                                   "network": "the judge CNN judge-tiny-cnn@abc123 trained on the training images; "
+                                              "not Inception-v3" if judge_kind == "judge" else "vit"}},
+               "max_splits": 10, "split_rule": "splits = clamp(N // 50, 1, 10) for a group of N images", "seed": 0,
+               "classifier_note": "probabilities of the in-domain judge"},
         "ssim": {"convention": "dreamdiffusion (colour, data_range=255)", "resolution": 64},
         "ldm": {"kind": "tiny", "identity": "tiny-ldm@def456", "strength": 0.75, "guidance_scale": 7.5,
                 "num_inference_steps": 20, "samples_per_eeg": samples, "resolution": 64},
@@ -185,7 +191,9 @@ def test_protocol_section_values(full):
     assert "N = 50 requested, N = 5 effective; k = 1" in sec
     assert "trials per image: 37; seed: 7" in sec
     assert WARNING in sec
-    assert "IS computed with the judge `judge-tiny-cnn@abc123`, not Inception-v3" in sec
+    assert ("IS (judge CNN, not Inception-v3) (summary.csv `is`): the judge CNN judge-tiny-cnn@abc123 trained on "
+            "the training images; not Inception-v3") in sec
+    assert "splits = clamp(N // 50, 1, 10) for a group of N images, after a seeded shuffle (seed 0)" in sec
     assert "convention: dreamdiffusion (colour, data_range=255)" in sec and "resolution: 64 px" in sec
     assert "strength: 0.75" in sec and "inference steps: 20" in sec
     assert "input size: 32 px" in sec and "classes: 5" in sec
@@ -273,7 +281,7 @@ def test_without_pooled_rows_and_torchvision_judge(tmp_path):
     assert by["4 (B+I)"][4] == "n/a"  # IS is a whole-set statistic: not rebuilt from subjects
     assert by["4 (B+I)"][5] == "**0.310**"
     assert "Variant 4 (B+I)." in section(text, "Per subject")
-    assert "not Inception-v3" not in text and "IS computed with `judge-tiny-cnn@abc123` (torchvision)" in text
+    assert "| IS (vit_h_14 ACC classifier, not Inception-v3) |" in section(text, "Ablation")  # a ViT's IS is no IS
 
 
 def test_missing_image_files_are_drawn_and_counted(tmp_path):
@@ -304,6 +312,8 @@ def test_missing_results_file_is_one_line_data_error(tmp_path, name):
             summary_table(run)
     else:
         assert summary_table(run).startswith("| variant")
+        if name == "protocol.json":  # nothing says which network produced the IS: the header says so
+            assert "| IS (network not recorded) |" in summary_table(run)
 
 
 def test_unreadable_results_are_data_errors(tmp_path):
@@ -328,3 +338,140 @@ def test_format_helpers():
     assert table.splitlines() == ["| a | b |", "|:---|---:|", "| x\\|y | 1.5 |"]
     with pytest.raises(ValueError):
         format_table(["a", "b"], [["only one"]])
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate -> summary.csv / protocol.json -> report: the classifier's label space and the IS networks
+
+
+IMAGENET_INDEX = [409, 2, 817, 980, 130]  # the ImageNet-1k index of each dataset label (CLASSES order)
+
+
+def scored_run(root: Path, classifier: dict, is_network: Optional[dict] = None, misread: int = 0) -> Path:
+    """A run directory as ``reconstruct`` leaves it (results/state.json and finished shards) for ``evaluate``:
+    one subject, 10 trials x 3 samples of 5 classes, scored by an ImageNet-1k classifier (its top-1 on the GT
+    image is the class's ImageNet index; ``misread`` trials get another index)."""
+    import numpy as np
+    import pandas as pd
+
+    from neuroimagen.runs.evaluation import STATE, _shard_name
+
+    run = root / "run"
+    fp = "f" * 12
+    rng = np.random.default_rng(0)
+    rows = []
+    for item in range(10):
+        label = item % len(CLASSES)
+        for k in range(3):
+            probs = rng.dirichlet(np.full(1000, 0.05))
+            rows.append(dict(subject="1", variant="L+I", item=item, eeg_item=item, stem=f"n0000000{label}_{item}",
+                             label=label, class_name=CLASSES[label], sample=k, seed=k, gt=str(root / "gt.png"),
+                             judge_gt_top1=IMAGENET_INDEX[label] if item >= misread else 0,
+                             judge_top1=int(probs.argmax()), acc_hit=0.5, acc_n=50, ssim=0.3, probs=probs.tolist(),
+                             image=f"results/images/{item}-{k}.png", saliency="",
+                             **({"is_probs": rng.dirichlet(np.full(1000, 0.05)).tolist()} if is_network else {})))
+    shard = run / "results" / "shards" / fp / _shard_name("1", "L+I")
+    shard.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(shard, index=False)
+    state = {"fingerprint": fp, "variants": ["L+I"], "subjects": ["1"], "shards": {shard.name: len(rows)},
+             "ldm": {"kind": "pretrained", "identity": "/models/sd15", "strength": 0.75, "guidance_scale": 7.5,
+                     "num_inference_steps": 50, "samples_per_eeg": 3},
+             "classifier": classifier, "is_network": is_network or {},
+             "eval": {"top_k": 1, "n_way": 50, "trials": 50, "is_splits": 10, "ssim_convention": "dreamdiffusion",
+                      "ssim_resolution": None},
+             "seed": 0, "data": {"format": "eeg-imagenet", "eeg": "/data/eeg_5_95_std.pth", "split": "test",
+                                 "split_file": "/data/block_splits_by_image_all.pth", "split_num": 0},
+             "variant_definitions": {"L+I": {"description": "full"}}, "resolution": 64}
+    (run / STATE).write_text(json.dumps(state))
+    return run
+
+
+TV = {"kind": "torchvision", "identity": "torchvision:vit_h_14@/models/vit.pth", "arch": "vit_h_14",
+      "spec": {"kind": "torchvision"}}
+
+
+def test_gt_accuracy_of_an_imagenet_classifier_without_a_class_file_is_not_available(tmp_path):
+    """Its top-1 is an ImageNet index (0..999), the dataset label is 0..4: comparing them read 0 % and raised a
+    false caution; without a mapping the number is reported as not available, with the reason."""
+    import pandas as pd
+
+    from neuroimagen.runs.evaluation import evaluate
+    from neuroimagen.runs.reports import write_report
+
+    reason = "not available: eval.classifier_classes is not set (test)"
+    run = scored_run(tmp_path, {**TV, "label_to_class": None, "gt_accuracy_unavailable": reason})
+    evaluate(run, log=lambda m: None)
+    protocol = json.loads((run / "results" / "protocol.json").read_text())
+    assert protocol["classifier"]["gt_accuracy"] is None
+    assert protocol["classifier"]["gt_accuracy_unavailable"] == reason
+    assert pd.read_csv(run / "results" / "summary.csv")["judge_gt_acc"].isna().all()
+    judge = section(write_report(run).read_text(), "Judge")
+    assert f"top-1 accuracy on the ground-truth test images: n/a ({reason})" in judge
+    assert "Caution" not in judge and "0.0 %" not in judge
+
+
+def test_gt_accuracy_of_an_imagenet_classifier_goes_through_the_wnid_mapping(tmp_path):
+    import pandas as pd
+
+    from neuroimagen.runs.evaluation import evaluate
+    from neuroimagen.runs.reports import write_report
+
+    run = scored_run(tmp_path, {**TV, "label_to_class": IMAGENET_INDEX, "label_space": "dataset WNIDs in c.json"},
+                     misread=2)
+    evaluate(run, log=lambda m: None)
+    protocol = json.loads((run / "results" / "protocol.json").read_text())
+    assert protocol["classifier"]["gt_accuracy"] == pytest.approx(0.8)  # 8 of 10 trials
+    assert "dataset WNIDs in c.json" in protocol["classifier"]["gt_accuracy_protocol"]
+    summary = pd.read_csv(run / "results" / "summary.csv", dtype={"subject": str}).set_index("subject")
+    assert summary.loc["1", "judge_gt_acc"] == pytest.approx(0.8)
+    judge = section(write_report(run).read_text(), "Judge")
+    assert "top-1 accuracy on the ground-truth test images: 80.0 %" in judge and "Caution" not in judge
+
+
+def test_every_is_names_its_network_and_records_n_and_splits(tmp_path):
+    import pandas as pd
+
+    from neuroimagen.runs.evaluation import evaluate
+    from neuroimagen.runs.reports import write_report
+
+    sha = "ab" * 32
+    is_net = {"identity": f"inception_v3@/models/inc.pth#sha256:{sha[:12]}", "weights_sha256": sha,
+              "torchvision_file": False, "input_size": 299, "preprocessing": "resize 342 bilinear, centre crop 299",
+              "spec": {"kind": "inception"}}
+    run = scored_run(tmp_path, {**TV, "label_to_class": IMAGENET_INDEX}, is_network=is_net)
+    evaluate(run, log=lambda m: None)
+    summary = pd.read_csv(run / "results" / "summary.csv", dtype={"subject": str}).set_index("subject")
+    assert summary.loc["1", "is_n"] == 30 and summary.loc["1", "is_splits"] == 1  # 30 images: one split
+    assert summary.loc["1", "is_inception_v3"] > 1 and summary.loc["1", "is"] != summary.loc["1", "is_inception_v3"]
+    p = json.loads((run / "results" / "protocol.json").read_text())["is"]
+    assert p["networks"]["is"]["label"] == "IS (vit_h_14 ACC classifier, not Inception-v3)"
+    assert p["networks"]["is_inception_v3"]["label"] == "IS (Inception-v3)"
+    assert sha in p["networks"]["is_inception_v3"]["network"] and "not torchvision's own file" in \
+        p["networks"]["is_inception_v3"]["network"]
+    assert p["split_rule"] == "splits = clamp(N // 50, 1, 10) for a group of N images"
+    assert "torch.Generator().manual_seed(0)" in p["permutation"]
+    assert {"subject": "1", "variant": "L+I", "n": 30, "splits": 1} in p["groups"]
+    text = write_report(run).read_text()
+    header = [ln for ln in section(text, "Ablation").splitlines() if ln.startswith("| variant")][0]
+    assert "| IS (vit_h_14 ACC classifier, not Inception-v3) | IS (Inception-v3) | SSIM |" in header
+    rows = table_rows(section(text, "Ablation"))
+    assert rows[0][4] == f"{summary.loc['all', 'is']:.2f}" and rows[0][5] == f"{summary.loc['all', 'is_inception_v3']:.2f}"
+    assert table_rows(section(text, "Per subject"))[0][3:5] == [rows[0][4], rows[0][5]]
+    proto = section(text, "Protocol")
+    assert "IS (Inception-v3) (summary.csv `is_inception_v3`): Inception-v3" in proto and sha in proto
+    assert "splits = clamp(N // 50, 1, 10)" in proto and "`is_n`, `is_splits`" in proto
+
+
+def test_a_protocol_written_before_networks_were_recorded_still_names_the_is_network(tmp_path):
+    from neuroimagen.runs.reports import write_report
+
+    run = make_run(tmp_path, subjects=("1",), variants=("L+I",), samples=1, judge_kind="torchvision")
+    path = run / "results" / "protocol.json"
+    protocol = json.loads(path.read_text())
+    protocol["classifier"]["identity"] = "torchvision:vit_h_14@/models/vit.pth"
+    protocol["is"] = {"splits": 10, "classifier_note": "IS computed with torchvision:vit_h_14@/models/vit.pth"}
+    path.write_text(json.dumps(protocol))
+    text = write_report(run).read_text()
+    assert "| IS (vit_h_14 ACC classifier, not Inception-v3) |" in section(text, "Ablation")
+    assert "IS computed with `torchvision:vit_h_14@/models/vit.pth` (torchvision), not Inception-v3" in text
+    assert "- splits: 10 splits;" in section(text, "Protocol")

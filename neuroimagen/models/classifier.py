@@ -12,8 +12,16 @@ Inception-v3 (299 px) for IS. Both live behind one interface, :class:`Classifier
         (:class:`JudgeCNN`) trained on the dataset's own *training* images by
         ``neuroimagen.frozen.judge.train_judge`` and kept in a directory by :func:`save_classifier`.
 
+    load_is_network(weights)
+        the Inception Score network: torchvision Inception-v3 from a local ``IMAGENET1K_V1``-layout state dict,
+        with those weights' own preprocessing (resize 342, centre crop 299, ImageNet mean/std) read from
+        torchvision's metadata.
+
 A judge that cannot classify GT images makes ACC meaningless, so the caller reports the classifier's
 accuracy on the GT test images beside every ACC (``Classifier.describe()`` carries the training record).
+That accuracy compares the classifier's top-1 with the dataset label *in the classifier's label space*: a
+judge is trained on the dataset's labels (identity); an ImageNet-1k classifier's index is matched to the
+dataset's WNIDs through a class-index file (:func:`read_class_index`, :func:`label_to_class`).
 The IS is only "Inception Score" with Inception-v3; an IS computed with any other classifier (a judge, a
 ViT, a ResNet) must be labelled as such (e.g. "IS (judge-cnn-...)").
 
@@ -40,7 +48,8 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.training.checkpoint import state_to_cpu
 
 __all__ = ["Classifier", "JudgeCNN", "save_classifier", "load_classifier", "load_torchvision_classifier",
-           "judge_identity", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "load_is_network", "is_network_record", "read_class_index", "label_to_class", "file_sha256", "judge_identity", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,6 +87,24 @@ def resize_images(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+def resize_and_crop(x: Tensor, resize: int, crop: int, mode: str = "bilinear") -> Tensor:
+    """(B, 3, H, W) -> (B, 3, crop, crop): the shorter side resized to ``resize`` (aspect kept, antialiased),
+    then the centre ``crop`` x ``crop`` -- torchvision's ``ImageClassification`` preset (``F.resize`` with an
+    int size, then ``F.center_crop``) on float tensors."""
+    h, w = x.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    new_short, new_long = int(resize), int(resize * long / short)
+    size = (new_short, new_long) if h <= w else (new_long, new_short)
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode=mode, antialias=mode in ("bilinear", "bicubic"),
+                          align_corners=False if mode in ("bilinear", "bicubic") else None)
+    h, w = x.shape[-2:]
+    if h < crop or w < crop:
+        raise DataError(f"resize_and_crop: {h}x{w} px after resizing to {resize} is smaller than the {crop} px crop")
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return x[..., top: top + crop, left: left + crop]
+
+
 class Classifier:
     """Wraps an nn.Module + preprocessing; the interface the scoring code uses.
 
@@ -88,7 +115,9 @@ class Classifier:
         identity: short stable string naming the classifier (for cache keys and reports), e.g.
             ``judge-cnn-<hash12>`` or ``torchvision:vit_h_14@/path/to/weights.pth``.
         kind: ``"judge"`` (trained on the dataset's own training images) or ``"torchvision"``.
-        input_size: S, the resolution images are resized to before the network.
+        input_size: S, the resolution of the network's input.
+        resize_size: None: images are resized to S x S; an int R: the shorter side is resized to R and the centre
+            S x S cropped (torchvision's preset for pretrained weights, e.g. Inception-v3's 342 -> 299).
         mean, std: per-channel normalisation applied after resizing.
         record: json-able facts recorded when the classifier was made (training accuracies, weights path...).
         spec: ``{"builder", "kwargs"}`` to rebuild the module (judges only; used by ``save_classifier``).
@@ -97,7 +126,7 @@ class Classifier:
     def __init__(self, module: nn.Module, *, num_classes: int, input_size: int, identity: str, kind: str,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  class_names: Optional[Sequence[str]] = None, record: Optional[dict] = None,
-                 spec: Optional[dict] = None):
+                 spec: Optional[dict] = None, resize_size: Optional[int] = None):
         if class_names is not None:
             class_names = [str(c) for c in class_names]
             if len(class_names) != num_classes:
@@ -109,6 +138,7 @@ class Classifier:
         self.identity = str(identity)
         self.kind = str(kind)
         self.input_size = int(input_size)
+        self.resize_size = None if resize_size is None else int(resize_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.record = dict(record or {})
@@ -129,8 +159,12 @@ class Classifier:
         return self
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) resized (bilinear, antialias) and normalised, same device."""
-        x = resize_images(images.float(), self.input_size)
+        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) resized (bilinear, antialias; with ``resize_size``: shorter side
+        to R, centre crop S) and normalised, same device."""
+        if self.resize_size is None:
+            x = resize_images(images.float(), self.input_size)
+        else:
+            x = resize_and_crop(images.float(), self.resize_size, self.input_size)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -163,8 +197,9 @@ class Classifier:
 
     def describe(self) -> dict:
         """json-able summary: identity, kind, num_classes, input_size, plus the recorded facts."""
+        extra = {"resize_size": self.resize_size} if self.resize_size is not None else {}
         return {"identity": self.identity, "kind": self.kind, "num_classes": self.num_classes,
-                "input_size": self.input_size, **self.record}
+                "input_size": self.input_size, **extra, **self.record}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,3 +455,148 @@ def load_torchvision_classifier(arch: str, weights: str | os.PathLike, *,
     record = {"arch": arch, "weights": str(path.resolve())}
     return Classifier(model, num_classes=num_classes, input_size=size, identity=identity, kind="torchvision",
                       mean=IMAGENET_MEAN, std=IMAGENET_STD, class_names=class_names, record=record)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Inception Score network: torchvision Inception-v3 with its weights' own preprocessing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inception_v3_preset() -> dict:
+    """torchvision's preprocessing and file facts of ``Inception_V3_Weights.IMAGENET1K_V1``, read from the
+    weights' metadata (nothing is downloaded): ``resize_size`` (342), ``crop_size`` (299), ``interpolation``
+    ("bilinear"), ``mean``/``std`` (ImageNet), ``url`` and ``sha256_prefix`` (the hash in the file's name)."""
+    from torchvision.models import Inception_V3_Weights  # noqa: PLC0415 - the judge path stays free of torchvision
+
+    w = Inception_V3_Weights.IMAGENET1K_V1
+    t = w.transforms()
+    stem = Path(w.url).stem  # inception_v3_google-0cc3c7bd
+    return {"weights": "Inception_V3_Weights.IMAGENET1K_V1", "resize_size": int(t.resize_size[0]),
+            "crop_size": int(t.crop_size[0]), "interpolation": str(t.interpolation.value), "mean": list(t.mean),
+            "std": list(t.std), "antialias": bool(t.antialias), "url": w.url,
+            "sha256_prefix": stem.rsplit("-", 1)[-1] if "-" in stem else ""}
+
+
+def load_is_network(weights: str | os.PathLike, *, sha256: Optional[str] = None) -> Classifier:
+    """The Inception Score network: torchvision ``inception_v3`` filled with a LOCAL state dict in the
+    ``IMAGENET1K_V1`` layout (1000 ImageNet classes), with those weights' own preprocessing read from
+    torchvision's metadata (:func:`inception_v3_preset`: shorter side resized to 342 px, bilinear with
+    antialiasing, centre crop 299 px, ImageNet mean/std; the network's ``transform_input=True`` then maps that
+    normalisation to the one the ported Google weights expect, as torchvision's pretrained builder does).
+
+    ``identity``: ``inception_v3@<path>#sha256:<12 hex>``; ``record`` holds the full ``weights_sha256``, whether it
+    matches the hash in torchvision's own file name (``torchvision_file``) and the preprocessing. ``sha256`` (the
+    file's digest, if the caller computed it) skips hashing the file again. A file that does not fit, or a head
+    without 1000 outputs, raises ``ConfigError("<weights>: ...")``.
+    """
+    preset = inception_v3_preset()
+    if preset["interpolation"] not in ("bilinear", "bicubic", "nearest"):
+        raise ConfigError(f"{weights}: torchvision's Inception-v3 preset asks for {preset['interpolation']} resizing, "
+                          f"which this loader does not reproduce")
+    clf = load_torchvision_classifier("inception_v3", weights)
+    if clf.num_classes != 1000:
+        raise ConfigError(f"{weights}: the Inception Score network must be the ImageNet-1k Inception-v3 (1000 "
+                          f"outputs), got {clf.num_classes} outputs")
+    record = is_network_record(weights, sha256)
+    return Classifier(clf.module, num_classes=clf.num_classes, input_size=preset["crop_size"],
+                      resize_size=preset["resize_size"], identity=record["identity"], kind="inception",
+                      mean=preset["mean"], std=preset["std"], record=record)
+
+
+def is_network_record(weights: str | os.PathLike, sha256: Optional[str] = None) -> dict:
+    """What identifies an Inception-v3 IS network without loading it: ``identity``
+    (``inception_v3@<path>#sha256:<12 hex>``), ``weights``, ``weights_sha256``, ``torchvision_file`` (the digest
+    starts with the hash in torchvision's own IMAGENET1K_V1 file name), ``input_size`` and ``preprocessing``."""
+    preset = inception_v3_preset()
+    path = Path(os.fspath(weights)).expanduser().resolve()
+    digest = sha256 or file_sha256(path)
+    return {"identity": f"inception_v3@{path}#sha256:{digest[:12]}", "arch": "inception_v3", "weights": str(path),
+            "weights_sha256": digest,
+            "torchvision_file": bool(preset["sha256_prefix"]) and digest.startswith(preset["sha256_prefix"]),
+            "input_size": preset["crop_size"],
+            "preprocessing": f"{preset['weights']} transforms: resize {preset['resize_size']} "
+                             f"{preset['interpolation']} (antialias {preset['antialias']}), centre crop "
+                             f"{preset['crop_size']}, mean {preset['mean']}, std {preset['std']}"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The classifier's label space: its class index -> WNID, and the dataset's labels in it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _wnid(value: Any, where: str) -> str:
+    text = str(value).strip()
+    if not (len(text) == 9 and text[0] == "n" and text[1:].isdigit()):
+        raise ConfigError(f"{where}: {value!r} is not a WordNet id (expected 'n' + 8 digits, e.g. n02106662)")
+    return text
+
+
+def read_class_index(path: str | os.PathLike) -> list[str]:
+    """The WNID of each of a classifier's classes, in class-index order, from a file of one of two layouts:
+
+    * JSON in the ``imagenet_class_index.json`` layout, ``{"0": ["n01440764", "tench"], "1": [...], ...}`` (keys
+      exactly 0..K-1; a value may also be the bare WNID string), or a JSON list of such values;
+    * text: one class per line in index order, the WNID first (``n01440764`` or ``n01440764 tench, Tinca tinca``,
+      as in ``LOC_synset_mapping.txt``); blank lines are skipped.
+
+    A missing or malformed file, a non-WNID entry or a repeated WNID raises ``ConfigError("<path>: ...")``.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    expected = ('expected imagenet_class_index.json ({"0": ["n01440764", "tench"], ...}) or one WNID per line '
+                'in class-index order')
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such file ({expected})")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({_short(exc)}); {expected}") from exc
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({_short(exc)}); {expected}") from exc
+        if isinstance(doc, dict):
+            keys = sorted(doc, key=lambda k: int(k) if str(k).isdigit() else -1)
+            if [str(k) for k in keys] != [str(i) for i in range(len(doc))]:
+                raise ConfigError(f"{path}: keys must be the class indices 0..{len(doc) - 1}; {expected}")
+            values = [doc[k] for k in keys]
+        else:
+            values = list(doc)
+        ids = [_wnid(v[0] if isinstance(v, (list, tuple)) and v else v, f"{path}: class {i}")
+               for i, v in enumerate(values)]
+    else:
+        lines = [ln.split()[0] for ln in text.splitlines() if ln.strip()]
+        ids = [_wnid(tok, f"{path}: class {i}") for i, tok in enumerate(lines)]
+    if not ids:
+        raise ConfigError(f"{path}: no classes; {expected}")
+    seen: dict[str, int] = {}
+    for i, w in enumerate(ids):
+        if w in seen:
+            raise ConfigError(f"{path}: {w} is listed twice (classes {seen[w]} and {i}); {expected}")
+        seen[w] = i
+    return ids
+
+
+def label_to_class(dataset_ids: Sequence[str], classifier_ids: Sequence[str], source: str) -> list[int]:
+    """Index among ``classifier_ids`` of each dataset class (``dataset_ids``: the dataset's WNIDs in label order).
+
+    A dataset class missing from the classifier's classes raises ``ConfigError("<source>: ...")`` naming it.
+    """
+    where = {w: i for i, w in enumerate(classifier_ids)}
+    out = []
+    for label, w in enumerate(dataset_ids):
+        if w not in where:
+            raise ConfigError(f"{source}: the dataset's class {w} (label {label}) is not among its {len(where)} "
+                              f"classes (expected a WNID for every dataset class)")
+        out.append(where[w])
+    return out

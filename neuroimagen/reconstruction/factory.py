@@ -22,7 +22,7 @@ import torch
 from neuroimagen.config import Config, from_dict
 from neuroimagen.data.datasets import load_recording
 from neuroimagen.errors import ConfigError
-from neuroimagen.models.classifier import Classifier, load_classifier, load_torchvision_classifier
+from neuroimagen.models.classifier import Classifier, load_classifier, load_is_network, load_torchvision_classifier
 from neuroimagen.models.ldm import load_img2img
 from neuroimagen.models.text_encoder import TextEncoder, load_text_encoder
 from neuroimagen.reconstruction.decode import Decode
@@ -46,7 +46,9 @@ class RunSources:
     models: stage -> its exported model directory, for the stages the variants need (:func:`stage_models`).
     snapshot: the Stable Diffusion snapshot directory (pretrained, or the cached tiny LDM).
     classifier: the classifier spec, ``{'kind': 'judge', 'path'}`` or ``{'kind': 'torchvision', 'arch',
-        'weights', 'image_size'}``.
+        'weights', 'image_size', 'class_names', 'classes_file'}``.
+    is_network: the Inception Score network's spec, ``{'kind': 'inception', 'weights', 'sha256'}``, or empty (the
+        IS is then computed from the classifier's probabilities).
     device: where the pipeline and the classifier run (``cuda`` with ``eval.use_gpu``).
     threads: torch threads of the process that generates (0: leave torch's default).
     write_images: write the generated and init images as PNGs.
@@ -56,6 +58,7 @@ class RunSources:
     snapshot: str
     classifier: dict
     models: dict = field(default_factory=dict)
+    is_network: dict = field(default_factory=dict)
     device: str = "cpu"
     threads: int = 0
     write_images: bool = True
@@ -121,12 +124,21 @@ def check_text_encoder(models: Mapping[str, str], snapshot: str, snapshot_text_e
 
 
 def load_classifier_spec(spec: Mapping) -> Classifier:
-    """A ``Classifier`` from a plain spec: {'kind': 'judge', 'path': dir} or {'kind': 'torchvision', 'arch',
-    'weights', 'image_size'}."""
+    """A ``Classifier`` from a plain spec: {'kind': 'judge', 'path': dir}, {'kind': 'torchvision', 'arch',
+    'weights', 'image_size', 'class_names' (the WNIDs of ``classes_file``, or None)} or {'kind': 'inception',
+    'weights', 'sha256'} (the Inception Score network)."""
     if spec["kind"] == "judge":
         return load_classifier(spec["path"])
-    return load_torchvision_classifier(spec["arch"], spec["weights"], image_size=spec.get("image_size"),
-                                       class_names=spec.get("class_names"))
+    if spec["kind"] == "inception":
+        return load_is_network(spec["weights"], sha256=spec.get("sha256"))
+    names = spec.get("class_names")
+    clf = load_torchvision_classifier(spec["arch"], spec["weights"], image_size=spec.get("image_size"))
+    if names is not None:
+        if len(names) != clf.num_classes:
+            raise ConfigError(f"eval.classifier_classes: {spec.get('classes_file')}: lists {len(names)} classes, but "
+                              f"{spec['weights']} ({spec['arch']}) has {clf.num_classes} outputs")
+        clf.class_names = [str(n) for n in names]
+    return clf
 
 
 def load_decode(cfg: Config, src: RunSources) -> Decode:
@@ -160,13 +172,18 @@ def load_generate(cfg: Config, src: RunSources) -> Generate:
 
 
 def load_score(cfg: Config, src: RunSources) -> Score:
-    """The classifier of ``src.classifier`` (on the GPU when there is one) and the run's PNG writer."""
+    """The classifier of ``src.classifier`` and the IS network of ``src.is_network`` (if any), each loaded once
+    (on the GPU when there is one), and the run's PNG writer."""
     clf = load_classifier_spec(src.classifier)
+    is_net = load_classifier_spec(src.is_network) if src.is_network else None
     if src.device.startswith("cuda") and torch.cuda.is_available():
         clf.to(src.device)  # a ViT-H/14 judge belongs on the GPU; probabilities come back on the CPU
+        if is_net is not None:
+            is_net.to(src.device)
     ec = cfg.eval
     return Score(clf, n_way=ec.n_way, top_k=ec.top_k, trials=ec.trials, ssim_convention=ec.ssim_convention,
-                 ssim_resolution=ec.ssim_resolution, write_image=PngWriter(src.run_dir) if src.write_images else None)
+                 ssim_resolution=ec.ssim_resolution, write_image=PngWriter(src.run_dir) if src.write_images else None,
+                 is_network=is_net)
 
 
 def load_reconstruct(cfg: Config, src: RunSources) -> Reconstruct:

@@ -1,6 +1,8 @@
 """Score: generated rows -> per-image numbers (DESIGN sec. 3), with the classifier injected.
 
 * ``probs`` (K): the classifier's softmax on the generated image; ``judge_top1`` its argmax;
+* ``is_probs`` (1000): the Inception Score network's softmax on the generated image (only with an IS network,
+  e.g. Inception-v3; without one the IS is computed from ``probs`` and labelled with the classifier);
 * ``judge_gt_top1``: the classifier's top-1 on the ground-truth image, the "true class" of the N-way
   protocol (MinD-Vis: not the dataset label);
 * ``acc_hit``: the N-way top-k hit rate over ``trials`` seeded draws (one generator per row, seeded by the
@@ -38,12 +40,16 @@ class Score:
         ssim_convention, ssim_resolution: the SSIM protocol (``eval.ssim_convention``, ``eval.ssim_resolution``).
         write_image: called as ``write_image(relative_path, (3, H, W) image)`` for every generated image and
             init image (e.g. :class:`~neuroimagen.reconstruction.images.PngWriter`); None writes nothing.
+        is_network: the Inception Score network (``eval.is_network``, e.g. Inception-v3 with its own 299 px
+            preprocessing), scored in the same pass into ``is_probs``; None: no ``is_probs`` column.
     """
 
     def __init__(self, classifier: Classifier, *, n_way: int, top_k: int, trials: int,
                  ssim_convention: Literal["dreamdiffusion", "mindeye"], ssim_resolution: Optional[int],
-                 write_image: Optional[Callable[[str, torch.Tensor], None]] = None):
+                 write_image: Optional[Callable[[str, torch.Tensor], None]] = None,
+                 is_network: Optional[Classifier] = None):
         self.clf = classifier
+        self.is_network = is_network
         self.n_way, self.top_k, self.trials = int(n_way), int(top_k), int(trials)
         self.ssim_convention, self.ssim_resolution = ssim_convention, ssim_resolution
         self.write_image = write_image
@@ -88,4 +94,6 @@ class Score:
                    acc_hit=hits, acc_n=np.full(B, n_eff, dtype=np.int64), ssim=ss.numpy(),
                    probs=probs.numpy().astype(np.float32), image=np.asarray(img_paths, dtype=object),
                    saliency=np.asarray(init_paths, dtype=object))
+        if self.is_network is not None:
+            out["is_probs"] = self.is_network.probs(images).numpy().astype(np.float32)  # (B, 1000)
         return out

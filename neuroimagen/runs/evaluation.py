@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -34,10 +35,12 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.frozen.judge import judge_cache_key, train_judge
 from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
 from neuroimagen.logs import Progress, get_logger
+from neuroimagen.metrics.inception_score import MIN_SPLIT_SIZE
 from neuroimagen.metrics.nway import effective_n
 from neuroimagen.metrics.summary import summarize
 from neuroimagen.models import ldm
-from neuroimagen.models.classifier import load_classifier, save_classifier
+from neuroimagen.models.classifier import (is_network_record, label_to_class, load_classifier, read_class_index,
+                                           save_classifier)
 from neuroimagen.models.ldm import snapshot_resolution
 from neuroimagen.provenance import provenance
 from neuroimagen.reconstruction.factory import RunSources, check_text_encoder, load_reconstruct, stage_models
@@ -124,17 +127,47 @@ def prepare_ldm(cfg: Config, run_dir: Path, splits: dict, log: Optional[Callable
     return str(out), desc
 
 
+def _label_space(cfg: Config, recording) -> tuple[Optional[list[str]], dict]:
+    """(the classifier's WNIDs or None, the label-space part of its description) for a torchvision classifier.
+
+    With ``eval.classifier_classes`` the dataset's WNIDs (``recording.class_ids``) are looked up in the file
+    (``label_to_class``); without it the classifier's indices cannot be compared with the dataset's labels and
+    the GT accuracy is not available (the reason is recorded)."""
+    ec = cfg.eval
+    if ec.classifier_classes is None:
+        reason = (f"not available: eval.classifier_classes is not set, so the {ec.classifier} classifier's class "
+                  f"indices cannot be compared with the dataset's {len(recording.class_ids)} labels (set it to an "
+                  f"imagenet_class_index.json or a WNID-per-line file)")
+        return None, {"label_to_class": None, "label_space": "the classifier's own (no class-index file)",
+                      "gt_accuracy_unavailable": reason}
+    try:
+        ids = read_class_index(ec.classifier_classes)
+        lut = label_to_class(recording.class_ids, ids, ec.classifier_classes)
+    except ConfigError as exc:
+        raise ConfigError(f"eval.classifier_classes: {exc}") from None
+    return ids, {"label_to_class": lut, "label_space": f"dataset WNIDs looked up in {ec.classifier_classes} "
+                                                       f"({len(ids)} classes)"}
+
+
 def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int,
                        log: Optional[Callable[[str], None]] = None) -> tuple[dict, dict]:
-    """(classifier spec for Score, description). Judge: trained on the training images, cached by hash."""
+    """(classifier spec for Score, description). Judge: trained on the training images, cached by hash.
+
+    The description carries ``label_to_class`` (the dataset label -> the classifier's class index, or None when
+    the label spaces cannot be compared) and ``label_space`` (how it was made): identity for the judge (trained
+    on the dataset's labels); the class-index file ``eval.classifier_classes`` for a torchvision classifier."""
     log = log or _log.info
     ec = cfg.eval
     if ec.classifier is not None:
         if not Path(ec.classifier_weights).is_file():
             raise ConfigError(f"eval.classifier_weights: {ec.classifier_weights}: file not found")
+        ids, space = _label_space(cfg, splits["train"].recording)
         spec = {"kind": "torchvision", "arch": ec.classifier, "weights": ec.classifier_weights,
-                "image_size": ec.classifier_image_size}
-        return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}"}
+                "image_size": ec.classifier_image_size, "class_names": ids, "classes_file": ec.classifier_classes}
+        return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}",
+                      "arch": ec.classifier, **space}
+    judge_space = {"label_to_class": list(range(splits["train"].num_classes)),
+                   "label_space": "the dataset's labels (the judge is trained on them)"}
     paths, labels, stems = _unique_images(splits["train"])
     key = judge_cache_key(json.dumps(stems), resolution=resolution, steps=ec.judge_steps, width=ec.judge_width,
                           seed=cfg.seed, labels=labels)
@@ -142,7 +175,7 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
     spec = {"kind": "judge", "path": str(out)}
     if (out / "classifier.json").is_file():
         log(f"judge classifier: reusing {out}")
-        return spec, load_classifier(out).describe()
+        return spec, {**load_classifier(out).describe(), **judge_space}
     log(f"judge classifier: training a small CNN on {len(stems)} training images at {resolution} px "
         f"({ec.judge_steps} steps)")
     val_paths, val_labels, _ = _unique_images(splits["val"])
@@ -154,7 +187,43 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
     d = clf.describe()
     log(f"judge classifier: train accuracy {d.get('train_accuracy', float('nan')):.3f}, validation accuracy "
         f"{d.get('val_accuracy', float('nan')):.3f} -> {out}")
-    return spec, d
+    return spec, {**d, **judge_space}
+
+
+def prepare_is_network(cfg: Config) -> tuple[dict, dict]:
+    """(IS network spec for Score, description); both empty with ``eval.is_network: classifier`` (the IS then
+    uses the ACC classifier's probabilities). The weights file is hashed here, once, for the label and the
+    fingerprint; its preprocessing is read from torchvision's ``Inception_V3_Weights.IMAGENET1K_V1``."""
+    ec = cfg.eval
+    if ec.is_network == "classifier":
+        return {}, {}
+    path = Path(ec.is_weights)
+    if not path.is_file():
+        raise ConfigError(f"eval.is_weights: {ec.is_weights}: file not found (expected a local torchvision "
+                          f"Inception-v3 state dict; nothing is downloaded)")
+    desc = is_network_record(path)
+    return {"kind": "inception", "weights": desc["weights"], "sha256": desc["weights_sha256"]}, desc
+
+
+def is_labels(clf: dict, is_net: dict) -> dict[str, dict]:
+    """summary.csv IS column -> {'label', 'network'}: every IS names the network that produced it."""
+    kind, ident = clf.get("kind"), clf.get("identity", "?")
+    if kind == "judge":
+        out = {"is": {"label": "IS (judge CNN, not Inception-v3)",
+                      "network": f"the judge CNN {ident} trained on the training images; not Inception-v3, so not "
+                                 f"comparable with published IS (only within this report)"}}
+    else:
+        arch = clf.get("arch") or str(ident).split("@")[0].split(":")[-1]
+        note = "" if arch == "inception_v3" else ", not Inception-v3"
+        out = {"is": {"label": f"IS ({arch} ACC classifier{note})",
+                      "network": f"the ACC classifier {ident}{note}; its own preprocessing"}}
+    if is_net:
+        layout = "torchvision's own IMAGENET1K_V1 file" if is_net.get("torchvision_file") else \
+            "torchvision IMAGENET1K_V1 layout, not torchvision's own file"
+        out["is_inception_v3"] = {"label": "IS (Inception-v3)",
+                                  "network": f"Inception-v3 ({layout}), weights sha256 {is_net.get('weights_sha256')}, "
+                                             f"{is_net.get('input_size')} px: {is_net.get('preprocessing')}"}
+    return out
 
 
 def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identity: str, stages: Sequence[str]) -> str:
@@ -219,7 +288,9 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     resolution = snapshot_resolution(snapshot) if cfg.ldm.pretrained else cfg.ldm.resolution
     # the judge sees images resized to at most 64 px (its input size), whatever the LDM's resolution
     clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, min(resolution, 64), log)
-    fp = fingerprint(cfg, record, ldm_desc["identity"], clf_desc["identity"], stages)
+    is_spec, is_desc = prepare_is_network(cfg)
+    clf_identity = clf_desc["identity"] + (f" + IS {is_desc['identity']}" if is_desc else "")
+    fp = fingerprint(cfg, record, ldm_desc["identity"], clf_identity, stages)
     rows = build_rows(cfg, splits["train"].recording, names, subjects)
     shard_dir = run_dir / "results" / "shards" / fp
     stale = remove_partials(run_dir / "results")  # temporary files of an interrupted run: never read, never kept
@@ -232,7 +303,8 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     reused = len(groups) - len({_shard_name(r["subject"], r["variant"]) for r in todo})
     state = {"fingerprint": fp, "variants": names, "subjects": sorted({r["subject"] for r in rows}, key=lambda s: (len(s), s)),
              "shards": {n: len(rs) for n, rs in groups.items()}, "ldm": {**ldm_desc, **to_dict(cfg.ldm)},
-             "classifier": {**clf_desc, "spec": clf_spec}, "eval": to_dict(cfg.eval), "seed": cfg.seed,
+             "classifier": {**clf_desc, "spec": clf_spec}, "is_network": {**is_desc, "spec": is_spec} if is_spec else {},
+             "eval": to_dict(cfg.eval), "seed": cfg.seed,
              "data": {"format": cfg.data.format, "eeg": cfg.data.eeg, "split": cfg.eval.split,
                       "split_file": cfg.data.splits, "split_num": cfg.data.split_num},
              "variant_definitions": {n: dataclasses.asdict(cfg.eval.variant(n)) for n in names},
@@ -249,7 +321,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
         cols = list(batch)
         n = len(batch["item"])
         for i in range(n):
-            row = {c: (batch[c][i].tolist() if c == "probs" else batch[c][i]) for c in cols}
+            row = {c: (batch[c][i].tolist() if c in ("probs", "is_probs") else batch[c][i]) for c in cols}
             row["subject"], row["variant"] = str(row["subject"]), str(row["variant"])
             name = _shard_name(row["subject"], row["variant"])
             if name in finished:  # a row delivered again (a retried task) after its shard was written
@@ -267,7 +339,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
                 log(f"reconstruct: shard {name[:-8]} done ({done['shards']}/{len(groups) - reused})")
 
     if todo:
-        sources = RunSources(run_dir=str(run_dir), snapshot=snapshot, classifier=clf_spec,
+        sources = RunSources(run_dir=str(run_dir), snapshot=snapshot, classifier=clf_spec, is_network=is_spec,
                              models=stage_models(run_dir, record, stages), device="cuda" if cfg.eval.use_gpu else "cpu")
         execute(todo, cfg, sources, on_batch, progress=cfg.train.progress)
     left = [n for n, p in pending.items() if p]
@@ -317,26 +389,46 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
         frames.append(df)
     per_sample = pd.concat(frames, ignore_index=True)
     ev = state["eval"]
-    summary = summarize(per_sample, k=ev["top_k"], is_splits=ev["is_splits"])
     num_classes = len(per_sample["probs"].iloc[0])
-    n_eff, warning = effective_n(ev["n_way"], num_classes)
     clf = state["classifier"]
+    is_net = {k: v for k, v in (state.get("is_network") or {}).items() if k != "spec"}
+    # the dataset label in the classifier's label space (a run scored before it was recorded: identity for a judge)
+    lut = clf.get("label_to_class", list(range(num_classes)) if clf.get("kind") == "judge" else None)
+    unavailable = None if lut is not None else clf.get("gt_accuracy_unavailable", (
+        "not available: the classifier's class indices were not mapped to the dataset's labels"))
+    summary = summarize(per_sample, k=ev["top_k"], is_splits=ev["is_splits"], is_seed=state["seed"],
+                        label_to_class=lut)
+    n_eff, warning = effective_n(ev["n_way"], num_classes)
     pooled_gt = per_sample.drop_duplicates(["subject", "item"])
-    gt_acc = float((pooled_gt["judge_gt_top1"] == pooled_gt["label"]).mean())
+    gt_acc = None
+    if lut is not None:
+        gt_acc = float((pooled_gt["judge_gt_top1"].to_numpy() == np.asarray(lut)[pooled_gt["label"].to_numpy()]).mean())
+    default_space = "the dataset's labels (the judge is trained on them)" if clf.get("kind") == "judge" else "not recorded"
+    labels = is_labels(clf, is_net)
+    labels = {c: v for c, v in labels.items() if c in summary.columns}
     protocol = {
         "data": {"dataset": _dataset_name(state["data"]), **state["data"], "subjects": state["subjects"],
                  "n_trials": int(len(pooled_gt))},
-        "classifier": {**{k: v for k, v in clf.items() if k != "spec"}, "num_classes": num_classes,
-                       "gt_accuracy": gt_acc,
-                       "gt_accuracy_protocol": f"top-1 against dataset labels on the {state['data']['split']} split's "
-                                               f"ground-truth images at {state['resolution']} px"},
+        "classifier": {**{k: v for k, v in clf.items() if k not in ("spec", "gt_accuracy_unavailable")},
+                       "num_classes": num_classes, "gt_accuracy": gt_acc,
+                       **({"gt_accuracy_unavailable": unavailable} if unavailable else {}),
+                       "gt_accuracy_protocol": f"top-1 on the {state['data']['split']} split's ground-truth images at "
+                                               f"{state['resolution']} px against the dataset label in the classifier's "
+                                               f"label space ({clf.get('label_space', default_space)})"},
         "acc": {"n": ev["n_way"], "k": ev["top_k"], "trials": ev["trials"], "n_eff": n_eff, "warning": warning,
                 "seed": "per image: the row seed (seed, trial, sample)",
                 "true_class": "the classifier's top-1 on the ground-truth image (MinD-Vis protocol)"},
-        "is": {"splits": ev["is_splits"], "classifier_note": (
-            "IS computed with the judge CNN trained on the training images, not Inception-v3; comparable only within "
-            "this report" if clf.get("kind") == "judge" else f"IS computed with {clf.get('identity')}"),
-            "groups": "all generations of one (subject, variant); splits = min(is_splits, n)"},
+        "is": {"networks": labels, **({"is_network": is_net} if is_net else {}),
+               "max_splits": ev["is_splits"], "min_split_size": MIN_SPLIT_SIZE,
+               "split_rule": f"splits = clamp(N // {MIN_SPLIT_SIZE}, 1, {ev['is_splits']}) for a group of N images",
+               "permutation": f"rows sorted by (subject, trial, sample), then shuffled by torch.randperm(N) with "
+                              f"torch.Generator().manual_seed({state['seed']}) before splitting",
+               "seed": state["seed"],
+               "groups_definition": "all generations of one (subject, variant), and of one variant over all subjects "
+                                    "(subject 'all')",
+               "groups": [{"subject": r["subject"], "variant": r["variant"], "n": int(r["is_n"]),
+                           "splits": int(r["is_splits"])} for r in summary.to_dict("records")],
+               "classifier_note": labels["is"]["network"]},
         "ssim": {"convention": ev["ssim_convention"],
                  "resolution": ev["ssim_resolution"] or (425 if ev["ssim_convention"] == "mindeye" else state["resolution"])},
         "ldm": {"kind": state["ldm"]["kind"], "identity": state["ldm"]["identity"], "strength": state["ldm"]["strength"],

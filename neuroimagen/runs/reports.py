@@ -58,8 +58,10 @@ REPORT = "report"
 _NA = "n/a"
 _PER_SAMPLE_COLUMNS = ("subject", "variant", "item", "sample", "class_name", "image", "saliency", "gt")
 _SUMMARY_REQUIRED = ("subject", "variant", "acc")
-_SUMMARY_NUMERIC = ("n", "n_eeg", "acc", "acc_max", "acc_chance", "acc_n", "is", "is_std", "is_splits", "ssim",
-                    "ssim_std", "judge_gt_acc")
+_SUMMARY_NUMERIC = ("n", "n_eeg", "acc", "acc_max", "acc_chance", "acc_n", "is", "is_std", "is_splits", "is_n",
+                    "is_inception_v3", "is_inception_v3_std", "ssim", "ssim_std", "judge_gt_acc")
+_IS_SUMMARY = ("is", "is_inception_v3")  # summary.csv's Inception Scores: the ACC classifier's, Inception-v3's
+_WHOLE_SET = ("is", "is_std", "is_inception_v3", "is_inception_v3_std", "is_splits")
 _CELL = 96  # px per image cell in the grids
 
 
@@ -253,9 +255,9 @@ def _pooled(summary, variant: str) -> dict:
         vals = per[c].astype(float)
         w = per["n"].astype(float) if c != "acc_max" else per["n_eeg"].astype(float)
         ok = vals.notna() & w.notna()
-        if c in ("n", "n_eeg"):
+        if c in ("n", "n_eeg", "is_n"):
             out[c] = float(vals.sum()) if vals.notna().any() else float("nan")
-        elif c in ("is", "is_std"):
+        elif c in _WHOLE_SET:
             out[c] = float("nan")  # a whole-set statistic: not recoverable from per-subject values
         elif ok.any() and float(w[ok].sum()) > 0:
             out[c] = float((vals[ok] * w[ok]).sum() / w[ok].sum())
@@ -280,6 +282,7 @@ def _description(protocol: Optional[dict], v: str) -> str:
 def ablation_table(summary, protocol: Optional[dict] = None) -> str:
     """The Table 3 analogue: one row per variant (paper order), pooled over subjects, best of 1-5 bold."""
     variants = _order_variants(summary["variant"])
+    iss = is_columns(summary, protocol)
     rows, eligible = [], []
     for v in variants:
         p = _pooled(summary, v)
@@ -291,13 +294,14 @@ def ablation_table(summary, protocol: Optional[dict] = None) -> str:
         desc = _description(protocol, v)
         rows.append([f"{_variant_label(v)}: {desc}" if desc else _variant_label(v), acc,
                      fmt_num(p.get("acc_max"), ".1f", 100), fmt_num(p.get("acc_chance"), ".1f", 100),
-                     fmt_num(p.get("is"), ".2f"), fmt_num(p.get("ssim"), ".3f"), fmt_num(p.get("n"), ".0f")])
+                     *[fmt_num(p.get(c), ".2f") for c, _ in iss], fmt_num(p.get("ssim"), ".3f"),
+                     fmt_num(p.get("n"), ".0f")])
         eligible.append(v in PAPER_NUMBER)
-    for col in (1, 2, 4, 5):  # ACC, ACC max, IS, SSIM: higher is better
+    for col in (1, 2, *range(4, 5 + len(iss))):  # ACC, ACC max, every IS, SSIM: higher is better
         bolded = _bold_best([r[col] for r in rows], eligible)
         for r, c in zip(rows, bolded):
             r[col] = c
-    headers = ["variant", "ACC (%)", "ACC max-of-samples (%)", "chance (%)", "IS", "SSIM", "images"]
+    headers = ["variant", "ACC (%)", "ACC max-of-samples (%)", "chance (%)", *[h for _, h in iss], "SSIM", "images"]
     return format_table(headers, rows)
 
 
@@ -323,33 +327,79 @@ def main_variant(variants: Sequence[str]) -> Optional[str]:
     return paper[-1] if paper else (ordered[0] if ordered else None)
 
 
-def per_subject_table(summary, variant: str) -> str:
-    """The Table 2 analogue for one variant: ACC / ACC max / IS / SSIM per subject, then the pooled row."""
+def per_subject_table(summary, variant: str, protocol: Optional[dict] = None) -> str:
+    """The Table 2 analogue for one variant: ACC / ACC max / IS (each network) / SSIM per subject, then the
+    pooled row."""
     rows = []
     sel = summary[summary["variant"] == variant]
     subjects = _subjects(summary)
+    iss = is_columns(summary, protocol)
+
+    def cells(label: str, d: dict) -> list[str]:
+        return [label, fmt_num(d.get("acc"), ".1f", 100), fmt_num(d.get("acc_max"), ".1f", 100),
+                *[fmt_num(d.get(c), ".2f") for c, _ in iss], fmt_num(d.get("ssim"), ".3f"), fmt_num(d.get("n"), ".0f")]
+
     for s in subjects:
         r = sel[sel["subject"] == s]
-        d = r.iloc[0].to_dict() if len(r) else {}
-        rows.append([f"subj {s}", fmt_num(d.get("acc"), ".1f", 100), fmt_num(d.get("acc_max"), ".1f", 100),
-                     fmt_num(d.get("is"), ".2f"), fmt_num(d.get("ssim"), ".3f"), fmt_num(d.get("n"), ".0f")])
+        rows.append(cells(f"subj {s}", r.iloc[0].to_dict() if len(r) else {}))
     if len(subjects) != 1:
-        p = _pooled(summary, variant)
-        rows.append(["all (pooled)", fmt_num(p.get("acc"), ".1f", 100), fmt_num(p.get("acc_max"), ".1f", 100),
-                     fmt_num(p.get("is"), ".2f"), fmt_num(p.get("ssim"), ".3f"), fmt_num(p.get("n"), ".0f")])
-    return format_table(["subject", "ACC (%)", "ACC max-of-samples (%)", "IS", "SSIM", "images"], rows)
+        rows.append(cells("all (pooled)", _pooled(summary, variant)))
+    return format_table(["subject", "ACC (%)", "ACC max-of-samples (%)", *[h for _, h in iss], "SSIM", "images"], rows)
 
 
 # --------------------------------------------------------------------------------------------------
 # Protocol text
 
 
+def _acc_classifier_is_label(protocol: Optional[dict]) -> str:
+    """The header of the IS computed from the ACC classifier's probabilities, when protocol.json does not name it."""
+    kind = _get(protocol or {}, "classifier", "kind")
+    if kind == "judge":
+        return "IS (judge CNN, not Inception-v3)"
+    if kind is None:
+        return "IS (network not recorded)"
+    ident = str(_get(protocol or {}, "classifier", "identity", default="classifier"))
+    arch = _get(protocol or {}, "classifier", "arch") or ident.split("@")[0].split(":")[-1]
+    return f"IS ({arch} ACC classifier{'' if arch == 'inception_v3' else ', not Inception-v3'})"
+
+
+def is_columns(summary, protocol: Optional[dict] = None) -> list[tuple[str, str]]:
+    """(summary column, table header) of every Inception Score of the run, each header naming its network
+    (from ``protocol.json``'s ``is.networks``): the ACC classifier's IS always, Inception-v3's when scored."""
+    nets = _get(protocol or {}, "is", "networks", default={})
+    out = [("is", _get(nets, "is", "label") or _acc_classifier_is_label(protocol))]
+    for col in _IS_SUMMARY[1:]:
+        if col in nets or (col in summary.columns and summary[col].notna().any()):
+            out.append((col, _get(nets, col, "label") or "IS (Inception-v3)"))
+    return out
+
+
 def _is_classifier_text(protocol: dict) -> str:
+    """Which network produced each IS, in one phrase."""
+    nets = _get(protocol, "is", "networks", default={})
+    if isinstance(nets, dict) and nets:
+        return "; ".join(f"{_get(d, 'label', default=c)} computed with {_get(d, 'network', default='?')}"
+                         for c, d in nets.items())
     kind = _get(protocol, "classifier", "kind")
     ident = _get(protocol, "classifier", "identity", default="the evaluation classifier")
     if kind == "judge":
         return f"IS computed with the judge `{ident}`, not Inception-v3 (not comparable with the paper's IS)"
-    return f"IS computed with `{ident}` ({kind or 'kind not recorded'})"
+    return f"IS computed with `{ident}` ({kind or 'kind not recorded'}), not Inception-v3"
+
+
+def _is_short_text(protocol: dict) -> str:
+    """The IS headers of the run (each naming its network), or the legacy one-phrase description."""
+    nets = _get(protocol, "is", "networks", default={})
+    if isinstance(nets, dict) and nets:
+        return " and ".join(str(_get(d, "label", default=c)) for c, d in nets.items())
+    return _is_classifier_text(protocol)
+
+
+def _is_splits_text(protocol: dict) -> str:
+    rule = _get(protocol, "is", "split_rule")
+    if rule:
+        return f"{rule}, after a seeded shuffle (seed {_show(_get(protocol, 'is', 'seed'))})"
+    return f"{_show(_get(protocol, 'is', 'splits', default='?'))} splits"
 
 
 def protocol_line(protocol: dict) -> str:
@@ -358,10 +408,19 @@ def protocol_line(protocol: dict) -> str:
     n = _get(acc, "n_eff", default=_get(acc, "n", default="?"))
     return (f"ACC = {n}-way top-{_get(acc, 'k', default='?')} over {_get(acc, 'trials', default='?')} trials "
             f"(seed {_get(acc, 'seed', default='?')}), true class = the judge's top-1 on the GT image; "
-            f"{_is_classifier_text(protocol)}, {_get(protocol, 'is', 'splits', default='?')} splits; "
+            f"{_is_short_text(protocol)} over all images of a group, {_is_splits_text(protocol)}; "
             f"SSIM {_get(protocol, 'ssim', 'convention', default='?')} at "
             f"{_get(protocol, 'ssim', 'resolution', default='?')} px; data "
             f"{_get(protocol, 'data', 'dataset', default='?')}, {_get(protocol, 'data', 'split', default='?')} split.")
+
+
+def _gt_accuracy_text(clf: Any) -> str:
+    """The classifier's top-1 accuracy on the GT images, ``85.0 %``, or ``n/a (<why>)`` when the classifier's
+    label space could not be compared with the dataset's labels."""
+    value = _get(clf, "gt_accuracy")
+    if is_missing(value) and _get(clf, "gt_accuracy_unavailable"):
+        return f"{_NA} ({_get(clf, 'gt_accuracy_unavailable')})"
+    return f"{fmt_num(value, '.1f', 100)} %"
 
 
 def _kv_list(d: Any) -> list[str]:
@@ -380,9 +439,9 @@ def protocol_section(protocol: dict) -> list[str]:
     out += ["", "**Classifier (judge of ACC and IS)**", "",
             f"- identity: `{_show(_get(clf, 'identity'))}`", f"- kind: {_show(_get(clf, 'kind'))}",
             f"- input size: {_show(_get(clf, 'input_size'))} px", f"- classes: {_show(_get(clf, 'num_classes'))}",
-            f"- top-1 accuracy on GT test images: {fmt_num(_get(clf, 'gt_accuracy'), '.1f', 100)} %"]
+            f"- top-1 accuracy on GT test images: {_gt_accuracy_text(clf)}"]
     extra = {k: v for k, v in (clf.items() if isinstance(clf, dict) else [])
-             if k not in ("identity", "kind", "input_size", "num_classes", "gt_accuracy")}
+             if k not in ("identity", "kind", "input_size", "num_classes", "gt_accuracy", "gt_accuracy_unavailable")}
     out += _kv_list(extra) if extra else []
     out += ["", "**N-way top-k ACC** (MinD-Vis protocol)", "",
             f"- N = {_show(_get(acc, 'n'))} requested, N = {_show(_get(acc, 'n_eff'))} effective; "
@@ -394,11 +453,14 @@ def protocol_section(protocol: dict) -> list[str]:
             "ACC max-of-samples = mean over EEG trials of the best sample's hit rate"]
     if _get(acc, "warning"):
         out.append(f"- **Warning:** {_get(acc, 'warning')}")
-    out += ["", "**Inception Score**", "",
-            f"- {_is_classifier_text(protocol)}",
-            f"- splits: {_show(_get(protocol, 'is', 'splits'))}; over all generated images of a (subject, variant) "
-            "group, reduced once",
-            f"- note: {_show(_get(protocol, 'is', 'classifier_note'))}",
+    nets = _get(protocol, "is", "networks", default={})
+    net_lines = ([f"- {_show(_get(d, 'label', default=c))} (summary.csv `{c}`): {_show(_get(d, 'network'))}"
+                  for c, d in nets.items()] if isinstance(nets, dict) and nets else
+                 [f"- {_is_classifier_text(protocol)}", f"- note: {_show(_get(protocol, 'is', 'classifier_note'))}"])
+    out += ["", "**Inception Score**", "", *net_lines,
+            f"- splits: {_is_splits_text(protocol)}; over all generated images of a (subject, variant) group, "
+            "reduced once; N and the split count per group: summary.csv `is_n`, `is_splits`",
+            *([f"- order: {_get(protocol, 'is', 'permutation')}"] if _get(protocol, "is", "permutation") else []),
             "", "**SSIM**", "",
             f"- convention: {_show(_get(protocol, 'ssim', 'convention'))}",
             f"- resolution: {_show(_get(protocol, 'ssim', 'resolution'))} px",
@@ -645,13 +707,13 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
            (f"ACC: mean ± sample standard deviation (ddof=1) over the {n_subj} subjects' ACC. " if n_subj > 1 else
             "ACC: mean over generated images. ")
            + "ACC max-of-samples: mean over EEG trials of the best sample. chance = k/N. IS and SSIM: over all "
-           "images of the variant (pooled). Bold: best of the paper variants 1-5 per column. "
-           "Paper (EEG-ImageNet, Inception-v3 IS, ViT ACC): variant 5 ACC 85.6 %, IS 33.50.", ""]
+           "images of the variant (pooled); each IS names its network. Bold: best of the paper variants 1-5 per "
+           "column. Paper (EEG-ImageNet, Inception-v3 IS, ViT ACC): variant 5 ACC 85.6 %, IS 33.50.", ""]
 
     # Per subject ------------------------------------------------------------------------------
     md += ["## Per subject (Table 2 analogue)", ""]
     if main is not None:
-        md += [f"Variant {_variant_label(main)}.", "", per_subject_table(summary, main), ""]
+        md += [f"Variant {_variant_label(main)}.", "", per_subject_table(summary, main, protocol), ""]
     plot_per_subject(summary, out_dir / "per_subject.png")
     md += ["![ACC and SSIM per subject and variant](per_subject.png)", "",
            "Left: ACC per subject × variant (dashed: chance k/N); right: SSIM.", ""]
@@ -660,7 +722,7 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
     md += ["## Judge", "",
            f"Classifier `{_show(_get(clf, 'identity'))}` (kind {_show(_get(clf, 'kind'))}, "
            f"{_show(_get(clf, 'num_classes'))} classes, input {_show(_get(clf, 'input_size'))} px); "
-           f"top-1 accuracy on the ground-truth test images: {fmt_num(_get(clf, 'gt_accuracy'), '.1f', 100)} %.", "",
+           f"top-1 accuracy on the ground-truth test images: {_gt_accuracy_text(clf)}.", "",
            "ACC only means something when the judge classifies the ground-truth images well: the \"true\" class "
            "of the N-way protocol is the judge's top-1 on the GT image, so a judge that misreads the GT images "
            "scores agreement with its own mistakes, not semantic fidelity.", ""]
