@@ -180,3 +180,25 @@ def test_commands(demo_run, tmp_path, run_cli):
     fresh.mkdir()
     assert_one_line_error(run_cli("evaluate", "--run", fresh), "state.json: not found")
     assert_one_line_error(run_cli("report", str(fresh)), "not found")
+
+
+def test_a_run_without_per_image_captions_computes_the_default_variants_it_can(demo_run, tmp_path):
+    """No semantic_image stage (real EEG-ImageNet ships no captions): the default list skips B and B+I in one line
+    and computes the rest; asking for B by name stays an error naming the stage."""
+    from neuroimagen.errors import ConfigError
+    from neuroimagen.runs.evaluation import reconstruct
+
+    run = _copy(demo_run[0], tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    del record["stages"]["semantic_image"]
+    (run / "run.json").write_text(json.dumps(record))
+    cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "data.captions=null",
+                                                      'eval.variants=["I", "B", "B+I"]'])
+    logs = []
+    info = reconstruct(cfg, run, subjects=[1], log=logs.append)
+    assert info["state"]["variants"] == ["I"] and info["rows"] == 12 * 3
+    skip = [m for m in logs if "skipping" in m]
+    assert skip == ["reconstruct: skipping variant(s) B, B+I: they need stage(s) semantic_image, not trained "
+                    "(data.captions is not set); computing I"], logs
+    with pytest.raises(ConfigError, match=r"variant\(s\) B need trained stage\(s\) semantic_image"):
+        reconstruct(cfg, run, variants=["I", "B"], subjects=[1], log=lambda m: None)

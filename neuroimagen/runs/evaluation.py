@@ -39,14 +39,20 @@ from neuroimagen.metrics.inception_score import MIN_SPLIT_SIZE
 from neuroimagen.metrics.nway import effective_n
 from neuroimagen.metrics.summary import summarize
 from neuroimagen.models import ldm
-from neuroimagen.models.classifier import (is_network_record, label_to_class, load_classifier, read_class_index,
-                                           save_classifier)
+from neuroimagen.models.classifier import (
+    is_network_record,
+    label_to_class,
+    load_classifier,
+    read_class_index,
+    save_classifier,
+)
 from neuroimagen.models.ldm import snapshot_resolution
 from neuroimagen.provenance import provenance
 from neuroimagen.reconstruction.factory import RunSources, check_text_encoder, load_reconstruct, stage_models
 from neuroimagen.reconstruction.rows import build_rows, needed_stages, rows_to_batch, safe_name, select_variants
 from neuroimagen.runs.reports import write_report
 from neuroimagen.runs.training import FitStage, prepare_data, read_run, train
+from neuroimagen.stages import STAGE_ORDER
 from neuroimagen.stages.semantic import text_encoder_for
 from neuroimagen.training.loop import kill_once
 
@@ -276,10 +282,13 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     t0 = time.perf_counter()
     names = select_variants(cfg, variants)
     record = read_run(run_dir)
+    if not variants:  # the default list: compute what this run can, and say what it skips
+        names = computable_variants(cfg, names, set(record["stages"]), log, "reconstruct")
     stages = needed_stages(cfg, names)
     missing = [s for s in stages if s not in record["stages"]]
     if missing:
-        raise ConfigError(f"{run_dir}: variants {', '.join(names)} need trained stage(s) {', '.join(missing)}; run "
+        lacking = [v for v in names if set(needed_stages(cfg, [v])) - set(record["stages"])]
+        raise ConfigError(f"{run_dir}: variant(s) {', '.join(lacking)} need trained stage(s) {', '.join(missing)}; run "
                           f"`neuroimagen train --out {run_dir} --stages {','.join(missing)}` first")
     splits = load_splits(cfg.data, image_mode="path")
     snapshot, ldm_desc = prepare_ldm(cfg, run_dir, splits, log)
@@ -348,6 +357,26 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     secs = round(time.perf_counter() - t0, 1)
     log(f"reconstruct: {len(todo)} images generated and scored in {secs} s")
     return {"rows": len(rows), "computed": len(todo), "reused": reused, "seconds": secs, "state": state}
+
+
+def computable_variants(cfg: Config, names: Sequence[str], available: set[str], log: Callable[[str], None],
+                        who: str) -> list[str]:
+    """``names`` without the variants that need a stage not in ``available``, with one line saying which were
+    skipped and why; a ConfigError when none is left. For the default variant list only: a variant asked for
+    by name that cannot be computed stays an error."""
+    keep, skipped, why = [], [], set()
+    for v in names:
+        lacking = [s for s in needed_stages(cfg, [v]) if s not in available]
+        (skipped if lacking else keep).append(v)
+        why.update(lacking)
+    if skipped:
+        reason = " (data.captions is not set)" if "semantic_image" in why and cfg.data.captions is None else ""
+        stages = ", ".join(s for s in STAGE_ORDER if s in why)
+        if not keep:
+            raise ConfigError(f"{who}: every variant ({', '.join(names)}) needs stage(s) {stages}, not trained{reason}")
+        log(f"{who}: skipping variant(s) {', '.join(skipped)}: they need stage(s) {stages}, not trained{reason}; "
+            f"computing {', '.join(keep)}")
+    return keep
 
 
 def run_local(rows: list[dict], cfg: Config, sources: RunSources, on_batch: Callable[[dict], None],
@@ -464,6 +493,10 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     run_dir = make_dir(Path(out).resolve())
     names = select_variants(cfg, variants)
     done = read_run(run_dir)["stages"]
+    if not variants:  # the default list: leave out what this data cannot train (B, B+I without per-image captions)
+        data_cfg = prepare_data(cfg, run_dir, log)
+        trainable = {s for s in STAGE_ORDER if not (s == "semantic_image" and data_cfg.data.captions is None)}
+        names = computable_variants(data_cfg, names, trainable | set(done), log, "ablation")
     todo = [s for s in needed_stages(cfg, names) if s not in done]
     if todo:
         log(f"ablation: training {', '.join(todo)} (needed by {', '.join(names)})")
