@@ -44,12 +44,12 @@ def test_rows_pair_variants_and_pick_other_class_trials(demo_run):
     run, _, _ = demo_run
     cfg = load_config(run / "config.yaml")
     rec = load_recording(cfg.data, check_images=False)
-    rows = build_rows(cfg, rec, ["L+I", "chance"], subjects=[2])
+    rows = build_rows(cfg, rec, ["L+I", "other-class"], subjects=[2])
     assert len(rows) == 2 * 12 * 3 and {r["subject"] for r in rows} == {"2"}
     by = {(r["variant"], r["item"], r["sample"]): r for r in rows}
     for (v, item, k), r in by.items():
         assert r["seed"] == by[("L+I", item, k)]["seed"]  # every variant of (trial, sample) starts from the same noise
-        if v == "chance":
+        if v == "other-class":
             assert rec.labels[r["eeg_item"]] != rec.labels[item] and rec.subjects[r["eeg_item"]] == 2
         else:
             assert r["eeg_item"] == item
@@ -123,7 +123,7 @@ def test_changed_settings_never_reuse_old_shards(demo_run, tmp_path):
 
     run = _copy(demo_run[0], tmp_path)
     cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.trials=7"])
-    info = reconstruct(cfg, run, variants=["chance"], subjects=[1], log=lambda m: None)
+    info = reconstruct(cfg, run, variants=["other-class"], subjects=[1], log=lambda m: None)
     assert info["computed"] == 36 and info["reused"] == 0
 
 

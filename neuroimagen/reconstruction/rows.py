@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from neuroimagen.config import Config
+from neuroimagen.config import RENAMED_VARIANTS, Config
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.stages import SEMANTIC_STAGE, STAGE_ORDER
 
@@ -46,6 +46,9 @@ def select_variants(cfg: Config, requested: Optional[Sequence[str]]) -> list[str
     names = [d.name for d in cfg.eval.definitions]
     chosen = list(requested) if requested else list(cfg.eval.variants)
     bad = [v for v in chosen if v not in names]
+    if bad and bad[0] in RENAMED_VARIANTS:
+        raise ConfigError(f"--variants: variant '{bad[0]}' was renamed '{RENAMED_VARIANTS[bad[0]]}' (the EEG of another "
+                          f"class's trial: a control; chance is k/N)")
     if bad:
         raise ConfigError(f"--variants: unknown variant '{bad[0]}' (defined: {', '.join(names)})")
     return chosen
