@@ -57,7 +57,8 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert not a.duplicated(KEY).any() and not a.duplicated(ROW_KEY).any()
     assert len(a) == len(b)
     a, b = a.sort_values(KEY).reset_index(drop=True), b.sort_values(KEY).reset_index(drop=True)
-    assert a[KEY + ["stem", "seed", "label", "judge_gt_top1"]].equals(b[KEY + ["stem", "seed", "label", "judge_gt_top1"]])
+    cols = KEY + ["stem", "seed_z", "seed_noise", "seed_nway", "label", "judge_gt_top1"]
+    assert a[cols].equals(b[cols])
     np.testing.assert_allclose(a["ssim"], b["ssim"], atol=2e-4)
     np.testing.assert_allclose(np.stack(a["probs"]), np.stack(b["probs"]), atol=2e-3)
 
