@@ -41,6 +41,7 @@ from neuroimagen.models.classifier import load_classifier, save_classifier
 from neuroimagen.models.ldm import snapshot_resolution
 from neuroimagen.reconstruction.factory import RunSources, load_reconstruct, stage_models
 from neuroimagen.reconstruction.rows import (
+    PURPOSES,
     SEEDING,
     build_rows,
     needed_stages,
@@ -169,7 +170,8 @@ def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identit
     seed (``rows.SEEDING``): shards drawn with another derivation are never reused."""
     ev = {k: v for k, v in to_dict(cfg.eval).items() if k not in _EXECUTION_KEYS}
     doc = {"seed": cfg.seed, "seeding": SEEDING, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": ldm_identity,
-           "classifier": classifier_identity, "stages": {s: record["stages"][s].get("finished") for s in stages}, "data": to_dict(cfg.data)}
+           "classifier": classifier_identity, "stages": {s: record["stages"][s].get("finished") for s in stages},
+           "data": to_dict(cfg.data)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -336,8 +338,9 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                        "gt_accuracy_protocol": f"top-1 against dataset labels on the {state['data']['split']} split's "
                                                f"ground-truth images at {state['resolution']} px"},
         "acc": {"n": ev["n_way"], "k": ev["top_k"], "trials": ev["trials"], "n_eff": n_eff, "warning": warning,
-                "seed": (f"per image: seed_nway = SeedSequence(entropy={state['seed']}, spawn_key=(2, trial, sample)), "
-                         "the same for every variant, a stream apart from the saliency z and the diffusion noise"),
+                "seed": (f"per image: seed_nway = SeedSequence(entropy={state['seed']}, spawn_key=({PURPOSES['nway']}, "
+                         "trial, sample)), the same for every variant, a stream apart from the saliency z and the "
+                         "diffusion noise"),
                 "true_class": "the classifier's top-1 on the ground-truth image (MinD-Vis protocol)"},
         "is": {"splits": ev["is_splits"], "classifier_note": (
             "IS computed with the judge CNN trained on the training images, not Inception-v3; comparable only within "
@@ -349,9 +352,10 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                 "guidance_scale": state["ldm"]["guidance_scale"], "num_inference_steps": state["ldm"]["num_inference_steps"],
                 "samples_per_eeg": state["ldm"]["samples_per_eeg"], "resolution": state["resolution"],
                 "scheduler": "DDIM (eta 0), SD 1.x noise schedule",
-                "seed": (f"diffusion noise per image: seed_noise = SeedSequence(entropy={state['seed']}, spawn_key=(1, trial, "
-                         f"sample)); saliency z per EEG trial: seed_z = SeedSequence(entropy={state['seed']}, spawn_key=(0, "
-                         "trial)), one saliency map for all samples and variants of a trial")},
+                "seed": (f"diffusion noise per image: seed_noise = SeedSequence(entropy={state['seed']}, spawn_key="
+                         f"({PURPOSES['noise']}, trial, sample)); saliency z per EEG trial: seed_z = SeedSequence("
+                         f"entropy={state['seed']}, spawn_key=({PURPOSES['z']}, trial)), one saliency map for all "
+                         "samples and variants of a trial")},
         "seeding": state.get("seeding", "not recorded"),
         "variants": state["variant_definitions"],
     }
