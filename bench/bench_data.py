@@ -44,7 +44,7 @@ def bench_data(repeats: int, quick: bool = False) -> dict:
     """Images/s of reconstruct + score: Ray Data (1 actor) vs the local loop; 2 actors vs 1 actor, 1 thread each."""
     repeats = 1 if quick else repeats
     base, pre = _prepared_eval(quick)
-    variants = ["I", "L", "B", "B+I", "L+I", "oracle", "chance"]
+    variants = ["I", "L", "B", "B+I", "L+I", "oracle", "other-class"]
     # (label, backend, generation actors, torch threads of each generation process, Ray Data layout)
     cases = [("local", "local", 1, 2, "fused"), ("ray-1x1", "ray", 1, 1, "fused"), ("ray-2x1", "ray", 2, 1, "fused"),
              ("ray-1x2", "ray", 1, 2, "fused"), ("ray-1x1-staged", "ray", 1, 1, "staged")]

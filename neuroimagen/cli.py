@@ -272,7 +272,7 @@ def _csv_list(text, what, cast=str):
 @cli.command()
 @click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A trained run directory.")
 @click.option("--variants", default=None, metavar="LIST", help="Comma-separated variants (default: eval.variants), "
-              "e.g. I,L,B,B+I,L+I,oracle,chance.")
+              "e.g. I,L,B,B+I,L+I,oracle,other-class.")
 @click.option("--subjects", default=None, metavar="LIST", help="Comma-separated subject ids (default: all).")
 @config_options
 def reconstruct(run, variants, subjects, config_path, overrides):

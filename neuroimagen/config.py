@@ -257,7 +257,7 @@ class VariantConfig:
     init: Literal["saliency", "noise", "gt"] = param("saliency", doc="saliency: G(z, f(x)) upsampled, img2img; noise: text-to-image; gt: the ground-truth image reduced to the saliency resolution")
     semantics: Literal["none", "label", "image", "true_label", "true_image"] = param(
         "label", doc="prompt embedding: none (empty caption), label/image (the stage-3 regressor on label/per-image captions), true_*: the true caption's embedding")
-    eeg: Literal["own", "other_class"] = param("own", doc="own: the trial's EEG; other_class: the EEG of a random trial of another class (chance reference)")
+    eeg: Literal["own", "other_class"] = param("own", doc="own: the trial's EEG; other_class: the EEG of a random trial of another class of the same subject (a control, not chance: chance is k/N)")
     description: str = param("", doc="one line for the report")
 
 
@@ -268,8 +268,11 @@ DEFAULT_VARIANTS = (
     VariantConfig("B+I", "saliency", "image", "own", "per-image-caption semantics + saliency map"),
     VariantConfig("L+I", "saliency", "label", "own", "label-caption semantics + saliency map (NeuroImagen)"),
     VariantConfig("oracle", "gt", "true_label", "own", "true label-caption embedding + GT image at saliency resolution"),
-    VariantConfig("chance", "saliency", "label", "other_class", "variant 5 fed the EEG of a random other-class trial"),
+    VariantConfig("other-class", "saliency", "label", "other_class",
+                  "control: variant L+I fed the EEG of a random trial of another class (chance is k/N)"),
 )
+# default variants renamed since: an old name in eval.variants is one error naming the new one
+RENAMED_VARIANTS = {"chance": "other-class"}
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,7 @@ class EvalConfig:
     """Reconstruction and scoring of the test split (DESIGN sec. 3): ACC, IS, SSIM per subject and variant."""
 
     split: Literal["test", "val"] = param("test", doc="split reconstructed and scored")
-    variants: tuple[str, ...] = param(("I", "L", "B", "B+I", "L+I", "oracle", "chance"), doc="variants to run (names from eval.definitions)")
+    variants: tuple[str, ...] = param(("I", "L", "B", "B+I", "L+I", "oracle", "other-class"), doc="variants to run (names from eval.definitions)")
     definitions: tuple[VariantConfig, ...] = param(DEFAULT_VARIANTS, doc="variant definitions (data, not code)")
     subjects: Optional[tuple[int, ...]] = param(None, doc="subjects to reconstruct; null = all in the split")
     max_trials: Optional[int] = param(None, ge=1, doc="cap on EEG trials per subject (first by dataset order); null = all")
@@ -309,6 +312,9 @@ class EvalConfig:
         if dup:
             raise ConfigError(f"{prefix}.definitions: variant '{dup[0]}' is defined twice")
         for v in self.variants:
+            if v in RENAMED_VARIANTS and v not in names:
+                raise ConfigError(f"{prefix}.variants: variant '{v}' was renamed '{RENAMED_VARIANTS[v]}' (the EEG of "
+                                  f"another class's trial: a control; chance is k/N)")
             if v not in names:
                 raise ConfigError(f"{prefix}.variants: unknown variant '{v}' (defined: {', '.join(names)})")
         if (self.classifier is None) != (self.classifier_weights is None):

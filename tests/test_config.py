@@ -76,6 +76,7 @@ def test_float_field_rejects_text_and_accepts_yaml_exponent(tmp_path):
     ("data: 3\n", "data: expected a mapping, got 3"),
     ("data:\n  format: things-eeg\n  splits: x.pth\n", "data.splits: not used by things-eeg"),
     ("synth:\n  snr: .nan\n", "synth.snr: expected float > 0, got nan"),
+    ("eval:\n  variants: [L+I, chance]\n", "eval.variants: variant 'chance' was renamed 'other-class'"),
 ])
 def test_impossible_values(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as e:

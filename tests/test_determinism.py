@@ -30,7 +30,7 @@ TINY = ["train.backend=local", "eval.backend=local", "train.progress=false", "tr
         "ldm.resolution=16", "ldm.vae_channels=[8,16]", "ldm.unet_channels=[8,16]", "ldm.vae_steps=5",
         "ldm.unet_steps=5", "ldm.num_inference_steps=2", "ldm.samples_per_eeg=1",
         "eval.judge_steps=5", "eval.judge_width=4", "eval.trials=5", "eval.is_splits=2", "eval.batch_size=8"]
-VARIANTS = ["L+I", "chance"]
+VARIANTS = ["L+I", "other-class"]
 
 
 def _ablation(out: Path, extra=()) -> pd.DataFrame:

@@ -57,7 +57,8 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert not a.duplicated(KEY).any() and not a.duplicated(ROW_KEY).any()
     assert len(a) == len(b)
     a, b = a.sort_values(KEY).reset_index(drop=True), b.sort_values(KEY).reset_index(drop=True)
-    assert a[KEY + ["stem", "seed", "label", "judge_gt_top1"]].equals(b[KEY + ["stem", "seed", "label", "judge_gt_top1"]])
+    cols = KEY + ["stem", "seed_z", "seed_noise", "seed_nway", "label", "judge_gt_top1"]
+    assert a[cols].equals(b[cols])
     np.testing.assert_allclose(a["ssim"], b["ssim"], atol=2e-4)
     np.testing.assert_allclose(np.stack(a["probs"]), np.stack(b["probs"]), atol=2e-3)
 
@@ -98,7 +99,7 @@ def test_a_killed_generation_actor_is_retried_and_every_row_lands_once(demo_run,
     run = _copy(demo_run, tmp_path)
     before = pd.read_parquet(run / "results" / "per_sample.parquet")
     shard_dir = _shards(run)
-    for name in ("s1__I.parquet", "s2__L+I.parquet", "s1__chance.parquet"):
+    for name in ("s1__I.parquet", "s2__L+I.parquet", "s1__other-class.parquet"):
         (shard_dir / name).unlink()
     # 108 rows in 9 batches; the generation actor SIGKILLs itself on its third batch (once: a marker file)
     cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.backend=ray", "eval.batch_size=12",
@@ -109,7 +110,7 @@ def test_a_killed_generation_actor_is_retried_and_every_row_lands_once(demo_run,
     evaluate(run, log=lambda m: None)
     after = pd.read_parquet(run / "results" / "per_sample.parquet")
     _same_rows(after, before)
-    for name in ("s1__I.parquet", "s2__L+I.parquet", "s1__chance.parquet"):
+    for name in ("s1__I.parquet", "s2__L+I.parquet", "s1__other-class.parquet"):
         shard = pd.read_parquet(shard_dir / name)
         assert len(shard) == 36 and not shard.duplicated(["item", "sample"]).any()
     assert _partials(run) == []
@@ -236,19 +237,19 @@ def test_a_full_disk_while_training_leaves_no_checkpoint(twin, tmp_path, font_ca
 def test_a_full_disk_while_writing_a_shard_leaves_no_shard(demo_run, tmp_path, font_cache):
     run = _copy(demo_run, tmp_path)
     shard_dir = _shards(run)
-    (shard_dir / "s1__chance.parquet").unlink()
-    shutil.rmtree(run / "results" / "images" / "s1" / "chance")
+    (shard_dir / "s1__other-class.parquet").unlink()
+    shutil.rmtree(run / "results" / "images" / "s1" / "other-class")
     limit = 10 * 1024  # state.json (~5 KB) and the 32 px PNGs (~2 KB) fit; a shard of 36 scored rows does not
-    assert (run / "results" / "state.json").stat().st_size < limit < (shard_dir / "s2__chance.parquet").stat().st_size
+    assert (run / "results" / "state.json").stat().st_size < limit < (shard_dir / "s2__other-class.parquet").stat().st_size
     proc = _cli(["reconstruct", "--run", run, "--set", "eval.backend=local", "--set", "train.progress=false"],
                 limit_bytes=limit)
     assert "13 shards already done, 36 images to generate" in proc.stderr
-    _one_error(proc, f"{shard_dir / 's1__chance.parquet'}: cannot write", "File too large")
-    assert not (shard_dir / "s1__chance.parquet").exists() and _partials(run) == []
-    assert len(list((run / "results" / "images" / "s1" / "chance").glob("*.png"))) == 36 * 2  # whole images only
+    _one_error(proc, f"{shard_dir / 's1__other-class.parquet'}: cannot write", "File too large")
+    assert not (shard_dir / "s1__other-class.parquet").exists() and _partials(run) == []
+    assert len(list((run / "results" / "images" / "s1" / "other-class").glob("*.png"))) == 36 * 2  # whole images only
     # nothing downstream trusts the missing shard
     res = _cli(["evaluate", "--run", run])
-    _one_error(res, "s1__chance.parquet: missing or incomplete")
+    _one_error(res, "s1__other-class.parquet: missing or incomplete")
 
 
 @pytest.mark.slow

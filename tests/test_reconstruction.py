@@ -33,7 +33,8 @@ def _shards(run):
 
 def _same_results(a: pd.DataFrame, b: pd.DataFrame) -> None:
     a, b = a.sort_values(KEY).reset_index(drop=True), b.sort_values(KEY).reset_index(drop=True)
-    assert a[KEY + ["seed", "judge_gt_top1"]].equals(b[KEY + ["seed", "judge_gt_top1"]])
+    cols = KEY + ["seed_z", "seed_noise", "seed_nway", "judge_gt_top1"]
+    assert a[cols].equals(b[cols])
     np.testing.assert_allclose(a["ssim"], b["ssim"], atol=2e-4)
     np.testing.assert_allclose(np.stack(a["probs"]), np.stack(b["probs"]), atol=2e-3)
 
@@ -44,18 +45,21 @@ def test_rows_pair_variants_and_pick_other_class_trials(demo_run):
     run, _, _ = demo_run
     cfg = load_config(run / "config.yaml")
     rec = load_recording(cfg.data, check_images=False)
-    rows = build_rows(cfg, rec, ["L+I", "chance"], subjects=[2])
+    rows = build_rows(cfg, rec, ["L+I", "other-class"], subjects=[2])
     assert len(rows) == 2 * 12 * 3 and {r["subject"] for r in rows} == {"2"}
     by = {(r["variant"], r["item"], r["sample"]): r for r in rows}
     for (v, item, k), r in by.items():
-        assert r["seed"] == by[("L+I", item, k)]["seed"]  # every variant of (trial, sample) starts from the same noise
-        if v == "chance":
+        for c in ("seed_z", "seed_noise", "seed_nway"):  # every variant of (trial, sample) starts from the same noise
+            assert r[c] == by[("L+I", item, k)][c]
+        assert r["seed_z"] == by[(v, item, 0)]["seed_z"]  # and every sample of a trial from the same saliency z
+        if v == "other-class":
             assert rec.labels[r["eeg_item"]] != rec.labels[item] and rec.subjects[r["eeg_item"]] == 2
         else:
             assert r["eeg_item"] == item
         v_def = cfg.eval.variant(v)  # the variant is resolved into the row once
         assert (r["init_kind"], r["semantics"], r["eeg_source"]) == (v_def.init, v_def.semantics, v_def.eeg)
-    assert len({r["seed"] for r in rows if r["variant"] == "L+I"}) == 36
+    assert len({r["seed_noise"] for r in rows if r["variant"] == "L+I"}) == 36
+    assert len({r["seed_z"] for r in rows if r["variant"] == "L+I"}) == 12
     from neuroimagen.errors import ConfigError
 
     with pytest.raises(ConfigError, match="subject 9 has no trials"):
@@ -123,8 +127,20 @@ def test_changed_settings_never_reuse_old_shards(demo_run, tmp_path):
 
     run = _copy(demo_run[0], tmp_path)
     cfg = override(load_config(run / "config.yaml"), ["train.progress=false", "eval.trials=7"])
-    info = reconstruct(cfg, run, variants=["chance"], subjects=[1], log=lambda m: None)
+    info = reconstruct(cfg, run, variants=["other-class"], subjects=[1], log=lambda m: None)
     assert info["computed"] == 36 and info["reused"] == 0
+
+
+def test_shards_drawn_with_another_seed_derivation_are_never_reused(monkeypatch):
+    from neuroimagen.config import Config
+    from neuroimagen.runs import evaluation
+
+    def fp():
+        return evaluation.fingerprint(Config(), {"stages": {}}, "ldm", "classifier", [])
+
+    now = fp()
+    monkeypatch.setattr(evaluation, "SEEDING", "one row seed (seed, trial, sample) for z, noise and distractors")
+    assert fp() != now
 
 
 @pytest.mark.parametrize("pipeline", ["fused", "staged"])

@@ -11,13 +11,13 @@ import pytest
 
 from neuroimagen.errors import DataError
 
-ALL_VARIANTS = ("L+I", "chance", "I", "B", "oracle", "L", "B+I")  # deliberately not in paper order
-BASE_ACC = {"I": 0.40, "L": 0.60, "B": 0.55, "B+I": 0.65, "L+I": 0.85, "oracle": 0.95, "chance": 0.03}
-IS = {"I": float("nan"), "L": 3.21, "B": 2.5, "B+I": 2.2, "L+I": 3.0, "oracle": 4.0, "chance": 1.5}
-SSIM = {"I": 0.300, "L": 0.100, "B": 0.110, "B+I": 0.310, "L+I": 0.320, "oracle": 0.500, "chance": 0.050}
-SALIENCY = {"I": True, "L": False, "B": False, "B+I": True, "L+I": True, "oracle": False, "chance": True}
+ALL_VARIANTS = ("L+I", "other-class", "I", "B", "oracle", "L", "B+I")  # deliberately not in paper order
+BASE_ACC = {"I": 0.40, "L": 0.60, "B": 0.55, "B+I": 0.65, "L+I": 0.85, "oracle": 0.95, "other-class": 0.03}
+IS = {"I": float("nan"), "L": 3.21, "B": 2.5, "B+I": 2.2, "L+I": 3.0, "oracle": 4.0, "other-class": 1.5}
+SSIM = {"I": 0.300, "L": 0.100, "B": 0.110, "B+I": 0.310, "L+I": 0.320, "oracle": 0.500, "other-class": 0.050}
+SALIENCY = {"I": True, "L": False, "B": False, "B+I": True, "L+I": True, "oracle": False, "other-class": True}
 SEMANTICS = {"I": "none", "L": "label", "B": "image", "B+I": "image", "L+I": "label", "oracle": "true",
-             "chance": "label"}
+             "other-class": "label"}
 CLASSES = ["airliner", "panda", "jack-o'-lantern", "canoe", "pizza"]
 ITEMS = {"1": [12, 3, 7], "2": [20, 15, 4]}
 SUBJECT_SHIFT = {"1": -0.05, "2": 0.05}
@@ -90,7 +90,7 @@ def make_run(root: Path, subjects=("1", "2"), variants=ALL_VARIANTS, samples=2, 
         "ldm": {"kind": "tiny", "identity": "tiny-ldm@def456", "strength": 0.75, "guidance_scale": 7.5,
                 "num_inference_steps": 20, "samples_per_eeg": samples, "resolution": 64},
         "variants": {v: {"saliency": SALIENCY[v], "semantics": SEMANTICS[v],
-                         "eeg": "other_class" if v == "chance" else "own",
+                         "eeg": "other_class" if v == "other-class" else "own",
                          "init": "gt" if v == "oracle" else ("saliency" if SALIENCY[v] else "noise"),
                          "description": f"desc of {v}"} for v in variants},
     }
@@ -132,12 +132,12 @@ def test_report_is_written_under_run_report(full):
 def test_ablation_rows_in_paper_order_with_numbers(full):
     _, _, text = full
     rows = table_rows(section(text, "Ablation"))
-    assert [r[0].split(":")[0] for r in rows] == ["1 (I)", "2 (L)", "3 (B)", "4 (B+I)", "5 (L+I)", "oracle", "chance"]
+    assert [r[0].split(":")[0] for r in rows] == ["1 (I)", "2 (L)", "3 (B)", "4 (B+I)", "5 (L+I)", "oracle", "other-class"]
     by = {r[0].split(":")[0]: r for r in rows}
     assert by["5 (L+I)"][0] == "5 (L+I): desc of L+I"  # description from protocol.json
     # ACC: mean ± sample std over the two subjects (0.80, 0.90) -> 85.0 ± 7.1
     assert by["2 (L)"][1] == "60.0 ± 7.1"
-    assert by["chance"][1] == "3.0 ± 7.1"
+    assert by["other-class"][1] == "3.0 ± 7.1"
     assert by["3 (B)"][2] == "65.0"  # ACC max-of-samples, pooled row
     assert by["3 (B)"][3] == "20.0"  # chance k/N
     assert by["3 (B)"][4] == "2.50" and by["3 (B)"][5] == "0.110"
@@ -198,8 +198,8 @@ def test_protocol_section_values(full):
     assert "strength: 0.75" in sec and "inference steps: 20" in sec
     assert "input size: 32 px" in sec and "classes: 5" in sec
     vrows = {r[0]: r for r in table_rows(sec[sec.index("**Variants**"):])}
-    assert list(vrows) == ["I", "L", "B", "B+I", "L+I", "oracle", "chance"]
-    assert vrows["chance"][1:6] == ["–", "True", "label", "other_class", "saliency"]
+    assert list(vrows) == ["I", "L", "B", "B+I", "L+I", "oracle", "other-class"]
+    assert vrows["other-class"][1:6] == ["–", "True", "label", "other_class", "saliency"]
     # the header repeats the protocol in one line and the clamp warning
     head = text[:text.index("\n## ")]
     assert "5-way top-1 over 37 trials (seed 7)" in head and WARNING in head
@@ -251,24 +251,24 @@ def test_pick_trials_first_distinct_sorted_by_subject_then_item():
 def test_subset_of_variants_single_subject(tmp_path):
     from neuroimagen.runs.reports import write_report
 
-    run = make_run(tmp_path, subjects=("1",), variants=("chance", "L+I"), samples=3)
+    run = make_run(tmp_path, subjects=("1",), variants=("other-class", "L+I"), samples=3)
     text = write_report(run, title="Subset run", grid_items=2).read_text()
     assert text.startswith("# Subset run")
     rows = table_rows(section(text, "Ablation"))
-    assert [r[0].split(":")[0] for r in rows] == ["5 (L+I)", "chance"]
+    assert [r[0].split(":")[0] for r in rows] == ["5 (L+I)", "other-class"]
     assert rows[0][1] == "85.0" and "**" not in section(text, "Ablation")  # one subject: no ±, nothing to bold
     assert [r[0] for r in table_rows(section(text, "Per subject"))] == ["subj 1"]
     report = run / "report"
-    assert sorted(p.name for p in report.glob("*.png")) == ["comparison.png", "grid_L+I.png", "grid_chance.png",
+    assert sorted(p.name for p in report.glob("*.png")) == ["comparison.png", "grid_L+I.png", "grid_other-class.png",
                                                             "per_subject.png"]
 
 
 def test_main_variant_falls_back_to_last_paper_variant():
     from neuroimagen.runs.reports import main_variant
 
-    assert main_variant(["chance", "B", "I", "oracle"]) == "B"
+    assert main_variant(["other-class", "B", "I", "oracle"]) == "B"
     assert main_variant(["B+I", "L+I", "L"]) == "L+I"
-    assert main_variant(["oracle", "chance"]) == "oracle"
+    assert main_variant(["oracle", "other-class"]) == "oracle"
 
 
 def test_without_pooled_rows_and_torchvision_judge(tmp_path):

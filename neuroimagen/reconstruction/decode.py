@@ -32,7 +32,9 @@ class Decode:
         z_dim, resolution: G's noise size and output resolution r (the init image size of every row).
         captions: per-image captions by image stem (``semantics == 'true_image'``), or None.
 
-    Row ``i`` draws its noise z from a generator seeded by ``seed[i]``, so its init image does not depend
+    Row ``i`` draws its noise z from a generator seeded by ``seed_z[i]``, a seed of its trial alone
+    (:func:`~neuroimagen.reconstruction.rows.row_seeds`): every sample of one EEG trial, in every variant, gets
+    the same z, so one saliency map per EEG (fed the same EEG, the same map); the init image does not depend
     on its batch. CPU.
     """
 
@@ -74,7 +76,7 @@ class Decode:
         preds = {kind: m(eeg) for kind, m in self.regressors.items()}  # (B, L, E) each
         for i in range(B):
             if kinds[i] == "saliency":
-                z = sample_z(1, self.z_dim, generator=torch.Generator().manual_seed(int(batch["seed"][i])))
+                z = sample_z(1, self.z_dim, generator=torch.Generator().manual_seed(int(batch["seed_z"][i])))
                 init[i] = (self.generator(z, feats[i: i + 1])[0] + 1) / 2
             elif kinds[i] == "gt":
                 init[i] = load_image(str(batch["gt"][i]), self.res)

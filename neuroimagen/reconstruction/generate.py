@@ -18,7 +18,8 @@ class Generate:
 
     Rows whose ``init_kind`` is not ``noise`` go through img2img from their (upsampled) init image; the others
     through text-to-image from pure noise, with the same components. One generator per row, seeded by the
-    row's seed.
+    row's ``seed_noise`` (trial, sample): the samples of one trial differ, every variant of (trial, sample) starts
+    from the same noise, and no row's image depends on its batch.
 
     Components:
         pipe: a loaded ``StableDiffusionImg2ImgPipeline`` (``neuroimagen.models.ldm.load_img2img``).
@@ -49,7 +50,7 @@ class Generate:
             raise ConfigError(f"prompt embeddings are {tuple(prompt.shape[1:])} but the diffusion model's text encoder "
                               f"gives {tuple(self.empty.shape)}: train stage 3 with the LDM's own text encoder")
         init = torch.from_numpy(np.asarray(batch["init"], dtype=np.float32))
-        seeds = [int(s) for s in batch["seed"]]
+        seeds = [int(s) for s in batch["seed_noise"]]
         R = pipeline_resolution(self.pipe)
         images = torch.zeros(len(seeds), 3, R, R)
         neg = self.empty.expand(len(seeds), *self.empty.shape)

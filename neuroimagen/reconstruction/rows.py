@@ -5,8 +5,15 @@ A variant (``eval.definitions``) is resolved here, once per row: :func:`build_ro
 (own | other_class; the trial actually fed is ``eeg_item``) into the row, so that the batch callables read
 what to do from the row itself and never look a variant up by name.
 
-Seeds depend on (seed, trial, sample) only, so every variant of a trial starts from the same noise: the
-variants are compared pairwise, not across different draws.
+Every random draw of a row has its own seed, one per purpose (:data:`SEEDING`), derived from ``cfg.seed`` and the
+trial (and sample) only, never from the variant or the batch:
+
+* ``seed_z`` (trial): the saliency generator's noise z. All samples of one EEG trial, in every variant, share one
+  saliency map (the paper polishes one saliency map per EEG with several diffusion samples);
+* ``seed_noise`` (trial, sample): the diffusion noise, so the samples of a trial differ and every variant of
+  (trial, sample) starts from the same noise (the variants are compared pairwise, not across different draws);
+* ``seed_nway`` (trial, sample): the N-way ACC distractor draws, the same for every variant of (trial, sample);
+* the other-class trial fed to the ``other_class`` EEG source (trial).
 """
 
 from __future__ import annotations
@@ -16,14 +23,29 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from neuroimagen.config import Config
+from neuroimagen.config import RENAMED_VARIANTS, Config
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.stages import SEMANTIC_STAGE, STAGE_ORDER
 
+# one stream per purpose: the spawn key's first entry
+PURPOSES = {"z": 0, "noise": 1, "nway": 2, "other_class": 3}
+# how the seeds are derived; part of the reconstruction fingerprint, so shards made with another seeding are never reused
+SEEDING = ("numpy SeedSequence(entropy=seed, spawn_key=(purpose, trial[, sample])).generate_state(1, uint64) >> 1; "
+           "purposes z (trial), noise (trial, sample), nway (trial, sample), other_class (trial)")
 
-def row_seed(seed: int, item: int, sample: int) -> int:
-    """Per-image seed shared by all variants of (trial, sample)."""
-    return int((seed * 1_000_003 + item * 7919 + sample * 104_729 + 17) % (2**31 - 1))
+
+def derived_seed(seed: int, purpose: str, item: int, sample: Optional[int] = None) -> int:
+    """The seed of one purpose (:data:`PURPOSES`) for a trial (and sample): an int in [0, 2**63), safe for an int64
+    column and for ``torch.Generator.manual_seed``. Streams of different purposes, trials or samples are independent."""
+    key = (PURPOSES[purpose], int(item)) + (() if sample is None else (int(sample),))
+    state = np.random.SeedSequence(entropy=int(seed), spawn_key=key).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def row_seeds(seed: int, item: int, sample: int) -> dict[str, int]:
+    """The ``seed_z`` / ``seed_noise`` / ``seed_nway`` columns of the row (trial ``item``, sample ``sample``)."""
+    return {"seed_z": derived_seed(seed, "z", item), "seed_noise": derived_seed(seed, "noise", item, sample),
+            "seed_nway": derived_seed(seed, "nway", item, sample)}
 
 
 def safe_name(name: str) -> str:
@@ -46,6 +68,9 @@ def select_variants(cfg: Config, requested: Optional[Sequence[str]]) -> list[str
     names = [d.name for d in cfg.eval.definitions]
     chosen = list(requested) if requested else list(cfg.eval.variants)
     bad = [v for v in chosen if v not in names]
+    if bad and bad[0] in RENAMED_VARIANTS:
+        raise ConfigError(f"--variants: variant '{bad[0]}' was renamed '{RENAMED_VARIANTS[bad[0]]}' (the EEG of another "
+                          f"class's trial: a control; chance is k/N)")
     if bad:
         raise ConfigError(f"--variants: unknown variant '{bad[0]}' (defined: {', '.join(names)})")
     return chosen
@@ -80,12 +105,12 @@ def build_rows(cfg: Config, recording, variants: Sequence[str], subjects: Option
                     if not others:
                         raise DataError(f"variant '{vname}': subject {s} has no trial of another class in the "
                                         f"'{ec.split}' split")
-                    rng = np.random.default_rng([cfg.seed, j, 991])
+                    rng = np.random.default_rng(derived_seed(cfg.seed, "other_class", j))
                     eeg_item = others[int(rng.integers(len(others)))]
                 for k in range(cfg.ldm.samples_per_eeg):
                     rows.append({
                         "subject": str(s), "variant": vname, "item": j, "eeg_item": eeg_item, "sample": k,
-                        "seed": row_seed(cfg.seed, j, k), "stem": recording.stems[j], "label": labels[j],
+                        **row_seeds(cfg.seed, j, k), "stem": recording.stems[j], "label": labels[j],
                         "class_name": recording.class_names[labels[j]],
                         "gt": recording.image_paths[j] or "",
                         "init_kind": v.init, "semantics": v.semantics, "eeg_source": v.eeg,

@@ -6,7 +6,7 @@
 * ``judge_gt_top1``: the classifier's top-1 on the ground-truth image, the "true class" of the N-way
   protocol (MinD-Vis: not the dataset label);
 * ``acc_hit``: the N-way top-k hit rate over ``trials`` seeded draws (one generator per row, seeded by the
-  row's seed, so a row's value does not depend on its batch);
+  row's ``seed_nway``, so a row's value does not depend on its batch);
 * ``ssim``: SSIM(generated, GT) in the configured convention, the GT read at the generated resolution;
 * ``image`` / ``saliency``: where the generated image and its init image go (paths relative to the run
   directory, :func:`~neuroimagen.reconstruction.images.image_stem`), written only when an image writer is
@@ -28,7 +28,8 @@ from neuroimagen.models.classifier import Classifier
 from neuroimagen.reconstruction.images import image_stem
 
 # the row columns a scored row keeps (the rest of a batch is dropped with the image arrays)
-KEEP = ("subject", "variant", "item", "eeg_item", "stem", "label", "class_name", "sample", "seed", "gt")
+KEEP = ("subject", "variant", "item", "eeg_item", "stem", "label", "class_name", "sample", "seed_z", "seed_noise", "seed_nway",
+        "gt")
 
 
 class Score:
@@ -72,7 +73,7 @@ class Score:
         with warnings.catch_warnings():  # the clamping warning is recorded once, in protocol.json
             warnings.simplefilter("ignore")
             for i in range(B):
-                g = torch.Generator().manual_seed(int(batch["seed"][i]))
+                g = torch.Generator().manual_seed(int(batch["seed_nway"][i]))
                 hits[i] = float(n_way_top_k_hits(probs[i: i + 1], true[i: i + 1], n=self.n_way, k=self.top_k,
                                                  trials=self.trials, generator=g)[0])
         n_eff, _ = effective_n(self.n_way, probs.shape[1])

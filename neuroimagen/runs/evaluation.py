@@ -49,7 +49,15 @@ from neuroimagen.models.classifier import (
 from neuroimagen.models.ldm import snapshot_resolution
 from neuroimagen.provenance import provenance
 from neuroimagen.reconstruction.factory import RunSources, check_text_encoder, load_reconstruct, stage_models
-from neuroimagen.reconstruction.rows import build_rows, needed_stages, rows_to_batch, safe_name, select_variants
+from neuroimagen.reconstruction.rows import (
+    PURPOSES,
+    SEEDING,
+    build_rows,
+    needed_stages,
+    rows_to_batch,
+    safe_name,
+    select_variants,
+)
 from neuroimagen.runs.reports import write_report
 from neuroimagen.runs.training import FitStage, prepare_data, read_run, train
 from neuroimagen.stages import STAGE_ORDER
@@ -234,10 +242,12 @@ def is_labels(clf: dict, is_net: dict) -> dict[str, dict]:
 
 def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identity: str, stages: Sequence[str]) -> str:
     """Hash of everything that changes a number; paths of the run itself are left out, so a copied or
-    moved run directory keeps its finished shards."""
+    moved run directory keeps its finished shards. ``seeding`` names how the per-row seeds are derived from the
+    seed (``rows.SEEDING``): shards drawn with another derivation are never reused."""
     ev = {k: v for k, v in to_dict(cfg.eval).items() if k not in _EXECUTION_KEYS}
-    doc = {"seed": cfg.seed, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": ldm_identity, "classifier": classifier_identity,
-           "stages": {s: record["stages"][s].get("finished") for s in stages}, "data": to_dict(cfg.data)}
+    doc = {"seed": cfg.seed, "seeding": SEEDING, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": ldm_identity,
+           "classifier": classifier_identity, "stages": {s: record["stages"][s].get("finished") for s in stages},
+           "data": to_dict(cfg.data)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -313,7 +323,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     state = {"fingerprint": fp, "variants": names, "subjects": sorted({r["subject"] for r in rows}, key=lambda s: (len(s), s)),
              "shards": {n: len(rs) for n, rs in groups.items()}, "ldm": {**ldm_desc, **to_dict(cfg.ldm)},
              "classifier": {**clf_desc, "spec": clf_spec}, "is_network": {**is_desc, "spec": is_spec} if is_spec else {},
-             "eval": to_dict(cfg.eval), "seed": cfg.seed,
+             "eval": to_dict(cfg.eval), "seed": cfg.seed, "seeding": SEEDING,
              "data": {"format": cfg.data.format, "eeg": cfg.data.eeg, "split": cfg.eval.split,
                       "split_file": cfg.data.splits, "split_num": cfg.data.split_num},
              "variant_definitions": {n: dataclasses.asdict(cfg.eval.variant(n)) for n in names},
@@ -445,7 +455,9 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                                                f"{state['resolution']} px against the dataset label in the classifier's "
                                                f"label space ({clf.get('label_space', default_space)})"},
         "acc": {"n": ev["n_way"], "k": ev["top_k"], "trials": ev["trials"], "n_eff": n_eff, "warning": warning,
-                "seed": "per image: the row seed (seed, trial, sample)",
+                "seed": (f"per image: seed_nway = SeedSequence(entropy={state['seed']}, spawn_key=({PURPOSES['nway']}, "
+                         "trial, sample)), the same for every variant, a stream apart from the saliency z and the "
+                         "diffusion noise"),
                 "true_class": "the classifier's top-1 on the ground-truth image (MinD-Vis protocol)"},
         "is": {"networks": labels, **({"is_network": is_net} if is_net else {}),
                "max_splits": ev["is_splits"], "min_split_size": MIN_SPLIT_SIZE,
@@ -463,7 +475,12 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
         "ldm": {"kind": state["ldm"]["kind"], "identity": state["ldm"]["identity"], "strength": state["ldm"]["strength"],
                 "guidance_scale": state["ldm"]["guidance_scale"], "num_inference_steps": state["ldm"]["num_inference_steps"],
                 "samples_per_eeg": state["ldm"]["samples_per_eeg"], "resolution": state["resolution"],
-                "scheduler": "DDIM (eta 0), SD 1.x noise schedule"},
+                "scheduler": "DDIM (eta 0), SD 1.x noise schedule",
+                "seed": (f"diffusion noise per image: seed_noise = SeedSequence(entropy={state['seed']}, spawn_key="
+                         f"({PURPOSES['noise']}, trial, sample)); saliency z per EEG trial: seed_z = SeedSequence("
+                         f"entropy={state['seed']}, spawn_key=({PURPOSES['z']}, trial)), one saliency map for all "
+                         "samples and variants of a trial")},
+        "seeding": state.get("seeding", "not recorded"),
         "variants": state["variant_definitions"],
         "provenance": {"reconstruct": state.get("provenance"), "evaluate": provenance()},
     }

@@ -38,7 +38,7 @@ from neuroimagen.atomic import atomic_dir, atomic_path, write_text
 from neuroimagen.errors import DataError, OutputError
 
 PAPER_VARIANTS = ("I", "L", "B", "B+I", "L+I")  # the paper's numbering: 1=I, 2=L, 3=B, 4=B+I, 5=L+I
-CONTROL_VARIANTS = ("oracle", "chance")
+CONTROL_VARIANTS = ("oracle", "other-class")
 VARIANT_ORDER = PAPER_VARIANTS + CONTROL_VARIANTS
 PAPER_NUMBER = {v: i + 1 for i, v in enumerate(PAPER_VARIANTS)}
 
@@ -50,7 +50,7 @@ DEFAULT_DESCRIPTIONS = {
     "B+I": "saliency map + BLIP-caption semantics",
     "L+I": "saliency map + label-caption semantics (full NeuroImagen)",
     "oracle": "upper bound: ground-truth information in place of EEG decoding",
-    "chance": "control: EEG of another class",
+    "other-class": "control: variant L+I fed the EEG of a random trial of another class (chance is k/N)",
 }
 
 RESULTS = "results"
@@ -702,7 +702,9 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
     n_subj = len(subjects)
     md += ["## Ablation (Table 3 analogue)", "",
            "Paper numbering: 1 = I, 2 = L, 3 = B, 4 = B+I, 5 = L+I (B: BLIP-caption semantics, L: label-caption "
-           "semantics, I: pixel-level saliency map); oracle and chance are controls. Pooled over subjects.", "",
+           "semantics, I: pixel-level saliency map); oracle and other-class are controls (other-class: variant L+I "
+           "fed the EEG of a random trial of another class, expected at or below chance; chance is k/N). Pooled over "
+           "subjects.", "",
            ablation_table(summary, protocol), "",
            (f"ACC: mean ± sample standard deviation (ddof=1) over the {n_subj} subjects' ACC. " if n_subj > 1 else
             "ACC: mean over generated images. ")
