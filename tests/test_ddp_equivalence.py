@@ -148,7 +148,7 @@ def steps(twin, tmp_path_factory):
     K = splits["train"].num_classes
     table = torch.randn(K, 4, 8, generator=torch.Generator().manual_seed(1))
     targets = {"table": table, "index": {s: splits[s].labels.long() for s in ("train", "val")}, "prototypes": table,
-               "kind": "label", "identity": "random", "cache": ""}
+               "kind": "label", "identity": "random", "fingerprint": "random", "cache": ""}
     inputs = {"encoder": {}, "saliency": {"encoder_spec": spec, "encoder_state": enc_state},
               "semantic": {"targets": targets}}
 
