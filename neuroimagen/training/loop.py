@@ -72,7 +72,7 @@ def _better(value: float, best: Optional[float], mode: str) -> bool:
         return False
     if best is None:
         return True
-    return value > best if mode == "max" else value < best
+    return value >= best if mode == "max" else value <= best  # a tie keeps the later, longer-trained epoch
 
 
 def kill_once(marker: Optional[Path]) -> None:
@@ -93,7 +93,8 @@ def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: i
 
     Every epoch: seed from (seed, epoch, rank) so a resumed epoch replays exactly; one pass over the
     stage's loader; validation every ``val_every`` epochs and after the last; the best epoch by
-    ``stage.select_metric`` (validation data only) is kept; metrics and a checkpoint are reported
+    ``stage.select_metric`` (validation data only) is kept, the later of equal scores (a coarse metric on a
+    small validation split saturates early, and the first of equal epochs is the least trained); metrics and a checkpoint are reported
     (every rank reports, rank 0 attaches the checkpoint).
     """
     history: list[dict] = []
