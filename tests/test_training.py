@@ -80,29 +80,33 @@ def test_balanced_global_batch_does_not_depend_on_the_number_of_workers():
         BalancedBatchSampler([0, 1], classes_per_batch=1, samples_per_class=2, world_size=3)
 
 
-def test_encoder_features_are_unit_norm_by_default():
-    """The triplet margin is measured on unit-norm embeddings unless stages.encoder.l2_normalize=false: scaling
-    the encoder's output layer (the way to meet a margin on raw features) leaves them unchanged."""
+def test_the_triplet_margin_is_measured_on_unit_norm_embeddings_by_default():
+    """Scaling the encoder's output layer (the way to meet a margin on raw features) leaves the default triplet
+    loss unchanged, while the features handed to stage 2 stay raw unless stages.encoder.l2_normalize."""
+    from neuroimagen.losses import triplet_loss
     from neuroimagen.stages.encoder import build_from_spec, encoder_spec
 
     sc = load_config(None).stages.encoder
-    assert sc.l2_normalize and sc.squared and sc.margin == 0.2
-    x = torch.randn(5, 8, 440, generator=torch.Generator().manual_seed(0))
+    assert sc.triplet_normalize and not sc.l2_normalize and sc.squared and sc.margin == 0.2
+    x = torch.randn(6, 8, 440, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
     for name in ("lstm", "tsconv"):
         torch.manual_seed(0)
         enc = build_from_spec(encoder_spec(load_config(None, [f"stages.encoder.name={name}"]).stages.encoder, 8, 440)).eval()
         with torch.no_grad():
-            emb = enc(x)  # (5, D)
+            emb = enc(x)  # (6, D)
             last = [m for m in enc.modules() if isinstance(m, torch.nn.Linear)][-1]
             last.weight.mul_(10.0)
             last.bias.mul_(10.0)
             inflated = enc(x)
-        assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5), name
-        assert torch.allclose(inflated, emb, atol=1e-5), name
-    raw = load_config(None, ["stages.encoder.l2_normalize=false"]).stages.encoder
+        assert not torch.allclose(inflated, emb), name  # raw features: 10x larger
+        args = (sc.margin, "batch_all", sc.squared)
+        same = triplet_loss(inflated, y, *args, normalize=sc.triplet_normalize)[0]
+        assert float(same) == pytest.approx(float(triplet_loss(emb, y, *args, normalize=sc.triplet_normalize)[0]), abs=1e-5)
+    unit = load_config(None, ["stages.encoder.l2_normalize=true"]).stages.encoder
     torch.manual_seed(0)
     with torch.no_grad():
-        assert not torch.allclose(build_from_spec(encoder_spec(raw, 8, 440)).eval()(x).norm(dim=1), torch.ones(5))
+        assert torch.allclose(build_from_spec(encoder_spec(unit, 8, 440)).eval()(x).norm(dim=1), torch.ones(6), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

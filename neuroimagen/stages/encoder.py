@@ -2,8 +2,9 @@
 
 Batches are class-balanced (P classes x K samples, no trial twice) so every anchor has positives;
 mining is batch-all, semi-hard or batch-hard (hardest negative = the closest). With
-``stages.encoder.l2_normalize`` (the default) the features are unit-norm and so are the embeddings
-the margin is measured on, which an encoder cannot then satisfy by inflating its output norms.
+``stages.encoder.triplet_normalize`` (the default) the margin is measured on unit-norm embeddings, which an
+encoder cannot satisfy by inflating its output norms; the features f_theta(x) handed to stage 2 are unit-norm
+only with ``stages.encoder.l2_normalize``.
 Under DDP one global P x K batch is drawn and sharded over the ranks, and the triplets are mined
 over the gathered global batch: W workers train exactly like one worker with W times the classes.
 Validation: k-NN top-1 accuracy of validation embeddings against training embeddings, and k-means
@@ -81,7 +82,7 @@ class EncoderStage(Stage):
         # computes the same loss, which DDP's gradient averaging turns into that loss's exact gradient.
         emb_all, labels = self.ctx.gather(emb.float()), self.ctx.gather(batch["label"])  # (B, D), (B,)
         loss, stats = triplet_loss(emb_all, labels, self.sc.margin, self.sc.mining, self.sc.squared,
-                                   normalize=self.sc.l2_normalize)
+                                   normalize=self.sc.triplet_normalize or self.sc.l2_normalize)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
