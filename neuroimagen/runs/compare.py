@@ -17,8 +17,8 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
-from neuroimagen.errors import DataError
 from neuroimagen.provenance import differences
+from neuroimagen.runs.reports import load_protocol, load_summary
 
 # columns of summary.csv that are not numbers to compare
 _KEYS = ("subject", "variant")
@@ -65,24 +65,11 @@ def card_differences(card_a: dict, card_b: dict) -> list[str]:
     return sorted(k for k in set(card_a) | set(card_b) if card_a.get(k) != card_b.get(k))
 
 
-def _load(run: Path) -> tuple[pd.DataFrame, dict]:
-    res = Path(run) / "results"
-    for name in ("summary.csv", "protocol.json"):
-        if not (res / name).is_file():
-            raise DataError(f"{res / name}: not found; run `neuroimagen evaluate --run {run}` first")
-    try:
-        summary = pd.read_csv(res / "summary.csv", dtype={"subject": str, "variant": str})
-        protocol = json.loads((res / "protocol.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{res}: unreadable results ({exc.__class__.__name__}: {exc})") from None
-    missing = [c for c in _KEYS if c not in summary.columns]
-    if missing:
-        raise DataError(f"{res / 'summary.csv'}: no '{missing[0]}' column (expected {', '.join(_KEYS)})")
-    return summary, protocol
-
-
 def _metrics(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
-    num = lambda df: [c for c in df.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(df[c])]  # noqa: E731
+    """Numeric columns with a value in both runs (the loader fills the report's columns a run lacks with NaN)."""
+    def num(df):
+        return [c for c in df.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
+
     in_b = set(num(b))
     return [c for c in num(a) if c in in_b]
 
@@ -94,8 +81,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, subjects: Optional[Iterab
     ``comparable`` (False when the metric's cards differ). ``subjects``: which subject rows (default the pooled
     ``all``; None for every subject).
     """
-    sa, pa = _load(Path(run_a))
-    sb, pb = _load(Path(run_b))
+    sa, pa = load_summary(run_a), load_protocol(run_a)
+    sb, pb = load_summary(run_b), load_protocol(run_b)
     metrics = _metrics(sa, sb)
     differing = {m: d for m in metrics if (d := card_differences(metric_card(pa, m), metric_card(pb, m)))}
     keep = None if subjects is None else {str(s) for s in subjects}
