@@ -279,6 +279,42 @@ DEFAULT_VARIANTS = (
 RENAMED_VARIANTS = {"chance": "other-class"}
 
 
+SuiteNetwork = Literal["alexnet", "inception", "clip", "effnet", "swav"]
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """The field's reconstruction suite (MindEye / ATM) scored beside ACC, IS and SSIM, and its statistics.
+
+    Every feature network loads from a local file (nothing is downloaded); an unset one is left out and the
+    report says so. Without any of them the embedded default still scores PixCorr, two-way identification and
+    FID/KID on the judge CNN's pooled features, each labelled as such."""
+
+    alexnet: Optional[str] = param(None, path=True, doc="torchvision alexnet state dict (IMAGENET1K_V1): AlexNet(2) and AlexNet(5) two-way identification")
+    inception: Optional[str] = param(None, path=True, doc="torchvision inception_v3 state dict (IMAGENET1K_V1): Inception-v3 two-way identification (avgpool)")
+    clip: Optional[str] = param(None, path=True, doc="local transformers folder of CLIP ViT-L/14 (CLIPVisionModelWithProjection or CLIPModel): CLIP two-way identification")
+    effnet: Optional[str] = param(None, path=True, doc="torchvision efficientnet_b1 state dict: EfficientNet-B1 correlation distance")
+    swav: Optional[str] = param(None, path=True, doc="SwAV ResNet-50 weights (swav_800ep_pretrain.pth.tar or a torchvision resnet50 state dict): SwAV correlation distance")
+    judge_features: bool = param(True, doc="also score two-way identification on the judge CNN's pooled features (labelled: not a published network); only with the judge classifier")
+    fid_network: Literal["judge", "inception"] = param("judge", doc="features of FID and KID: judge = the judge CNN's pooled features (labelled, comparable only within this project); inception = Inception-v3 avgpool from eval.suite.inception (torchvision weights, not the TF-FID Inception: labelled)")
+    kid_subsets: int = param(100, ge=1, doc="KID: random subsets per group (torch-fidelity's kid_subsets)")
+    kid_subset_size: int = param(1000, ge=2, doc="KID: rows per subset (torch-fidelity's kid_subset_size), clamped to the group's smaller set (recorded)")
+    bootstrap: int = param(2000, ge=10, doc="bootstrap replicates of the 95 % CI of every per-image metric (resampling test trials, seeded)")
+    bootstrap_whole_set: int = param(200, ge=10, doc="bootstrap replicates of the CI of whole-set metrics (IS, FID): each replicate recomputes the metric")
+    ci_level: float = param(0.95, gt=0, lt=1, doc="confidence level of the bootstrap intervals")
+    permutations: int = param(10000, ge=100, doc="paired sign-flip permutations per variant comparison (exact enumeration when 2^trials is smaller)")
+    comparisons: tuple[str, ...] = param(("L+I:I", "L+I:L"), doc="variant pairs 'A:B' tested per metric with a paired permutation test over test trials (pairs with a variant not run are skipped)")
+
+    def validate(self, prefix: str) -> None:
+        for c in self.comparisons:
+            a, sep, b = c.partition(":")
+            if not sep or not a or not b or a == b:
+                raise ConfigError(f"{prefix}.comparisons: '{c}' is not a pair of two variants 'A:B'")
+        if self.fid_network == "inception" and self.inception is None:
+            raise ConfigError(f"{prefix}.fid_network: inception needs {prefix}.inception (a local torchvision "
+                              f"inception_v3 state dict)")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Reconstruction and scoring of the test split (DESIGN sec. 3): ACC, IS, SSIM per subject and variant."""
@@ -309,6 +345,7 @@ class EvalConfig:
     use_gpu: bool = param(False, doc="one GPU per generation actor")
     fault_injection_batch: Optional[int] = param(None, ge=0, doc="testing: a generation actor kills itself (SIGKILL) once, on its Nth batch (from 0), to exercise Ray Data's retries")
     fault_injection_shard: Optional[int] = param(None, ge=0, doc="testing: the driver kills itself (SIGKILL) once, halfway through writing its Nth shard (from 0)")
+    suite: SuiteConfig = param(default_factory=SuiteConfig)
 
     def validate(self, prefix: str) -> None:
         names = [d.name for d in self.definitions]

@@ -70,6 +70,37 @@ def test_quick_demo_results_are_complete_and_labelled(demo_run):
         assert fragment in report, fragment
 
 
+def test_quick_demo_scores_the_suite_with_intervals_tests_and_cards(demo_run):
+    """The field's suite on the embedded default: PixCorr, two-way and FID/KID on the judge's features (labelled),
+    chance rows, a bootstrap interval around every mean, L+I vs I / L tests, one protocol card per number."""
+    run, _, _ = demo_run
+    per = pd.read_parquet(run / "results" / "per_sample.parquet")
+    summary = pd.read_csv(run / "results" / "summary.csv", dtype={"subject": str})
+    tests = pd.read_csv(run / "results" / "tests.csv", dtype={"subject": str})
+    protocol = json.loads((run / "results" / "protocol.json").read_text())
+    for col in ("pixcorr", "pixcorr_chance", "ssim_chance", "twoway_judge", "fid_feats", "fid_gt"):
+        assert per[col].notna().all(), col
+    assert per["twoway_judge"].between(0, 1).all() and per["pixcorr"].between(-1, 1).all()
+    pooled = summary[summary["subject"] == "all"].set_index("variant")
+    for col in ("acc", "ssim", "pixcorr", "twoway_judge", "fid", "is"):
+        assert (pooled[f"{col}_lo"] <= pooled[col] + 1e-9).all() and (pooled[col] <= pooled[f"{col}_hi"] + 1e-9).all(), col
+    assert (pooled["twoway_judge_chance"] == 0.5).all() and pooled["kid"].notna().all()
+    # the oracle's generations are tied to their own trial: above the mismatched-GT baseline and the other-class
+    assert pooled.loc["oracle", "pixcorr"] > pooled.loc["oracle", "pixcorr_chance"]
+    assert pooled.loc["oracle", "twoway_judge"] > max(0.5, pooled.loc["other-class", "twoway_judge"])
+    assert {("L+I", "I"), ("L+I", "L")} == set(zip(tests["a"], tests["b"]))
+    assert tests["p_value"].between(0, 1).all() and set(tests["subject"]) == {"1", "2", "all"}
+    numbers = [c for c in summary.columns if c not in ("subject", "variant", "n", "n_eeg", "acc_n", "is_n",
+                                                        "is_splits", "fid_n", "fid_n_ref", "kid_subset_size")]
+    assert set(numbers) <= set(protocol["cards"]), sorted(set(numbers) - set(protocol["cards"]))
+    assert "judge CNN" in protocol["cards"]["twoway_judge"]["network"]
+    assert protocol["cards"]["pixcorr_lo"]["interval"]["bound"] == "lower"
+    report = (run / "report" / "report.md").read_text()
+    for fragment in ("The field's suite", "PixCorr", "two-way (judge CNN features) (%)", "| chance |",
+                     "Paired tests between variants", "L+I vs I"):
+        assert fragment in report, fragment
+
+
 def test_second_demo_into_the_same_folder_needs_overwrite(demo_run, run_cli):
     run, _, _ = demo_run
     res = run_cli("demo", "--quick", "--out", run)

@@ -29,6 +29,16 @@ def test_frechet_distance_matches_scipy_sqrtm(shift, scale):
     assert frechet_distance(a, b) == pytest.approx(_fid_scipy(a.double().numpy(), b.double().numpy()), rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.parametrize("na,nb", [(12, 20), (30, 9), (5, 5)])
+def test_frechet_distance_with_fewer_rows_than_dimensions_matches_scipy_sqrtm(na, nb):
+    # N < d takes the (N_a, N_b) nuclear-norm route: the same number as sqrtm of the rank-deficient (d, d) product
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(na, 48, generator=g, dtype=torch.float64)
+    b = torch.randn(nb, 48, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    assert frechet_distance(a, b) == pytest.approx(_fid_scipy(a.numpy(), b.numpy()), rel=1e-6, abs=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
 def test_frechet_distance_invariants():
     a = _features(0)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)

@@ -177,17 +177,20 @@ def _seed_rows(parts, seed: int = 0, trials: int = 2) -> list[dict]:
 
 
 def test_each_row_has_one_seed_per_purpose_that_collides_with_no_other():
-    z, noise, nway = set(), set(), set()
+    z, noise, nway, mismatch = set(), set(), set(), set()
     for j in range(200):
         for k in range(3):
             s = row_seeds(0, j, k)
-            assert len({s["seed_z"], s["seed_noise"], s["seed_nway"]}) == 3  # three purposes, three streams
+            assert len(set(s.values())) == 4  # four purposes, four streams
             assert all(0 <= v < 2**63 for v in s.values())  # int64 columns, torch manual_seed
             assert s["seed_z"] == row_seeds(0, j, 0)["seed_z"]  # z: one per trial
             z.add(s["seed_z"])
             noise.add(s["seed_noise"])
             nway.add(s["seed_nway"])
-    assert len(z) == 200 and len(noise) == len(nway) == 600 and len(z | noise | nway) == 1400
+            assert s["seed_mismatch"] == row_seeds(0, j, 0)["seed_mismatch"]  # the mismatched GT: one per trial
+            mismatch.add(s["seed_mismatch"])
+    assert len(z) == len(mismatch) == 200 and len(noise) == len(nway) == 600
+    assert len(z | noise | nway | mismatch) == 1600
     assert row_seeds(1, 5, 2) != row_seeds(0, 5, 2)
     torch.Generator().manual_seed(max(z | noise | nway))
 
@@ -196,7 +199,8 @@ def test_rows_carry_the_seeds_of_their_trial_and_sample_whatever_the_variant(par
     rows = _seed_rows(parts)
     assert len(rows) == len(SEED_VARIANTS) * 2 * 3
     for r in rows:
-        assert {k: r[k] for k in ("seed_z", "seed_noise", "seed_nway")} == row_seeds(0, r["item"], r["sample"])
+        assert {k: r[k] for k in ("seed_z", "seed_noise", "seed_nway", "seed_mismatch")} == row_seeds(0, r["item"],
+                                                                                                      r["sample"])
         assert "seed" not in r
     other = {r["item"]: r["eeg_item"] for r in rows if r["variant"] == "other-class"}
     assert all(e != j for j, e in other.items())

@@ -37,17 +37,31 @@ def _sqrt_psd(m: Tensor) -> Tensor:
 
 
 def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
-    """FID between two feature sets (N_a, d) and (N_b, d), N >= 2 each; float >= 0 (0 for identical sets)."""
+    """FID between two feature sets (N_a, d) and (N_b, d), N >= 2 each; float >= 0 (0 for identical sets).
+
+    When both sets are smaller than the feature size (a test set of a few hundred images in Inception's 2048
+    dimensions), Tr((S_a S_b)^(1/2)) is computed exactly from the small (N_a, N_b) matrix instead of (d, d)
+    ones: with centred rows X_a, X_b and S = X^T X / (N - 1), the eigenvalues of S_a S_b are the squared
+    singular values of X_a X_b^T / sqrt((N_a - 1)(N_b - 1)) (plus zeros), so the trace of the square root is
+    that matrix's nuclear norm. The same number, at a cost in N instead of d (bootstrap replicates need it).
+    """
     a, b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feats_a, feats_b: expected the same feature size, got {a.shape[1]} and {b.shape[1]}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"feats_a, feats_b: expected at least 2 rows each, got {a.shape[0]} and {b.shape[0]}")
     mu_a, mu_b = a.mean(0), b.mean(0)  # (d,)
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)  # (d, d), unbiased
-    r = _sqrt_psd(s_a)
-    tr_sqrt = torch.linalg.eigvalsh(r @ s_b @ r).clamp_min(0).sqrt().sum()  # Tr((S_a S_b)^(1/2))
-    fid = (mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * tr_sqrt
+    xa, xb = a - mu_a, b - mu_b
+    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
+    tr_a = xa.pow(2).sum() / (na - 1)  # Tr(S_a)
+    tr_b = xb.pow(2).sum() / (nb - 1)
+    if max(na, nb) < d:
+        tr_sqrt = torch.linalg.svdvals(xa @ xb.T).sum() / ((na - 1) * (nb - 1)) ** 0.5
+    else:
+        s_a, s_b = xa.T @ xa / (na - 1), xb.T @ xb / (nb - 1)  # (d, d), unbiased
+        r = _sqrt_psd(s_a)
+        tr_sqrt = torch.linalg.eigvalsh(r @ s_b @ r).clamp_min(0).sqrt().sum()  # Tr((S_a S_b)^(1/2))
+    fid = (mu_a - mu_b).pow(2).sum() + tr_a + tr_b - 2 * tr_sqrt
     return max(float(fid), 0.0)
 
 

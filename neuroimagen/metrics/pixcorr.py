@@ -20,6 +20,9 @@ is square anyway.  Computation is in float64.
 
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,45 +65,99 @@ def torchvision_resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=False)
 
 
+@functools.lru_cache(maxsize=32)
+def _resize_matrix(n_in: int, n_out: int) -> Tensor:
+    """(n_out, n_in) float64 matrix of a 1-D bilinear resize without antialiasing (``align_corners=False``), read
+    off ``F.interpolate`` of the identity: resizing a (.., H, W) image is ``A_h @ x @ A_w.T``."""
+    if n_in == n_out:
+        return torch.eye(n_in, dtype=torch.float64)
+    eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)  # batch i: the column e_i
+    out = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False, antialias=False)
+    return out.reshape(n_in, n_out).T.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _maps(h: int, w: int, resolution: int, base_resolution: int | None) -> tuple[Tensor, Tensor, int]:
+    """(A_h, A_w, number of pixels per channel) of the whole preprocessing of an (h, w) image: the base step,
+    then :func:`torchvision_resize` to ``resolution``, composed into one matrix per axis."""
+    a_h, a_w = torch.eye(h, dtype=torch.float64), torch.eye(w, dtype=torch.float64)
+    if base_resolution is not None:
+        a_h, a_w = _resize_matrix(h, base_resolution) @ a_h, _resize_matrix(w, base_resolution) @ a_w
+    hh, ww = a_h.shape[0], a_w.shape[0]
+    short, long = (hh, ww) if hh <= ww else (ww, hh)
+    new_short, new_long = resolution, int(resolution * long / short)
+    oh, ow = (new_short, new_long) if hh <= ww else (new_long, new_short)
+    a_h, a_w = _resize_matrix(hh, oh) @ a_h, _resize_matrix(ww, ow) @ a_w
+    return a_h, a_w, oh * ow
+
+
 def pixcorr_scores(pred: Tensor, gt: Tensor, resolution: int = PIXCORR_RESOLUTION,
-                   base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> Tensor:
+                   base_resolution: int | None = MINDEYE_BASE_RESOLUTION, constant: str = "raise") -> Tensor:
     """Per-pair PixCorr, a float64 tensor of shape (B,) with values in [-1, 1].
 
     ``pred`` and ``gt`` are (B, 3, H, W) float images in [0, 1] of equal shape.  Protocol (module docstring):
     clamp to [0, 1], resize both to ``base_resolution`` x ``base_resolution`` (MindEye's 256 px step; ``None``
     skips it), then to ``resolution`` (short edge, 425), bilinear without antialiasing; Pearson r of the
-    flattened 3 x H x W pixels per pair.  A constant image has no correlation: ``ValueError`` naming it.
+    flattened 3 x H x W pixels per pair.  A constant image has no correlation: ``ValueError`` naming it, or NaN
+    for that pair with ``constant="nan"`` (the scoring pass, where one degenerate generation must not stop a run).
+
+    Computed without materialising the resized images: both resizes are linear, ``u = A_h x A_w^T`` per channel,
+    so the sums of Pearson's r are ``sum u = a_h^T x a_w`` and ``sum u v = <M_h x M_w, y>`` with ``M = A^T A``
+    (a few (H, H) products per image instead of two 425 x 425 float64 resizes; the same number up to float64
+    rounding, ~1e-12).
     """
-    _check_pair(pred, gt)
+    return pixcorr_against(pred, [gt], resolution=resolution, base_resolution=base_resolution, constant=constant)[0]
+
+
+def pixcorr_against(pred: Tensor, targets: Sequence[Tensor], resolution: int = PIXCORR_RESOLUTION,
+                    base_resolution: int | None = MINDEYE_BASE_RESOLUTION, constant: str = "raise") -> list[Tensor]:
+    """:func:`pixcorr_scores` of ``pred`` against each target set (``pred``'s side computed once)."""
+    if constant not in ("raise", "nan"):
+        raise ValueError(f"constant must be 'raise' or 'nan', got {constant!r}")
+    for gt in targets:
+        _check_pair(pred, gt)
     _check_size("resolution", resolution)
     _check_size("base_resolution", base_resolution)
-    scores = []
+    if pred.shape[0] == 0:
+        return [torch.zeros(0, dtype=torch.float64, device=pred.device) for _ in targets]
+    h, w = pred.shape[-2:]
+    a_h, a_w, n = _maps(int(h), int(w), int(resolution), None if base_resolution is None else int(base_resolution))
+    a_h, a_w = a_h.to(pred.device), a_w.to(pred.device)
+    m_h, m_w = a_h.T @ a_h, a_w.T @ a_w  # (H, H), (W, W)
+    s_h, s_w = a_h.sum(0), a_w.sum(0)  # (H,), (W,): the column sums, sum u = s_h^T x s_w
+    n = 3 * n
+
+    def moments(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(z, M_h z M_w, sum u, n * variance of u, flat) of one image set."""
+        z = z.detach().to(torch.float64).clamp(0, 1)
+        mz = m_h @ z @ m_w  # (B, 3, H, W)
+        su = torch.einsum("h,bchw,w->b", s_h, z, s_w)
+        raw = (mz * z).sum((1, 2, 3))
+        var = raw - su * su / n
+        # a constant image has zero variance; float64 rounding leaves ~1e-16 of the raw sum of squares
+        return z, mz, su, var, var <= 1e-12 * raw.clamp_min(1e-300)
+
+    out = []
     with torch.no_grad():
-        for i in range(0, pred.shape[0], 16):  # 16 images of 3 x 425 x 425 float64 at a time
-            pair = []
-            for x in (pred[i:i + 16], gt[i:i + 16]):
-                x = x.detach().to(torch.float64).clamp(0, 1)
-                if base_resolution is not None:
-                    x = torchvision_resize(x, (base_resolution, base_resolution))
-                x = torchvision_resize(x, int(resolution)).flatten(1)  # (b, 3 * H' * W')
-                pair.append(x - x.mean(1, keepdim=True))
-            xp, xg = pair
-            norm = xp.norm(dim=1) * xg.norm(dim=1)  # (b,)
-            if bool((norm == 0).any()):
-                j = i + int((norm == 0).nonzero()[0])
-                which = "pred" if float(xp[j - i].norm()) == 0 else "gt"
+        x, mx, su, var_u, flat_u = moments(pred)
+        for gt in targets:
+            y, _, sv, var_v, flat_v = moments(gt)
+            cov = (mx * y).sum((1, 2, 3)) - su * sv / n
+            flat = flat_u | flat_v
+            if bool(flat.any()) and constant == "raise":
+                j = int(flat.nonzero()[0])
+                which = "pred" if bool(flat_u[j]) else "gt"
                 raise ValueError(f"pixcorr: {which} image {j} is constant after preprocessing; its pixel "
                                  f"correlation is undefined")
-            scores.append(((xp * xg).sum(1) / norm).clamp(-1, 1))
-    if not scores:
-        return torch.zeros(0, dtype=torch.float64, device=pred.device)
-    return torch.cat(scores)
+            r = (cov / (var_u.clamp_min(1e-300) * var_v.clamp_min(1e-300)).sqrt()).clamp(-1, 1)
+            out.append(torch.where(flat, torch.full_like(r, float("nan")), r))
+    return out
 
 
 def pixcorr(pred: Tensor, gt: Tensor, resolution: int = PIXCORR_RESOLUTION,
             base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> float:
     """MindEye's PixCorr: the mean over pairs of :func:`pixcorr_scores` (same protocol and arguments)."""
-    s = pixcorr_scores(pred, gt, resolution=resolution, base_resolution=base_resolution)
-    if s.numel() == 0:
+    _check_pair(pred, gt)
+    if pred.shape[0] == 0:
         raise ValueError("pixcorr needs at least one image pair (B >= 1)")
-    return float(s.mean())
+    return float(pixcorr_scores(pred, gt, resolution=resolution, base_resolution=base_resolution).mean())

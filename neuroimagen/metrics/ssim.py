@@ -48,6 +48,8 @@ therefore identical, not an approximation.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -102,18 +104,29 @@ def _filter_valid(x: Tensor, taps: Tensor) -> Tensor:
 
 def _ssim_maps_mean(x: Tensor, y: Tensor, taps: Tensor, data_range: float, cov_norm: float) -> Tensor:
     """Mean SSIM per image (mean over the cropped map and over channels) for float64 (N, C, H, W)."""
-    n, c = x.shape[:2]
-    # one grouped conv for the five moments: stack along channels
-    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    f = _filter_valid(stacked, taps)
-    ux, uy, uxx, uyy, uxy = f.split(c, dim=1)
+    return _ssim_means(x, [y], taps, data_range, cov_norm)[0]
+
+
+def _ssim_means(x: Tensor, ys: Sequence[Tensor], taps: Tensor, data_range: float, cov_norm: float) -> list[Tensor]:
+    """:func:`_ssim_maps_mean` of ``x`` against each of ``ys``, filtering x's own moments once."""
+    c = x.shape[1]
+    # one grouped conv for the moments: x, x^2, then y, y^2, x*y per target, stacked along channels
+    parts = [x, x * x]
+    for y in ys:
+        parts += [y, y * y, x * y]
+    f = _filter_valid(torch.cat(parts, dim=1), taps).split(c, dim=1)
+    ux, uxx = f[0], f[1]
     vx = cov_norm * (uxx - ux * ux)
-    vy = cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
     c1 = (_K1 * data_range) ** 2
     c2 = (_K2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(2, 3)).mean(dim=1)
+    out = []
+    for j in range(len(ys)):
+        uy, uyy, uxy = f[2 + 3 * j: 5 + 3 * j]
+        vy = cov_norm * (uyy - uy * uy)
+        vxy = cov_norm * (uxy - ux * uy)
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+        out.append(s.mean(dim=(2, 3)).mean(dim=1))
+    return out
 
 
 def _mindeye_preprocess(x: Tensor, resolution: int, base_resolution: int | None) -> Tensor:
@@ -126,9 +139,17 @@ def _mindeye_preprocess(x: Tensor, resolution: int, base_resolution: int | None)
 
 def ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None,
          base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> Tensor:
-    """Per-pair SSIM, a float64 tensor of shape (B,); see the module docstring for the exact protocols.
+    """Per-pair SSIM, a float64 tensor of shape (B,); see :func:`ssim_against` and the module docstring."""
+    return ssim_against(pred, [gt], convention=convention, resolution=resolution, base_resolution=base_resolution)[0]
 
-    ``pred`` and ``gt`` are (B, 3, H, W) float images in [0, 1] of equal shape.  ``"dreamdiffusion"``:
+
+def ssim_against(pred: Tensor, targets: Sequence[Tensor], convention: str = "dreamdiffusion",
+                 resolution: int | None = None, base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> list[Tensor]:
+    """Per-pair SSIM of ``pred`` against each target set, one float64 (B,) tensor per target (``ssim`` of each
+    pair, with ``pred``'s preprocessing and local moments computed once); the exact protocols are in the module
+    docstring.
+
+    ``pred`` and every target are (B, 3, H, W) float images in [0, 1] of equal shape.  ``"dreamdiffusion"``:
     ``resolution`` resizes both to ``resolution`` x ``resolution`` (bilinear, antialias; ``None``: as-is).
     ``"mindeye"``: clamp, resize both to ``base_resolution`` x ``base_resolution`` (MindEye's 256 px step;
     ``None`` skips it), then the short edge to ``resolution`` (``None``: 425), bilinear without antialiasing;
@@ -136,7 +157,8 @@ def ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolutio
     convention, malformed or mismatched shapes, or images smaller than the window (7 px for dreamdiffusion,
     11 px for mindeye).
     """
-    _check(pred, gt, convention, resolution, base_resolution)
+    for gt in targets:
+        _check(pred, gt, convention, resolution, base_resolution)
     device = pred.device
     if convention == "dreamdiffusion":
         taps = torch.full((_UNIFORM_WIN,), 1.0 / _UNIFORM_WIN, dtype=torch.float64, device=device)
@@ -154,21 +176,20 @@ def ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolutio
                          f"window of convention {convention!r}")
     gray = torch.tensor(_GRAY_WEIGHTS, dtype=torch.float64, device=device).view(1, 3, 1, 1)
 
-    scores = []
+    def prepare(z: Tensor) -> Tensor:
+        z = z.detach().to(torch.float64)
+        if convention == "dreamdiffusion":
+            return torch.round(_resize(z, resolution).clamp(0, 1) * 255)
+        return (_mindeye_preprocess(z, resolution, base_resolution) * gray).sum(1, keepdim=True)
+
+    scores: list[list[Tensor]] = [[] for _ in targets]
     with torch.no_grad():
         for i in range(0, pred.shape[0], _CHUNK):
-            x = pred[i:i + _CHUNK].detach().to(torch.float64)
-            y = gt[i:i + _CHUNK].detach().to(torch.float64)
-            if convention == "dreamdiffusion":
-                x = torch.round(_resize(x, resolution).clamp(0, 1) * 255)
-                y = torch.round(_resize(y, resolution).clamp(0, 1) * 255)
-            else:
-                x = (_mindeye_preprocess(x, resolution, base_resolution) * gray).sum(1, keepdim=True)
-                y = (_mindeye_preprocess(y, resolution, base_resolution) * gray).sum(1, keepdim=True)
-            scores.append(_ssim_maps_mean(x, y, taps, data_range, cov_norm))
-    if not scores:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    return torch.cat(scores)
+            x = prepare(pred[i:i + _CHUNK])
+            for j, s in enumerate(_ssim_means(x, [prepare(t[i:i + _CHUNK]) for t in targets], taps, data_range,
+                                              cov_norm)):
+                scores[j].append(s)
+    return [torch.cat(s) if s else torch.zeros(0, dtype=torch.float64, device=device) for s in scores]
 
 
 def mean_ssim(pred: Tensor, gt: Tensor, convention: str = "dreamdiffusion", resolution: int | None = None,

@@ -187,6 +187,41 @@ class Classifier:
             return torch.zeros(0, self.num_classes)
         return torch.cat(out, dim=0)
 
+    @property
+    def has_features(self) -> bool:
+        """Whether :meth:`features` is available (a judge CNN: its globally pooled last conv block)."""
+        return isinstance(self.module, JudgeCNN)
+
+    @torch.no_grad()
+    def features(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 4w) float32 on the CPU: the judge CNN's globally average-pooled features
+        (the input of its linear head), with the same preprocessing as :meth:`logits`. Judges only."""
+        if not self.has_features:
+            raise ConfigError(f"{self.identity}: pooled features are only defined for the judge CNN")
+        check_images(images, "images")
+        self.module.eval()
+        device = self.device
+        out = [self.module.features(self.preprocess(images[i:i + int(batch_size)].to(device))).mean(dim=(2, 3))
+               .float().cpu() for i in range(0, images.shape[0], int(batch_size))]
+        return torch.cat(out) if out else torch.zeros(0, self.module.head.in_features)
+
+    @torch.no_grad()
+    def probs_and_features(self, images: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """(:meth:`probs`, :meth:`features`) of the same images from one forward pass (judges only)."""
+        if not self.has_features:
+            raise ConfigError(f"{self.identity}: pooled features are only defined for the judge CNN")
+        check_images(images, "images")
+        self.module.eval()
+        device = self.device
+        probs, feats = [], []
+        for i in range(0, images.shape[0], int(batch_size)):
+            h = self.module.features(self.preprocess(images[i:i + int(batch_size)].to(device))).mean(dim=(2, 3))
+            feats.append(h.float().cpu())
+            probs.append(torch.softmax(self.module.head(self.module.dropout(h)).float(), dim=1).cpu())
+        if not probs:
+            return torch.zeros(0, self.num_classes), torch.zeros(0, self.module.head.in_features)
+        return torch.cat(probs), torch.cat(feats)
+
     def probs(self, images: Tensor, batch_size: int = 64) -> Tensor:
         """(B, 3, H, W) in [0, 1], any H, W -> (B, K) softmax probabilities, float32 on the CPU.
 

@@ -23,6 +23,13 @@ from neuroimagen.config import Config, from_dict
 from neuroimagen.data.datasets import load_recording
 from neuroimagen.errors import ConfigError
 from neuroimagen.models.classifier import Classifier, load_classifier, load_is_network, load_torchvision_classifier
+from neuroimagen.models.feature_nets import (
+    load_alexnet,
+    load_clip_vision,
+    load_efficientnet_b1,
+    load_inception_v3,
+    load_swav_resnet50,
+)
 from neuroimagen.models.ldm import load_img2img
 from neuroimagen.models.text_encoder import TextEncoder, load_text_encoder
 from neuroimagen.reconstruction.decode import Decode
@@ -31,6 +38,7 @@ from neuroimagen.reconstruction.images import PngWriter
 from neuroimagen.reconstruction.reconstruct import Reconstruct
 from neuroimagen.reconstruction.rows import SEMANTIC_STAGE
 from neuroimagen.reconstruction.score import Score
+from neuroimagen.reconstruction.suite import Suite
 from neuroimagen.stages.encoder import build_from_spec
 from neuroimagen.stages.semantic import text_encoder_for
 from neuroimagen.training.checkpoint import load_model_dir
@@ -49,6 +57,8 @@ class RunSources:
         'weights', 'image_size', 'class_names', 'classes_file'}``.
     is_network: the Inception Score network's spec, ``{'kind': 'inception', 'weights', 'sha256'}``, or empty (the
         IS is then computed from the classifier's probabilities).
+    gallery: subject -> the distinct ground-truth image paths of its evaluated trials (the suite's two-way
+        identification and chance baselines compare against them); empty: no suite.
     device: where the pipeline and the classifier run (``cuda`` with ``eval.use_gpu``).
     threads: torch threads of the process that generates (0: leave torch's default).
     write_images: write the generated and init images as PNGs.
@@ -59,6 +69,7 @@ class RunSources:
     classifier: dict
     models: dict = field(default_factory=dict)
     is_network: dict = field(default_factory=dict)
+    gallery: dict = field(default_factory=dict)
     device: str = "cpu"
     threads: int = 0
     write_images: bool = True
@@ -171,9 +182,49 @@ def load_generate(cfg: Config, src: RunSources) -> Generate:
                     fault_marker=Path(src.run_dir) / FAULT_MARKER)
 
 
+# eval.suite key -> (loader, its feature keys, the metric of those keys)
+SUITE_NETWORKS = {"alexnet": (load_alexnet, ("alexnet2", "alexnet5"), "twoway"),
+                  "inception": (load_inception_v3, ("inception",), "twoway"),
+                  "clip": (load_clip_vision, ("clip",), "twoway"),
+                  "effnet": (load_efficientnet_b1, ("effnet",), "distance"),
+                  "swav": (load_swav_resnet50, ("swav",), "distance")}
+
+
+def suite_layout(cfg: Config, judge_features: bool) -> dict:
+    """{'networks': {eval.suite key: path}, 'twoway': [...], 'distance': [...], 'fid': key or None} of a config;
+    ``judge_features``: whether the classifier is a judge CNN (the embedded default's features)."""
+    sc = cfg.eval.suite
+    nets = {k: getattr(sc, k) for k in SUITE_NETWORKS if getattr(sc, k) is not None}
+    twoway = ["judge"] if sc.judge_features and judge_features else []
+    distance = []
+    for k in nets:
+        _, keys, metric = SUITE_NETWORKS[k]
+        (twoway if metric == "twoway" else distance).extend(keys)
+    fid = "inception" if sc.fid_network == "inception" else ("judge" if judge_features else None)
+    return {"networks": nets, "twoway": twoway, "distance": distance, "fid": fid}
+
+
+def load_suite(cfg: Config, src: RunSources, clf: Classifier) -> Suite | None:
+    """The suite's feature networks (``eval.suite``, each loaded once, on ``src.device`` with a GPU) and the
+    galleries of ``src.gallery``; None without a gallery."""
+    if not src.gallery:
+        return None
+    layout = suite_layout(cfg, clf.has_features)
+    extractors = {}
+    if "judge" in layout["twoway"] or layout["fid"] == "judge":
+        extractors["judge"] = lambda x: {"judge": clf.features(x)}
+    for key, path in layout["networks"].items():
+        net = SUITE_NETWORKS[key][0](path)
+        if src.device.startswith("cuda") and torch.cuda.is_available():
+            net.to(src.device)
+        extractors[key] = net.extract
+    return Suite(extractors, twoway=layout["twoway"], distance=layout["distance"], fid=layout["fid"],
+                 load_gt=lambda p, s: torch.empty(0), gallery=src.gallery)
+
+
 def load_score(cfg: Config, src: RunSources) -> Score:
-    """The classifier of ``src.classifier`` and the IS network of ``src.is_network`` (if any), each loaded once
-    (on the GPU when there is one), and the run's PNG writer."""
+    """The classifier of ``src.classifier``, the IS network of ``src.is_network`` (if any) and the suite's
+    feature networks, each loaded once (on the GPU when there is one), and the run's PNG writer."""
     clf = load_classifier_spec(src.classifier)
     is_net = load_classifier_spec(src.is_network) if src.is_network else None
     if src.device.startswith("cuda") and torch.cuda.is_available():
@@ -183,7 +234,7 @@ def load_score(cfg: Config, src: RunSources) -> Score:
     ec = cfg.eval
     return Score(clf, n_way=ec.n_way, top_k=ec.top_k, trials=ec.trials, ssim_convention=ec.ssim_convention,
                  ssim_resolution=ec.ssim_resolution, write_image=PngWriter(src.run_dir) if src.write_images else None,
-                 is_network=is_net)
+                 is_network=is_net, suite=load_suite(cfg, src, clf))
 
 
 def load_reconstruct(cfg: Config, src: RunSources) -> Reconstruct:

@@ -13,7 +13,9 @@ trial (and sample) only, never from the variant or the batch:
 * ``seed_noise`` (trial, sample): the diffusion noise, so the samples of a trial differ and every variant of
   (trial, sample) starts from the same noise (the variants are compared pairwise, not across different draws);
 * ``seed_nway`` (trial, sample): the N-way ACC distractor draws, the same for every variant of (trial, sample);
-* the other-class trial fed to the ``other_class`` EEG source (trial).
+* the other-class trial fed to the ``other_class`` EEG source (trial);
+* ``seed_mismatch`` (trial): the other trial whose ground truth the suite's chance baselines score each
+  generation against, the same for every sample and variant of the trial.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.stages import SEMANTIC_STAGE, STAGE_ORDER
 
 # one stream per purpose: the spawn key's first entry
-PURPOSES = {"z": 0, "noise": 1, "nway": 2, "other_class": 3}
+PURPOSES = {"z": 0, "noise": 1, "nway": 2, "other_class": 3, "mismatch": 4}
 # how the seeds are derived; part of the reconstruction fingerprint, so shards made with another seeding are never reused
 SEEDING = ("numpy SeedSequence(entropy=seed, spawn_key=(purpose, trial[, sample])).generate_state(1, uint64) >> 1; "
-           "purposes z (trial), noise (trial, sample), nway (trial, sample), other_class (trial)")
+           "purposes z (trial), noise (trial, sample), nway (trial, sample), other_class (trial), mismatch (trial)")
 
 
 def derived_seed(seed: int, purpose: str, item: int, sample: Optional[int] = None) -> int:
@@ -43,9 +45,10 @@ def derived_seed(seed: int, purpose: str, item: int, sample: Optional[int] = Non
 
 
 def row_seeds(seed: int, item: int, sample: int) -> dict[str, int]:
-    """The ``seed_z`` / ``seed_noise`` / ``seed_nway`` columns of the row (trial ``item``, sample ``sample``)."""
+    """The ``seed_z`` / ``seed_noise`` / ``seed_nway`` / ``seed_mismatch`` columns of the row (trial ``item``,
+    sample ``sample``); ``seed_mismatch`` picks the other trial's ground truth of the suite's chance baselines."""
     return {"seed_z": derived_seed(seed, "z", item), "seed_noise": derived_seed(seed, "noise", item, sample),
-            "seed_nway": derived_seed(seed, "nway", item, sample)}
+            "seed_nway": derived_seed(seed, "nway", item, sample), "seed_mismatch": derived_seed(seed, "mismatch", item)}
 
 
 def safe_name(name: str) -> str:

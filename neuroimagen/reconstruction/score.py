@@ -8,6 +8,11 @@
 * ``acc_hit``: the N-way top-k hit rate over ``trials`` seeded draws (one generator per row, seeded by the
   row's ``seed_nway``, so a row's value does not depend on its batch);
 * ``ssim``: SSIM(generated, GT) in the configured convention, the GT read at the generated resolution;
+* with a :class:`~neuroimagen.reconstruction.suite.Suite` (the field's suite, DESIGN sec. 3b): ``pixcorr``
+  (MindEye's PixCorr with the generation's own ground truth), the chance baselines ``pixcorr_chance`` and
+  ``ssim_chance`` (the same generation against another trial's ground truth of the subject's gallery, drawn by
+  the row's ``seed_mismatch``), and the suite's feature columns (``twoway_<net>``, ``dist_<net>``,
+  ``dist_<net>_chance``, ``fid_feats`` / ``fid_gt``);
 * ``image`` / ``saliency``: where the generated image and its init image go (paths relative to the run
   directory, :func:`~neuroimagen.reconstruction.images.image_stem`), written only when an image writer is
   given.
@@ -23,13 +28,15 @@ import torch
 
 from neuroimagen.data.datasets import load_image
 from neuroimagen.metrics.nway import effective_n, n_way_top_k_hits
-from neuroimagen.metrics.ssim import ssim
+from neuroimagen.metrics.pixcorr import pixcorr_against
+from neuroimagen.metrics.ssim import ssim, ssim_against
 from neuroimagen.models.classifier import Classifier
 from neuroimagen.reconstruction.images import image_stem
+from neuroimagen.reconstruction.suite import Suite
 
 # the row columns a scored row keeps (the rest of a batch is dropped with the image arrays)
 KEEP = ("subject", "variant", "item", "eeg_item", "stem", "label", "class_name", "sample", "seed_z", "seed_noise", "seed_nway",
-        "gt")
+        "seed_mismatch", "gt")
 
 
 class Score:
@@ -43,18 +50,23 @@ class Score:
             init image (e.g. :class:`~neuroimagen.reconstruction.images.PngWriter`); None writes nothing.
         is_network: the Inception Score network (``eval.is_network``, e.g. Inception-v3 with its own 299 px
             preprocessing), scored in the same pass into ``is_probs``; None: no ``is_probs`` column.
+        suite: the field's suite (feature networks and per-subject galleries); None: ACC, IS and SSIM only.
+            Its ground truths are read through this scorer's cache (``suite.load_gt`` is replaced).
     """
 
     def __init__(self, classifier: Classifier, *, n_way: int, top_k: int, trials: int,
                  ssim_convention: Literal["dreamdiffusion", "mindeye"], ssim_resolution: Optional[int],
                  write_image: Optional[Callable[[str, torch.Tensor], None]] = None,
-                 is_network: Optional[Classifier] = None):
+                 is_network: Optional[Classifier] = None, suite: Optional[Suite] = None):
         self.clf = classifier
         self.is_network = is_network
         self.n_way, self.top_k, self.trials = int(n_way), int(top_k), int(trials)
         self.ssim_convention, self.ssim_resolution = ssim_convention, ssim_resolution
         self.write_image = write_image
         self._gt_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.suite = suite
+        if suite is not None:
+            suite.load_gt = self._gt
 
     def _gt(self, path: str, size: int) -> torch.Tensor:
         key = (path, size)
@@ -66,7 +78,12 @@ class Score:
         images = torch.from_numpy(np.asarray(batch["image"], dtype=np.float32))  # (B, 3, R, R)
         B, R = images.shape[0], images.shape[-1]
         gt = torch.stack([self._gt(str(p), R) for p in batch["gt"]])  # (B, 3, R, R)
-        probs = self.clf.probs(images)  # (B, K)
+        known = None
+        if self.suite is not None and "judge" in self.suite.extractors and self.clf.has_features:
+            probs, judge_feats = self.clf.probs_and_features(images)  # one pass for ACC and the judge's features
+            known = {"judge": judge_feats}
+        else:
+            probs = self.clf.probs(images)  # (B, K)
         probs_gt = self.clf.probs(gt)
         true = probs_gt.argmax(1)
         hits = np.zeros(B)
@@ -77,7 +94,14 @@ class Score:
                 hits[i] = float(n_way_top_k_hits(probs[i: i + 1], true[i: i + 1], n=self.n_way, k=self.top_k,
                                                  trials=self.trials, generator=g)[0])
         n_eff, _ = effective_n(self.n_way, probs.shape[1])
-        ss = ssim(images.double(), gt.double(), convention=self.ssim_convention, resolution=self.ssim_resolution)
+        other = None
+        if self.suite is not None:  # the chance baselines: the same generation against another trial's ground truth
+            subjects, gts = [str(x) for x in batch["subject"]], [str(x) for x in batch["gt"]]
+            other = torch.stack([self._gt(p, R) for p in self.suite.mismatch_paths(subjects, gts, batch["seed_mismatch"])])
+            ss, ss_chance = ssim_against(images.double(), [gt.double(), other.double()], convention=self.ssim_convention,
+                                         resolution=self.ssim_resolution)
+        else:
+            ss = ssim(images.double(), gt.double(), convention=self.ssim_convention, resolution=self.ssim_resolution)
         img_paths, init_paths = [], []
         init = np.asarray(batch["init"], dtype=np.float32) if "init" in batch else None
         kinds = np.asarray(batch.get("init_kind", ["noise"] * B)).astype(str)
@@ -90,11 +114,15 @@ class Score:
                 self.write_image(img_paths[-1], images[i])
                 if init_paths[-1]:
                     self.write_image(init_paths[-1], torch.from_numpy(init[i]))
-        out = {k: batch[k] for k in KEEP}
+        out = {k: batch[k] for k in KEEP if k in batch}
         out.update(judge_gt_top1=true.numpy().astype(np.int64), judge_top1=probs.argmax(1).numpy().astype(np.int64),
                    acc_hit=hits, acc_n=np.full(B, n_eff, dtype=np.int64), ssim=ss.numpy(),
                    probs=probs.numpy().astype(np.float32), image=np.asarray(img_paths, dtype=object),
                    saliency=np.asarray(init_paths, dtype=object))
+        if self.suite is not None:
+            pc, pc_chance = pixcorr_against(images, [gt, other], constant="nan")
+            out.update(pixcorr=pc.numpy(), pixcorr_chance=pc_chance.numpy(), ssim_chance=ss_chance.numpy(),
+                       **self.suite(images, subjects, gts, known))
         if self.is_network is not None:
             out["is_probs"] = self.is_network.probs(images).numpy().astype(np.float32)  # (B, 1000)
         return out

@@ -10,7 +10,9 @@ the unfinished shards, and a re-run skips the finished ones. The fingerprint cov
 changes a number (models, LDM, classifier, metric protocol), so changed settings never reuse old shards.
 
 ``evaluate`` concatenates the shards into ``results/per_sample.parquet``, reduces them into
-``results/summary.csv`` (IS once per group) and writes ``results/protocol.json``.
+``results/summary.csv`` (IS, FID and KID once per group; a bootstrap interval for every number), runs the
+paired permutation tests between variants into ``results/tests.csv`` and writes ``results/protocol.json``
+(with one protocol card per number).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
 from neuroimagen.logs import Progress, get_logger
 from neuroimagen.metrics.inception_score import MIN_SPLIT_SIZE
 from neuroimagen.metrics.nway import effective_n
-from neuroimagen.metrics.summary import summarize
+from neuroimagen.metrics.summary import Statistics, compare_variants, summarize
 from neuroimagen.models import ldm
 from neuroimagen.models.classifier import (
     is_network_record,
@@ -58,6 +60,7 @@ from neuroimagen.reconstruction.rows import (
     safe_name,
     select_variants,
 )
+from neuroimagen.runs.cards import metric_cards, suite_protocol, suite_record
 from neuroimagen.runs.reports import write_report
 from neuroimagen.runs.training import FitStage, prepare_data, read_run, train
 from neuroimagen.stages import STAGE_ORDER
@@ -65,9 +68,14 @@ from neuroimagen.stages.semantic import text_encoder_for
 from neuroimagen.training.loop import kill_once
 
 STATE = "results/state.json"
+# per-image columns holding one vector per image (stored as lists in the shards)
+VECTOR_COLUMNS = ("probs", "is_probs", "fid_feats", "fid_gt")
 # eval settings that do not change any number (execution only)
 _EXECUTION_KEYS = ("backend", "actors", "pipeline", "batch_size", "use_gpu", "variants", "subjects", "fault_injection_batch",
                    "fault_injection_shard")
+# eval.suite settings read only by `evaluate` (the reduction of finished shards): changing them never recomputes a shard
+SUMMARY_KEYS = ("kid_subsets", "kid_subset_size", "bootstrap", "bootstrap_whole_set", "ci_level", "permutations",
+                "comparisons")
 
 
 _log = get_logger(__name__)
@@ -245,10 +253,21 @@ def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identit
     moved run directory keeps its finished shards. ``seeding`` names how the per-row seeds are derived from the
     seed (``rows.SEEDING``): shards drawn with another derivation are never reused."""
     ev = {k: v for k, v in to_dict(cfg.eval).items() if k not in _EXECUTION_KEYS}
+    ev["suite"] = {k: v for k, v in ev["suite"].items() if k not in SUMMARY_KEYS}
     doc = {"seed": cfg.seed, "seeding": SEEDING, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": ldm_identity,
            "classifier": classifier_identity, "stages": {s: record["stages"][s].get("finished") for s in stages},
            "data": to_dict(cfg.data)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def galleries(rows: Sequence[dict]) -> dict[str, list[str]]:
+    """subject -> the distinct ground-truth image paths of its rows, in row order: the gallery of the suite's
+    two-way identification and chance baselines (the same for every variant of the subject)."""
+    out: dict[str, dict[str, None]] = {}
+    for r in rows:
+        if r["gt"]:
+            out.setdefault(str(r["subject"]), {})[str(r["gt"])] = None
+    return {s: list(paths) for s, paths in out.items()}
 
 
 def _shard_name(subject: str, variant: str) -> str:
@@ -308,7 +327,9 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
     # the judge sees images resized to at most 64 px (its input size), whatever the LDM's resolution
     clf_spec, clf_desc = prepare_classifier(cfg, run_dir, splits, min(resolution, 64), log)
     is_spec, is_desc = prepare_is_network(cfg)
-    clf_identity = clf_desc["identity"] + (f" + IS {is_desc['identity']}" if is_desc else "")
+    suite = suite_record(cfg, clf_desc)
+    clf_identity = clf_desc["identity"] + (f" + IS {is_desc['identity']}" if is_desc else "") + " + suite " + \
+        json.dumps({k: v.get("sha256") or v.get("identity") for k, v in suite["networks"].items()}, sort_keys=True)
     fp = fingerprint(cfg, record, ldm_desc["identity"], clf_identity, stages)
     rows = build_rows(cfg, splits["train"].recording, names, subjects)
     shard_dir = run_dir / "results" / "shards" / fp
@@ -327,7 +348,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
              "data": {"format": cfg.data.format, "eeg": cfg.data.eeg, "split": cfg.eval.split,
                       "split_file": cfg.data.splits, "split_num": cfg.data.split_num},
              "variant_definitions": {n: dataclasses.asdict(cfg.eval.variant(n)) for n in names},
-             "resolution": resolution, "provenance": provenance()}
+             "resolution": resolution, "suite": suite, "provenance": provenance()}
     write_text(run_dir / STATE, json.dumps(state, indent=1, default=str))
     log(f"reconstruct: {len(rows)} images in {len(groups)} shards ({len(names)} variants x "
         f"{len(state['subjects'])} subjects x {cfg.ldm.samples_per_eeg} samples); {reused} shards already done, "
@@ -340,7 +361,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
         cols = list(batch)
         n = len(batch["item"])
         for i in range(n):
-            row = {c: (batch[c][i].tolist() if c in ("probs", "is_probs") else batch[c][i]) for c in cols}
+            row = {c: (batch[c][i].tolist() if c in VECTOR_COLUMNS else batch[c][i]) for c in cols}
             row["subject"], row["variant"] = str(row["subject"]), str(row["variant"])
             name = _shard_name(row["subject"], row["variant"])
             if name in finished:  # a row delivered again (a retried task) after its shard was written
@@ -359,6 +380,7 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
 
     if todo:
         sources = RunSources(run_dir=str(run_dir), snapshot=snapshot, classifier=clf_spec, is_network=is_spec,
+                             gallery=galleries(rows),
                              models=stage_models(run_dir, record, stages), device="cuda" if cfg.eval.use_gpu else "cpu")
         execute(todo, cfg, sources, on_batch, progress=cfg.train.progress)
     left = [n for n, p in pending.items() if p]
@@ -435,8 +457,12 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     lut = clf.get("label_to_class", list(range(num_classes)) if clf.get("kind") == "judge" else None)
     unavailable = None if lut is not None else clf.get("gt_accuracy_unavailable", (
         "not available: the classifier's class indices were not mapped to the dataset's labels"))
+    st = (state.get("suite") or {}).get("statistics") or {}
+    stats = Statistics(**{k: v for k, v in st.items() if k in Statistics.__dataclass_fields__}, seed=state["seed"])
     summary = summarize(per_sample, k=ev["top_k"], is_splits=ev["is_splits"], is_seed=state["seed"],
-                        label_to_class=lut)
+                        label_to_class=lut, stats=stats)
+    pairs = [tuple(c.split(":", 1)) for c in st.get("comparisons", ())]
+    tests = compare_variants(per_sample, pairs, stats)
     n_eff, warning = effective_n(ev["n_way"], num_classes)
     pooled_gt = per_sample.drop_duplicates(["subject", "item"])
     gt_acc = None
@@ -471,7 +497,10 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                            "splits": int(r["is_splits"])} for r in summary.to_dict("records")],
                "classifier_note": labels["is"]["network"]},
         "ssim": {"convention": ev["ssim_convention"],
-                 "resolution": ev["ssim_resolution"] or (425 if ev["ssim_convention"] == "mindeye" else state["resolution"])},
+                 "resolution": ev["ssim_resolution"] or (425 if ev["ssim_convention"] == "mindeye" else state["resolution"]),
+                 **({"preprocessing": "MindEye: clamp to [0, 1], resize both to 256 x 256, then to the resolution "
+                                      "(bilinear, no antialiasing), grey (rgb2gray), Gaussian-window SSIM"}
+                    if ev["ssim_convention"] == "mindeye" else {})},
         "ldm": {"kind": state["ldm"]["kind"], "identity": state["ldm"]["identity"], "strength": state["ldm"]["strength"],
                 "guidance_scale": state["ldm"]["guidance_scale"], "num_inference_steps": state["ldm"]["num_inference_steps"],
                 "samples_per_eeg": state["ldm"]["samples_per_eeg"], "resolution": state["resolution"],
@@ -480,11 +509,15 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                          f"({PURPOSES['noise']}, trial, sample)); saliency z per EEG trial: seed_z = SeedSequence("
                          f"entropy={state['seed']}, spawn_key=({PURPOSES['z']}, trial)), one saliency map for all "
                          "samples and variants of a trial")},
+        "suite": suite_protocol(state),
         "seeding": state.get("seeding", "not recorded"),
         "variants": state["variant_definitions"],
         "provenance": {"reconstruct": state.get("provenance"), "evaluate": provenance()},
     }
+    protocol["cards"] = metric_cards(protocol, state, [c for c in summary.columns if c not in ("subject", "variant")])
     res = run_dir / "results"
+    with atomic_path(res / "tests.csv") as tmp:
+        tests.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(res / "per_sample.parquet") as tmp:
         per_sample.to_parquet(tmp, index=False)
     with atomic_path(res / "summary.csv") as tmp:

@@ -114,8 +114,9 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: O
     return "\n".join(lines)
 
 
-def _bold_best(cells: list[str], eligible: list[bool]) -> list[str]:
-    """Bold the largest of the eligible cells (compared as printed, so printed ties are all bold).
+def _bold_best(cells: list[str], eligible: list[bool], lower: bool = False) -> list[str]:
+    """Bold the largest (``lower``: the smallest) of the eligible cells, compared by the leading number as
+    printed, so printed ties are all bold.
 
     Nothing is bolded when fewer than two eligible cells hold a number: a single variant is not "best".
     """
@@ -128,7 +129,7 @@ def _bold_best(cells: list[str], eligible: list[bool]) -> list[str]:
                 pass
     if len(values) < 2:
         return cells
-    best = max(values.values())
+    best = min(values.values()) if lower else max(values.values())
     return [f"**{c}**" if values.get(i) == best else c for i, c in enumerate(cells)]
 
 
@@ -191,6 +192,26 @@ def load_summary(run_dir: str | os.PathLike):
     df["variant"] = df["variant"].astype(str)
     for c in _SUMMARY_NUMERIC:
         df[c] = pd.to_numeric(df[c], errors="coerce") if c in df.columns else float("nan")
+    for c in df.columns:
+        if c not in ("subject", "variant") and c not in _SUMMARY_NUMERIC:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def load_tests(run_dir: str | os.PathLike):
+    """``RUN/results/tests.csv`` (the paired permutation tests between variants), or None for a run evaluated
+    before the tests were written."""
+    path = Path(run_dir) / RESULTS / "tests.csv"
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path, dtype={"subject": str, "a": str, "b": str, "metric": str}, keep_default_na=False,
+                         na_values=["", "nan", "NaN"])
+    except Exception as exc:  # pandas raises a zoo of parser errors
+        raise DataError(f"{path}: unreadable ({exc}); expected a CSV of variant tests") from exc
+    missing = [c for c in ("subject", "a", "b", "metric", "diff", "p_value", "n_trials") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected one row per (subject, pair, metric)")
     return df
 
 
@@ -345,6 +366,129 @@ def per_subject_table(summary, variant: str, protocol: Optional[dict] = None) ->
     if len(subjects) != 1:
         rows.append(cells("all (pooled)", _pooled(summary, variant)))
     return format_table(["subject", "ACC (%)", "ACC max-of-samples (%)", *[h for _, h in iss], "SSIM", "images"], rows)
+
+
+# the suite's columns in report order: (summary column or prefix, header, format, scale, higher is better)
+_SUITE_COLUMNS = (("acc", "ACC (%)", ".1f", 100.0, True), ("pixcorr", "PixCorr", ".3f", 1.0, True),
+                  ("ssim", "SSIM", ".3f", 1.0, True))
+_TWO_WAY_NAMES = {"alexnet2": "AlexNet(2)", "alexnet5": "AlexNet(5)", "inception": "Inception", "clip": "CLIP",
+                  "judge": "two-way (judge CNN features)"}
+_DISTANCE_NAMES = {"effnet": "EffNet-B", "swav": "SwAV"}
+
+
+def suite_columns(summary) -> list[tuple[str, str, str, float, bool]]:
+    """(column, header, format, scale, higher is better) of the suite's numbers in ``summary``: ACC, PixCorr,
+    SSIM, every two-way identification (%), every correlation distance, FID and KID; only those present."""
+    present = [c for c in summary.columns if summary[c].notna().any()]
+    out = [c for c in _SUITE_COLUMNS if c[0] in present and (c[0] != "ssim" or "pixcorr" in present)]
+    for c in present:
+        if c.startswith("twoway_") and not c.endswith(("_lo", "_hi", "_chance")):
+            key = c[len("twoway_"):]
+            out.append((c, f"{_TWO_WAY_NAMES.get(key, key)} (%)", ".1f", 100.0, True))
+    for c in present:
+        if c.startswith("dist_") and not c.endswith(("_lo", "_hi", "_chance")):
+            key = c[len("dist_"):]
+            out.append((c, f"{_DISTANCE_NAMES.get(key, key)} ↓", ".3f", 1.0, False))
+    for c, h in (("fid", "FID ↓"), ("kid", "KID ↓")):
+        if c in present:
+            out.append((c, h, ".3f" if c == "kid" else ".2f", 1.0, False))
+    return out
+
+
+def _ci_cell(d: dict, col: str, spec: str, scale: float) -> str:
+    value = fmt_num(d.get(col), spec, scale)
+    lo, hi = d.get(f"{col}_lo"), d.get(f"{col}_hi")
+    if value == _NA or is_missing(lo) or is_missing(hi):
+        return value
+    return f"{value} [{fmt_num(lo, spec, scale)}, {fmt_num(hi, spec, scale)}]"
+
+
+def _chance_cell(summary, col: str, spec: str, scale: float) -> str:
+    """The chance baseline of a column, pooled over variants: ``<col>_chance`` (ACC: ``acc_chance``)."""
+    name = f"{col}_chance"
+    if name not in summary.columns:
+        return _NA
+    vals = summary[summary["subject"] == "all"][name].astype(float).dropna()
+    if not len(vals):
+        vals = summary[name].astype(float).dropna()
+    return fmt_num(float(vals.mean()) if len(vals) else None, spec, scale)
+
+
+def suite_table(summary, protocol: Optional[dict] = None) -> Optional[str]:
+    """The field's suite per variant, pooled over subjects, each number with its 95 % bootstrap interval over
+    test trials, then the chance row and the best of the paper variants 1-5 bold; None without suite columns."""
+    cols = suite_columns(summary)
+    if not any(c[0] != "acc" for c in cols) or "pixcorr" not in summary.columns:
+        return None
+    variants = _order_variants(summary["variant"])
+    rows, eligible = [], []
+    for v in variants:
+        p = _pooled(summary, v)
+        rows.append([_variant_label(v), *[_ci_cell(p, c, spec, scale) for c, _, spec, scale, _ in cols]])
+        eligible.append(v in PAPER_NUMBER)
+    for j, (_, _, _, _, higher) in enumerate(cols, start=1):
+        bolded = _bold_best([r[j] for r in rows], eligible, lower=not higher)
+        for r, c in zip(rows, bolded):
+            r[j] = c
+    rows.append(["chance", *[_chance_cell(summary, c, spec, scale) for c, _, spec, scale, _ in cols]])
+    return format_table(["variant", *[h for _, h, _, _, _ in cols]], rows)
+
+
+def tests_table(tests, summary=None) -> Optional[str]:
+    """The pooled paired permutation tests: one row per (pair, metric): the two means, their difference and
+    the p-value; None without tests."""
+    if tests is None or not len(tests):
+        return None
+    sel = tests[tests["subject"] == "all"]
+    if not len(sel):
+        return None
+    names = {c: h for c, h, _, _, _ in suite_columns(summary)} if summary is not None else {}
+    rows = []
+    for _, t in sel.iterrows():
+        scale = 100.0 if t["metric"] == "acc" or str(t["metric"]).startswith("twoway_") else 1.0
+        spec = ".1f" if scale == 100.0 else ".3f"
+        p = float(t["p_value"])
+        rows.append([f"{t['a']} vs {t['b']}", names.get(t["metric"], t["metric"]), fmt_num(t.get("mean_a"), spec, scale),
+                     fmt_num(t.get("mean_b"), spec, scale), fmt_num(t["diff"], "+" + spec, scale),
+                     f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}", fmt_num(t["n_trials"], ".0f")])
+    return format_table(["pair (a vs b)", "metric", "a", "b", "a − b", "p (two-sided)", "trials"], rows)
+
+
+def _suite_networks_text(protocol: dict) -> str:
+    suite = _get(protocol, "suite", default={}) or {}
+    parts = []
+    for section in ("two_way", "distance"):
+        for key, net in (_get(suite, section, default={}) or {}).items():
+            sha = _get(net, "weights_sha256")
+            parts.append(f"{_TWO_WAY_NAMES.get(key) or _DISTANCE_NAMES.get(key) or key}: {_get(net, 'network')}"
+                         f" `{_get(net, 'node')}`" + (f", weights sha256 {str(sha)[:12]}" if sha else ""))
+    fid = _get(suite, "fid")
+    if fid:
+        parts.append(f"FID/KID: {_get(fid, 'network')} ({_get(fid, 'note')}); reference: {_get(fid, 'reference')}")
+    return "; ".join(parts) if parts else "no feature network configured (eval.suite)"
+
+
+def suite_section(run_dir: Path, summary, protocol: dict) -> list[str]:
+    """The report's suite section: the table with intervals and chance, then the paired tests; [] without it."""
+    table = suite_table(summary, protocol)
+    if table is None:
+        return []
+    suite = _get(protocol, "suite", default={}) or {}
+    md = ["## The field's suite (MindEye / ATM metrics)", "",
+          "Pooled over subjects; every number is the mean over all generated images with its 95 % bootstrap "
+          "interval over test trials in brackets (FID: recomputed per replicate; KID: no interval). Two-way "
+          "identification in % (chance 50 %). ↓: lower is better. Bold: best of the paper variants 1-5.", "",
+          table, "",
+          f"Chance row: {_get(suite, 'chance', 'pixcorr_chance, ssim_chance', default='n/a')}; correlation "
+          f"distances: {_get(suite, 'chance', 'dist_<net>_chance', default='n/a')}; ACC: k/N. Networks: "
+          f"{_suite_networks_text(protocol)}. Two-way gallery: {_get(suite, 'gallery', default='n/a')}. "
+          f"Intervals: {_get(suite, 'intervals', default='n/a')}.", ""]
+    tests = tests_table(load_tests(run_dir), summary)
+    if tests is not None:
+        md += ["### Paired tests between variants", "",
+               f"Pooled over subjects. {_get(suite, 'tests', default='paired permutation tests over test trials')}. "
+               "Per-subject tests are in `results/tests.csv`.", "", tests, ""]
+    return md
 
 
 # --------------------------------------------------------------------------------------------------
@@ -711,6 +855,9 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
            + "ACC max-of-samples: mean over EEG trials of the best sample. chance = k/N. IS and SSIM: over all "
            "images of the variant (pooled); each IS names its network. Bold: best of the paper variants 1-5 per "
            "column. Paper (EEG-ImageNet, Inception-v3 IS, ViT ACC): variant 5 ACC 85.6 %, IS 33.50.", ""]
+
+    # Suite ----------------------------------------------------------------------------------------
+    md += suite_section(run_dir, summary, protocol)
 
     # Per subject ------------------------------------------------------------------------------
     md += ["## Per subject (Table 2 analogue)", ""]
