@@ -10,9 +10,10 @@ and writes ``RUN/report/report.md`` with, beside it, ``per_subject.png``, ``grid
 paper's Fig. 3: GT | saliency | samples) and ``comparison.png`` (Fig. 5 style: GT | sample 0 per variant).
 
 Sections: header, ablation (Table 3 analogue), per subject (Table 2 analogue), judge, samples, the
-guards of stages 1-3 (when ``run.json`` lists trained stages), protocol, then any extra sections verbatim. Missing or NaN numbers print as ``n/a``. A missing image
-file draws a grey "missing" cell and is counted in the report rather than aborting it: the ground-truth
-paths are absolute and may not resolve on the machine that renders the report.
+guards of stages 1-3 (when ``run.json`` lists trained stages), protocol, then any extra sections
+verbatim. Missing or NaN numbers print as ``n/a``. A missing image file draws a grey "missing" cell and
+is counted in the report rather than aborting it: the ground-truth paths are absolute and may not
+resolve on the machine that renders the report.
 """
 
 from __future__ import annotations
