@@ -55,6 +55,40 @@ def twin_cfg(twin):
     return load_config(twin / "config.yaml")
 
 
+@pytest.fixture(scope="module")
+def saliency_parts(twin):
+    """(config, inputs) of a tiny stage 2 on ``twin``: 32 px, narrow G and D, 3 validation z, an untrained encoder."""
+    import dataclasses
+
+    from neuroimagen.config import load_config
+    from neuroimagen.data.datasets import load_splits
+    from neuroimagen.stages import build_stage
+    from neuroimagen.training.context import RunContext, unwrap
+
+    cfg = load_config(twin / "config.yaml")
+    sc = dataclasses.replace(cfg.stages.saliency, resolution=32, g_width=8, d_width=8, val_samples=3)
+    cfg = dataclasses.replace(cfg, stages=dataclasses.replace(cfg.stages, saliency=sc))
+    splits = load_splits(cfg.data, image_mode="path")
+    enc = build_stage("encoder", cfg, RunContext(), {"splits": splits})
+    inputs = {"splits": splits, "encoder_spec": enc.specs()["encoder"],
+              "encoder_state": unwrap(enc.modules()["encoder"]).state_dict()}
+    return cfg, inputs
+
+
+@pytest.fixture(scope="module")
+def semantic_parts(twin, tmp_path_factory):
+    """(config, splits, label-caption targets, run directory) of a tiny stage 3 on ``twin``."""
+    from neuroimagen.config import load_config
+    from neuroimagen.data.datasets import load_splits
+    from neuroimagen.stages.semantic import build_targets
+
+    cfg = load_config(twin / "config.yaml")
+    run_dir = tmp_path_factory.mktemp("semantic-run")
+    splits = load_splits(cfg.data, image_mode="none")
+    targets = build_targets(cfg, splits, run_dir, "label")
+    return cfg, splits, targets, run_dir
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

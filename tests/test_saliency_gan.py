@@ -215,21 +215,11 @@ def test_random_conv_features_are_fixed_seeded_and_centred_on_the_reference():
 
 
 @pytest.fixture(scope="module")
-def saliency_stage(twin):
-    import dataclasses
-
-    from neuroimagen.config import load_config
-    from neuroimagen.data.datasets import load_splits
+def saliency_stage(saliency_parts):
     from neuroimagen.stages import build_stage
-    from neuroimagen.training.context import RunContext, unwrap
+    from neuroimagen.training.context import RunContext
 
-    cfg = load_config(twin / "config.yaml")
-    sc = dataclasses.replace(cfg.stages.saliency, resolution=32, g_width=8, d_width=8, val_samples=3)
-    cfg = dataclasses.replace(cfg, stages=dataclasses.replace(cfg.stages, saliency=sc))
-    splits = load_splits(cfg.data, image_mode="path")
-    enc = build_stage("encoder", cfg, RunContext(), {"splits": splits})
-    inputs = {"splits": splits, "encoder_spec": enc.specs()["encoder"],
-              "encoder_state": unwrap(enc.modules()["encoder"]).state_dict()}
+    cfg, inputs = saliency_parts
     return build_stage("saliency", cfg, RunContext(), inputs)
 
 

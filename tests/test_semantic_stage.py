@@ -6,22 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from neuroimagen.data.datasets import load_splits
 from neuroimagen.stages import build_stage
-from neuroimagen.stages.semantic import SemanticStage, build_targets
+from neuroimagen.stages.semantic import SemanticStage
 from neuroimagen.training.context import RunContext
 from neuroimagen.training.loop import LocalReporter, fit
-
-
-@pytest.fixture(scope="module")
-def semantic_parts(twin, tmp_path_factory):
-    from neuroimagen.config import load_config
-
-    cfg = load_config(twin / "config.yaml")
-    run_dir = tmp_path_factory.mktemp("semantic-run")
-    splits = load_splits(cfg.data, image_mode="none")
-    targets = build_targets(cfg, splits, run_dir, "label")
-    return cfg, splits, targets, run_dir
 
 
 class _Fixed(nn.Module):

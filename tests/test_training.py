@@ -170,6 +170,19 @@ def test_semantic_beats_chance_and_its_untrained_self(trained_run):
 
 
 @pytest.mark.slow
+def test_a_run_that_learns_fires_no_guard(trained_run):
+    """The guards (tests/test_guards.py) stay quiet on stages that learned: each beats its untrained self, G reads the
+    EEG (SSIM well above shuffled EEG), the regressor beats shuffled EEG."""
+    run, results = trained_run
+    for stage, m in results.items():
+        assert m["guards"]["fired"] == [] and m["guards"]["warning"] is None, (stage, m["guards"])
+    sal = _metrics(run, "saliency")["guards"]["collapsed"]
+    assert sal["condition_gain"] > sal["tolerance"] and sal["spread_conditions"] > 0.1 * sal["spread_z"], sal
+    sem = _metrics(run, "semantic")
+    assert sem["val_nearest_class_shuffled"] < sem["val_nearest_class_acc"] - 0.2, sem
+
+
+@pytest.mark.slow
 def test_run_directory_records_the_hand_offs(trained_run):
     run, results = trained_run
     record = json.loads((run / "run.json").read_text())

@@ -9,10 +9,11 @@ Reads what ``neuroimagen evaluate`` writes under ``RUN/results/``:
 and writes ``RUN/report/report.md`` with, beside it, ``per_subject.png``, ``grid_<variant>.png`` (the
 paper's Fig. 3: GT | saliency | samples) and ``comparison.png`` (Fig. 5 style: GT | sample 0 per variant).
 
-Sections: header, ablation (Table 3 analogue), per subject (Table 2 analogue), judge, samples,
-protocol, then any extra sections verbatim. Missing or NaN numbers print as ``n/a``. A missing image
-file draws a grey "missing" cell and is counted in the report rather than aborting it: the ground-truth
-paths are absolute and may not resolve on the machine that renders the report.
+Sections: header, ablation (Table 3 analogue), per subject (Table 2 analogue), judge, samples, the
+guards of stages 1-3 (when ``run.json`` lists trained stages), protocol, then any extra sections
+verbatim. Missing or NaN numbers print as ``n/a``. A missing image file draws a grey "missing" cell and
+is counted in the report rather than aborting it: the ground-truth paths are absolute and may not
+resolve on the machine that renders the report.
 """
 
 from __future__ import annotations
@@ -797,6 +798,59 @@ def sample_figures(run_dir: Path, per_sample, out_dir: Path, trials: list[tuple[
 
 
 # --------------------------------------------------------------------------------------------------
+# Stages 1-3: their guards (from <run>/<stage>/metrics.json)
+
+
+def _eeg_control(m: dict) -> str:
+    """The shuffled-EEG control of a stage's metrics, as one cell."""
+    g = _get(m, "guards", "collapsed", default={})
+    if g:
+        return (f"SSIM {fmt_num(g.get('ssim'))} vs {fmt_num(g.get('ssim_shuffled'))} shuffled (gain "
+                f"{fmt_num(g.get('condition_gain'), '.4f')} ± {fmt_num(g.get('condition_gain_se'), '.4f')}); pixel std "
+                f"across EEG {fmt_num(g.get('spread_conditions'), '.4f')}, across z {fmt_num(g.get('spread_z'), '.4f')}")
+    if "val_nearest_class_shuffled" in m:
+        return (f"nearest-class {fmt_num(m.get('val_nearest_class_acc'))} vs "
+                f"{fmt_num(m.get('val_nearest_class_shuffled'))} shuffled")
+    return "—"
+
+
+def stage_guard_section(run_dir: str | os.PathLike) -> list[str]:
+    """``## Stages 1-3: guards``: per trained stage (``run.json``), the selection metric trained vs untrained, the
+    best epoch, the shuffled-EEG control and the guards that fired (``stages.stage_guards``); ``[]`` without
+    ``run.json`` or finished stages. Unreadable metrics files print as ``n/a``."""
+    run_dir = Path(run_dir)
+    try:
+        stages = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("stages", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    rows, warnings = [], []
+    for name, entry in stages.items():
+        path = _resolve(run_dir, str(_get(entry, "metrics", default="")))
+        try:
+            m = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+        except (OSError, ValueError):
+            m = {}
+        learn = _get(m, "guards", "did_not_learn", default={})
+        fired = _get(m, "guards", "fired", default=None)
+        rows.append([name, f"{_show(learn.get('metric'))} ({_show(learn.get('mode'))})", fmt_num(learn.get("best"), ".4f"),
+                     fmt_num(learn.get("untrained"), ".4f"),
+                     f"{m['best_epoch'] + 1}/{m.get('epochs', _NA)}" if isinstance(m.get("best_epoch"), int) else _NA,
+                     _eeg_control(m), "not recorded" if fired is None else (", ".join(fired) or "ok")])
+        warnings += [f"> **Warning ({name}: {k.replace('_', ' ')}):** {_get(m, 'guards', k, 'reason', default='')}"
+                     for k in fired or []]
+    if not rows:
+        return []
+    return ["## Stages 1-3: guards", "",
+            "Validation split. did not learn: the selection metric is no better than the untrained model's, or no "
+            "later epoch beat the first validated one; collapsed (saliency): G's images do not depend on the EEG (SSIM "
+            "with the true EEG features not above SSIM with another item's, or pixel spread across EEG near 0 or "
+            "under a tenth of the spread across z); ignores eeg (semantic): the nearest-class rate does not beat the "
+            "same rate with the EEG permuted across trials.", "",
+            format_table(["stage", "selected on", "trained", "untrained", "best epoch", "shuffled-EEG control",
+                          "guards fired"], rows, align="llrrrll"), ""] + [line for w in warnings for line in (w, "")]
+
+
+# --------------------------------------------------------------------------------------------------
 # The report
 
 
@@ -905,6 +959,8 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
                    f"cells (first: `{missing[0]}`).", ""]
     else:
         md += ["No generated images in `results/per_sample.parquet`.", ""]
+
+    md += stage_guard_section(run_dir)  # stages 1-3, when the run trained them here
 
     # Protocol ---------------------------------------------------------------------------------
     md += protocol_section(protocol) + [""]

@@ -8,7 +8,7 @@ A run directory holds::
     twin/                     the synthetic twin, when data.eeg is unset (the embedded default)
     text_encoder/             the tiny text encoder, when no pretrained one is configured
     <stage>/model/            best-on-validation weights + model.json (builder + kwargs)
-    <stage>/metrics.json      final validation metrics with chance levels and protocol
+    <stage>/metrics.json      final validation metrics with chance levels, protocol and guards (stages.stage_guards)
     <stage>/history.json      every epoch's metrics;  <stage>/curves.png  the same, drawn
     checkpoints/<stage>/      local backend checkpoints;  ray/<stage>/  Ray Train storage
 
@@ -40,7 +40,7 @@ from neuroimagen.data.synthetic import synthesize
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.logs import get_logger
 from neuroimagen.provenance import provenance
-from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class
+from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class, stage_guards
 from neuroimagen.stages.semantic import build_targets
 from neuroimagen.training.checkpoint import export_model, load_model_dir
 from neuroimagen.training.context import RunContext, perf_options, set_threads
@@ -140,7 +140,8 @@ def _plot_history(history: list[dict], path: Path, title: str) -> None:
 
 
 def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
-    """Write ``<run>/<stage>/{model/, metrics.json, history.json, curves.png}`` from the final checkpoint."""
+    """Write ``<run>/<stage>/{model/, metrics.json, history.json, curves.png}`` from the final checkpoint; a guard
+    that fires (``stages.stage_guards``: did not learn, collapsed, ignores the EEG) is one warning line."""
     meta = payload["meta"]
     best = meta["best"]
     if not payload["best"]:
@@ -162,8 +163,11 @@ def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
         "world_size": meta["world_size"],
         "data": meta["data"],
         "protocol": protocol_of(cfg, name),
+        "guards": stage_guards(name, best, meta["history"], meta["data"]),
     }
     write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    if metrics["guards"]["warning"]:
+        _log.warning(metrics["guards"]["warning"])  # whatever `log` the caller passed: a user must see this one
     write_text(out / "history.json", json.dumps(meta["history"], indent=1))
     _plot_history(meta["history"], out / "curves.png", f"{name}: {best['metric']} best {best['value']:.4g} at epoch {best['epoch'] + 1}")
     return metrics

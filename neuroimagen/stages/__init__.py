@@ -8,7 +8,9 @@
 
 What a stage *is* (its requirements, config section, data, caption kind, selection metric, protocol) is
 declared once, on its class; ``STAGES`` lists the classes in dependency order. ``fit_stage`` is the one
-"build the stage and run ``fit()``" that the local backend, every Ray Train worker and every Ray Tune trial call.
+"build the stage and run ``fit()``" that the local backend, every Ray Train worker and every Ray Tune trial call;
+``stage_guards`` the checks every exported stage is put through (did it learn; stage 2: did G collapse; stage 3:
+does it beat shuffled EEG).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from neuroimagen.stages.encoder import EncoderStage
 from neuroimagen.stages.saliency import SaliencyStage
 from neuroimagen.stages.semantic import SemanticImageStage, SemanticStage
 from neuroimagen.training.context import RunContext
-from neuroimagen.training.loop import FitResult, Reporter, fit
+from neuroimagen.training.loop import FitResult, Reporter, fit, learning_guard
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (EncoderStage, SaliencyStage, SemanticStage, SemanticImageStage)}
 STAGE_ORDER = tuple(STAGES)
@@ -68,3 +70,18 @@ def fit_stage(name: str, cfg, ctx: RunContext, reporter: Reporter, inputs: dict,
     epochs, val_every = epochs_of(cfg, name)
     return fit(stage, ctx, reporter, epochs=epochs, val_every=val_every, seed=cfg.seed,
                fault_epoch=cfg.train.fault_injection_epoch, fault_marker=fault_marker, log=log)
+
+
+def stage_guards(name: str, best: dict, history: list[dict], data: dict) -> dict:
+    """The guards of stage ``name``'s exported epoch: ``did_not_learn`` (every stage,
+    ``neuroimagen.training.loop.learning_guard``) and the stage's own (``Stage.guards``: ``collapsed`` for the
+    saliency GAN, ``ignores_eeg`` for the semantic regressors).
+
+    ``best``/``history`` as ``fit()`` keeps them, ``data`` the checkpoint's data description. Returns
+    ``{'fired': [names], 'warning': one line or None, <name>: {..numbers.., 'fired': bool, 'reason': str}}``.
+    """
+    checks = {"did_not_learn": learning_guard(best, history), **stage_class(name).guards(data, best.get("metrics", {}))}
+    fired = [k for k, g in checks.items() if g["fired"]]
+    warning = (f"[{name}] guard: " + "; ".join(f"{k.replace('_', ' ')}: {checks[k]['reason']}" for k in fired)
+               if fired else None)
+    return {"fired": fired, "warning": warning, **checks}

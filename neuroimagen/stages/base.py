@@ -30,6 +30,18 @@ class TensorBatches:
             yield {k: v[ix].to(self.device, non_blocking=True) for k, v in self.tensors.items()}
 
 
+def shuffled_index(n: int, seed: int) -> torch.Tensor:
+    """A seeded derangement of ``range(n)``: item i takes item ``out[i]``'s input, never its own (n >= 2).
+
+    One random cycle through a ``torch.randperm`` order, so every item is paired with another one: the shuffled-EEG
+    controls of stages 2 and 3 then never score an item on its own EEG. (n,) int64; n = 1 gives [0].
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (n,)
+    out = torch.empty(n, dtype=torch.long)
+    out[order] = order.roll(-1)
+    return out
+
+
 def batched(module: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:
     """Eval-mode forward of ``module`` over ``x`` in chunks; result on the CPU."""
     module = unwrap(module)
@@ -69,6 +81,14 @@ class Stage(ABC):
     def chance(cls, data: dict, val_metrics: dict) -> dict:
         """The reference level of its validation metrics (``data``: the checkpoint's data description)."""
         return {"chance": 1.0 / data["train"]["classes"]}
+
+    @classmethod
+    def guards(cls, data: dict, val_metrics: dict) -> dict:
+        """Stage-specific sanity checks on the exported epoch's validation metrics (``data``: the checkpoint's data
+        description): ``{guard name: {..numbers.., 'fired': bool, 'reason': str}}``, the name saying what a firing
+        guard means (``collapsed``, ``ignores_eeg``). The stage-agnostic "did not
+        learn" check is ``neuroimagen.training.loop.learning_guard``; ``neuroimagen.stages.stage_guards`` runs both."""
+        return {}
 
     def __init__(self, cfg, ctx: RunContext, inputs: dict):
         self.cfg, self.ctx, self.inputs = cfg, ctx, inputs

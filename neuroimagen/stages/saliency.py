@@ -26,9 +26,18 @@ validation split at the saliency resolution, G in eval mode, every z fixed per i
   with ``k = max(val_kid, 0)`` (weights ``stages.saliency.objective_*``): the sweep objective, so that a sweep
   of alpha1 and alpha2 sees what those terms buy instead of SSIM alone, which only pushes them to their
   minimum. Every term lies in [0, 1]; the realism penalty is 0 for KID 0 and 1/2 for the mean image's KID.
+* The collapse guard's numbers (does G read the EEG at all? A G that draws one condition-independent image can
+  still beat the mean image on SSIM): ``val_ssim_shuffled``, the SSIM of G on *shuffled* features (a seeded
+  derangement of the validation items, the same z) against the true images; ``val_condition_gain`` =
+  ``val_ssim - val_ssim_shuffled`` and ``val_condition_gain_se``, the standard error of its per-item differences;
+  ``val_spread_conditions`` / ``val_spread_z``: on a grid of ``GUARD_CONDITIONS`` evenly spaced items x
+  ``val_samples`` shared z, the per-pixel standard deviation ([0, 1] units) across conditions (one z) and across z
+  (one condition), averaged. ``SaliencyStage.guards`` turns them into the ``collapsed`` flag.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,13 +46,18 @@ from neuroimagen.data.datasets import load_image
 from neuroimagen.losses import hinge_d_loss, hinge_g_loss, mode_seeking_loss, ssim, ssim_loss
 from neuroimagen.metrics.fid import kernel_inception_distance
 from neuroimagen.models.saliency_gan import sample_z
-from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
+from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split, shuffled_index
 from neuroimagen.stages.encoder import build_from_spec
 from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import GlobalBatchSampler
 
 KID_SUBSETS = 10  # KID subsets of min(100, validation items) rows each
 DIVERSITY_ITEMS = 256  # val_diversity on at most this many validation items (evenly spaced): S x this G images
+# The collapse guard (SaliencyStage.guards): G's images do not depend on the EEG when
+GUARD_CONDITIONS = 64  # (spreads measured on at most this many evenly spaced validation items x val_samples z)
+COLLAPSE_SPREAD = 1e-3  # ... they barely vary across conditions: mean pixel std across conditions below this, or
+COLLAPSE_RATIO = 0.1  # ... they vary over 10x more with z than with the EEG (spread_conditions < this x spread_z), or
+COLLAPSE_GAIN = 1e-3  # ... the true EEG does not beat shuffled EEG: SSIM gain <= max(this, 2 standard errors)
 
 
 def load_images(ds, size: int) -> torch.Tensor:
@@ -139,11 +153,37 @@ class SaliencyStage(Stage):
                 "64 features centred and scaled on the validation images; NOT Inception-v3, not comparable with "
                 "published KID), val_kid_mean_image = the mean training image's KID; val_objective = val_ssim + "
                 "{sc.objective_diversity} * val_diversity - {sc.objective_kid} * k / (k + val_kid_mean_image), k = "
-                "max(val_kid, 0) (the sweep objective); model selected on val_ssim")
+                "max(val_kid, 0) (the sweep objective); collapse guard: val_condition_gain = val_ssim - "
+                "val_ssim_shuffled (G on the features of another validation item, a seeded derangement, same z), "
+                "val_spread_conditions / val_spread_z = mean per-pixel std of G across conditions (one z) / across "
+                "{sc.val_samples} z (one condition) on at most 64 evenly spaced items; model selected on val_ssim")
 
     @classmethod
     def chance(cls, data: dict, val_metrics: dict) -> dict:
         return {"baseline_mean_image_ssim": val_metrics.get("val_ssim_mean_image")}
+
+    @classmethod
+    def guards(cls, data: dict, val_metrics: dict) -> dict:
+        """``collapsed``: G's images do not depend on the EEG (see the module doc and the ``COLLAPSE_*`` tolerances)."""
+        keys = ("val_condition_gain", "val_condition_gain_se", "val_spread_conditions", "val_spread_z")
+        if any(val_metrics.get(k) is None for k in keys):
+            return {}  # not measured (an empty validation split, or a checkpoint written before the guard)
+        gain, se, spread_c, spread_z = (float(val_metrics[k]) for k in keys)
+        tol = COLLAPSE_GAIN if math.isnan(se) else max(COLLAPSE_GAIN, 2 * se)
+        reasons = []  # NaN numbers (fewer than two validation items) are not measured and never fire
+        if spread_c < COLLAPSE_SPREAD:
+            reasons.append(f"G's images barely change with the EEG (mean pixel std across conditions "
+                           f"{spread_c:.2g} < {COLLAPSE_SPREAD:g})")
+        elif spread_c < COLLAPSE_RATIO * spread_z:
+            reasons.append(f"G's images vary {spread_z / spread_c:.3g}x more with z than with the EEG (mean pixel std "
+                           f"across conditions {spread_c:.3g} vs across z {spread_z:.3g})")
+        if gain <= tol:
+            reasons.append(f"G's SSIM with the true EEG features is not above its SSIM with shuffled ones (gain {gain:.3g} <= "
+                           f"tolerance {tol:.3g})")
+        return {"collapsed": {"condition_gain": gain, "condition_gain_se": se, "tolerance": tol,
+                              "ssim": val_metrics.get("val_ssim"), "ssim_shuffled": val_metrics.get("val_ssim_shuffled"),
+                              "spread_conditions": spread_c, "spread_z": spread_z, "fired": bool(reasons),
+                              "reason": "; ".join(reasons)}}
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)
@@ -182,6 +222,11 @@ class SaliencyStage(Stage):
         M = f_val.shape[0]
         self.div_items = torch.linspace(0, M - 1, min(M, DIVERSITY_ITEMS)).round().long().unique()  # (m,)
         self.z_samples = sample_z(len(self.div_items) * sc.val_samples, sc.z_dim, generator=g)  # S z per item
+        # the collapse guard: shuffled conditions (every item gets another item's features, its own z) and a grid of
+        # conditions x shared z (its own generator: the draws above stay as they were)
+        self.shuffle_val = shuffled_index(M, cfg.seed + 41)  # (M,)
+        self.guard_items = torch.linspace(0, M - 1, min(M, GUARD_CONDITIONS)).round().long().unique()  # (m_g,)
+        self.z_grid = sample_z(sc.val_samples, sc.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 43))
         mean_img = ((self.img_train + 1) / 2).mean(0, keepdim=True)  # (1, 3, R, R)
         self.baseline = float(ssim(mean_img.expand_as(self.img_val), self.img_val).mean()) if len(self.img_val) else float("nan")
         # realism: the embedded feature network, centred and scaled on the validation images (fixed for the run)
@@ -258,11 +303,27 @@ class SaliencyStage(Stage):
         many = self.generate(self.f_val[self.div_items].repeat_interleave(S, 0), self.z_samples)  # (m * S, 3, R, R)
         diversity = sample_diversity(many.view(m, S, *many.shape[1:]))
         kid = self._kid(pred) if len(pred) >= 2 else float("nan")  # KID needs two items per set
-        val_ssim = float(ssim(pred, self.img_val).mean())
+        per_item = ssim(pred, self.img_val)  # (M,)
+        val_ssim = float(per_item.mean())
         k = max(kid, 0.0)
         return {"val_ssim": val_ssim,
                 "val_pixcorr": float(pixel_correlation(pred, self.img_val).mean()),
                 "val_ssim_mean_image": self.baseline,
                 "val_diversity": diversity, "val_kid": kid, "val_kid_mean_image": self.kid_baseline,
                 "val_objective": val_ssim + sc.objective_diversity * diversity
-                                 - sc.objective_kid * k / max(k + self.kid_baseline, 1e-12)}
+                                 - sc.objective_kid * k / max(k + self.kid_baseline, 1e-12),
+                **self._condition_dependence(per_item)}
+
+    def _condition_dependence(self, per_item: torch.Tensor) -> dict[str, float]:
+        """The collapse guard's numbers (module doc); ``per_item``: (M,) SSIM of G on the true features."""
+        M = len(per_item)
+        shuffled = ssim(self.generate(self.f_val[self.shuffle_val], self.z_val), self.img_val)  # (M,), same z
+        diff = (per_item - shuffled).double()  # (M,)
+        m, S = len(self.guard_items), len(self.z_grid)
+        grid = self.generate(self.f_val[self.guard_items].repeat_interleave(S, 0), self.z_grid.repeat(m, 1))
+        grid = grid.view(m, S, *grid.shape[1:])  # (m, S, 3, R, R): conditions x shared z
+        nan = float("nan")  # one validation item: nothing to shuffle, no spread across conditions
+        return {"val_ssim_shuffled": float(shuffled.mean()), "val_condition_gain": float(diff.mean()) if M >= 2 else nan,
+                "val_condition_gain_se": float(diff.std() / M ** 0.5) if M >= 2 else nan,
+                "val_spread_conditions": float(grid.std(dim=0).mean()) if m >= 2 else nan,
+                "val_spread_z": float(grid.std(dim=1).mean())}

@@ -11,7 +11,10 @@ and is what sweeps optimise; ``val_mse`` in the text encoder's raw units (report
 channels of huge variance dominate it, so it would select for those channels alone); cosine similarity;
 and the nearest-class rate — the fraction of validation items whose prediction is closest (Euclidean,
 flattened) to their own class's prototype: the label-caption embedding (label captions) or the mean
-per-image-caption embedding of the class's training images (per-image captions).
+per-image-caption embedding of the class's training images (per-image captions). Beside it, the shuffled-EEG
+control ``val_nearest_class_shuffled``: the same rate with the EEG permuted across validation trials (a seeded
+derangement: every trial scored on another trial's EEG), which sits near chance; ``SemanticStage.guards`` flags a
+regressor that does not beat it (``ignores_eeg``).
 
 The exported regressor's spec records the text encoder its targets came from (``targets``: identity and
 weight fingerprint), so that reconstruction can refuse a diffusion model with another text encoder
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 
 from neuroimagen.atomic import atomic_dir, atomic_path
 from neuroimagen.models.text_encoder import build_tiny_text_encoder, load_text_encoder
-from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split
+from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split, shuffled_index
 from neuroimagen.stages.encoder import build_from_spec
 from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import GlobalBatchSampler
@@ -108,7 +112,23 @@ class SemanticStage(Stage):
                 "element, minus the training targets' mean, over their std: the training objective, eq. 7); val_mse = "
                 "the same MSE in the text encoder's raw units (reported only); cosine similarity of the flattened "
                 "embeddings; nearest-class rate = fraction of validation items closest (Euclidean) to their class "
-                "prototype; model selected on val_std_mse")
+                "prototype; val_nearest_class_shuffled = the same with the EEG permuted across validation trials "
+                "(seeded derangement), the shuffled-EEG control; model selected on val_std_mse")
+
+    @classmethod
+    def guards(cls, data: dict, val_metrics: dict) -> dict:
+        """``ignores_eeg``: the nearest-class rate does not beat the shuffled-EEG control by more than two binomial
+        standard errors of a rate at the control's level on the validation split (at least one item)."""
+        acc, control = val_metrics.get("val_nearest_class_acc"), val_metrics.get("val_nearest_class_shuffled")
+        n = int((data.get("val") or {}).get("n") or 0)
+        if acc is None or control is None or n < 2:
+            return {}
+        tol = max(1.0 / n, 2 * math.sqrt(control * (1 - control) / n))
+        fired = acc - control <= tol
+        reason = (f"the regressor's nearest-class rate {acc:.3g} is not above the shuffled-EEG control {control:.3g} by more than "
+                  f"{tol:.3g}" if fired else "")
+        return {"ignores_eeg": {"nearest_class": acc, "nearest_class_shuffled": control, "gain": acc - control,
+                                "tolerance": tol, "n": n, "fired": bool(fired), "reason": reason}}
 
     def __init__(self, cfg, ctx, inputs):
         super().__init__(cfg, ctx, inputs)
@@ -121,6 +141,7 @@ class SemanticStage(Stage):
         self.t_train = table[targets["index"]["train"]]  # (N, L, E)
         self.t_val = table[targets["index"]["val"]]
         self.y_val = val.labels
+        self.shuffle_val = shuffled_index(len(self.y_val), cfg.seed + 47)  # (M,): the shuffled-EEG control
         self.prototypes = targets["prototypes"]
         C, T = self.x_train.shape[1:]
         L, E = table.shape[1:]
@@ -171,7 +192,9 @@ class SemanticStage(Stage):
         cos = F.cosine_similarity(pred.flatten(1), self.t_val.flatten(1), dim=1)
         return {"val_std_mse": float(F.mse_loss(pred / std, self.t_val / std)),
                 "val_mse": float(F.mse_loss(pred, self.t_val)), "val_cosine": float(cos.mean()),
-                "val_nearest_class_acc": nearest_class_rate(pred, self.prototypes, self.y_val)}
+                "val_nearest_class_acc": nearest_class_rate(pred, self.prototypes, self.y_val),
+                # h is per trial (eval mode), so h of the permuted EEG is the permuted h
+                "val_nearest_class_shuffled": nearest_class_rate(pred[self.shuffle_val], self.prototypes, self.y_val)}
 
 
 class SemanticImageStage(SemanticStage):

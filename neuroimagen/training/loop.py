@@ -66,6 +66,11 @@ class FitResult:
     resumed_from_epoch: Optional[int]
     final_payload: Optional[dict] = field(default=None, repr=False)
 
+    @property
+    def learning(self) -> dict:
+        """``learning_guard`` of this fit: did the exported epoch beat the untrained model and the first epoch?"""
+        return learning_guard(self.best, self.history)
+
 
 def _better(value: float, best: Optional[float], mode: str) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -73,6 +78,41 @@ def _better(value: float, best: Optional[float], mode: str) -> bool:
     if best is None:
         return True
     return value >= best if mode == "max" else value <= best  # a tie keeps the later, longer-trained epoch
+
+
+LEARNING_TOLERANCE = 1e-6  # "no gain": the selected metric moved less than this (relative to max(1, |untrained|))
+
+
+def learning_guard(best: dict, history: list[dict]) -> dict:
+    """Did the stage learn? Stage-agnostic: compares the exported (best) epoch with the untrained model and with
+    the first validated epoch, on the stage's selection metric and its direction (``best`` as ``fit()`` keeps it).
+
+    Fires when the best value is no better than the untrained model's (gain, signed so that
+    positive is better, at most ``LEARNING_TOLERANCE * max(1, |untrained|)``), or when, with at least two
+    validations, the best epoch is the first validated one (no later epoch beat it). Returns the numbers,
+    ``fired`` and, when it fires, a one-line ``reason``.
+    """
+    metric, mode = best["metric"], best["mode"]
+    value, epoch = best.get("value"), best.get("epoch")
+    untrained = (best.get("untrained") or {}).get(metric)
+    validated = [h["epoch"] for h in history if metric in h]
+    out = {"metric": metric, "mode": mode, "best": value, "best_epoch": epoch, "untrained": untrained,
+           "gain": None, "validations": len(validated), "fired": False, "reason": ""}
+    if value is None:
+        return out
+    reasons = []
+    if untrained is not None and not math.isnan(untrained):
+        out["gain"] = gain = (value - untrained) if mode == "max" else (untrained - value)
+        tol = LEARNING_TOLERANCE * max(1.0, abs(untrained))
+        if gain <= tol:
+            reasons.append(f"no gain over the untrained model ({metric} {value:.4g} vs untrained {untrained:.4g}, "
+                           f"{'higher' if mode == 'max' else 'lower'} is better)")
+    if len(validated) >= 2 and epoch == validated[0]:
+        reasons.append(f"best epoch is the first validated one (epoch {epoch + 1}: no later epoch beat it)")
+    if reasons:
+        out["fired"] = True
+        out["reason"] = "; ".join(reasons)
+    return out
 
 
 def kill_once(marker: Optional[Path]) -> None:
