@@ -3,7 +3,8 @@
 Kinds: ``setup`` (prepare a run: twin, trained stages, LDM, judge), ``train`` (train stages with one
 backend, timing every epoch and report), ``ddp`` (saliency fits with several worker counts in one Ray
 instance), ``data`` (reconstruction + scoring throughput with one backend / actor count), ``scale``
-(``reconstruct()`` for growing subject x variant sets), ``flops`` (achieved FLOP/s of a GAN step vs a
+(``reconstruct()`` for growing subject x variant sets), ``scoring`` (Score with the field's suite vs the
+three metrics alone, on the same generated images), ``flops`` (achieved FLOP/s of a GAN step vs a
 matmul peak) and ``gpu`` (GPU performance options vs fp32). Every kind writes one JSON document.
 """
 
@@ -418,7 +419,48 @@ def gpu_probe(a: dict) -> dict:
     return out
 
 
-KINDS = {"setup": setup, "train": train_probe, "ddp": ddp_probe, "data": data_probe, "scale": scale_probe,
+# ---------------------------------------------------------------------------------------------------------------
+# scoring: the per-image cost of Score with the field's suite against Score with ACC, IS and SSIM only
+
+
+def scoring_probe(a: dict) -> dict:
+    """Generate the rows' images once, then time two scorers on the same batches, interleaved: ``plain`` (ACC
+    hits, the IS probabilities, SSIM: the three metrics scored before the suite) and ``suite`` (the same plus
+    the embedded suite: PixCorr, the chance baselines, two-way identification and FID/KID features on the
+    judge's pooled features, against per-subject galleries)."""
+    import dataclasses
+
+    import torch
+
+    from neuroimagen.reconstruction.factory import load_decode, load_generate, load_score
+    from neuroimagen.reconstruction.rows import rows_to_batch
+    from neuroimagen.runs.evaluation import galleries
+    from neuroimagen.runs.training import prepare_data
+
+    run_dir = Path(a["run_dir"])
+    cfg = prepare_data(_cfg(a["overrides"] + ["train.progress=false"]), run_dir, _log)
+    rows, sources = _eval_parts(run_dir, cfg, a["variants"], a.get("subjects"), threads=a["threads"])
+    torch.set_num_threads(int(a["threads"]))
+    decode, generate = load_decode(cfg, sources), load_generate(cfg, sources)
+    bs = cfg.eval.batch_size
+    batches = [generate(decode(rows_to_batch(rows[i:i + bs]))) for i in range(0, len(rows), bs)]
+    scorers = {"plain": load_score(cfg, dataclasses.replace(sources, write_images=False)),
+               "suite": load_score(cfg, dataclasses.replace(sources, write_images=False, gallery=galleries(rows)))}
+    for score in scorers.values():  # warm-up: caches of ground truths and galleries, first-call costs
+        for b in batches:
+            score(b)
+    times: dict[str, list[float]] = {k: [] for k in scorers}
+    for r in range(a["repeats"]):
+        for name in (list(scorers) if r % 2 == 0 else list(scorers)[::-1]):
+            t = time.perf_counter()
+            for b in batches:
+                scorers[name](b)
+            times[name].append(time.perf_counter() - t)
+    cols = sorted(set(scorers["suite"](batches[0])) - set(scorers["plain"](batches[0])))
+    return {"images": len(rows), "batch_size": bs, "threads": a["threads"], "times_s": times, "suite_columns": cols}
+
+
+KINDS = {"setup": setup, "train": train_probe, "ddp": ddp_probe, "data": data_probe, "scale": scale_probe, "scoring": scoring_probe,
          "flops": flops_probe, "gpu": gpu_probe}
 
 if __name__ == "__main__":

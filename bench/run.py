@@ -10,7 +10,8 @@ the package source. ``--quick`` shrinks every group (fewer epochs, rows and runs
 smoke-test it in a few minutes; its numbers are not for RESULTS.md.
 
 Groups: io, cli, ray_report; train (Ray Train 1 worker vs local), ddp (2 workers vs 1), data (Ray Data vs
-the local loop, 2 actors vs 1), scale (reconstruct() with 1x/2x/4x rows), flops (achieved FLOP/s of a GAN
+the local loop, 2 actors vs 1), scale (reconstruct() with 1x/2x/4x rows), scoring (Score with the field's
+suite vs the three metrics alone, per image), flops (achieved FLOP/s of a GAN
 step vs a matmul peak), gpu (GPU options vs fp32; a "not measured" row without a GPU), demo (both demos:
 wall time and peak memory of the process tree).
 """
@@ -148,14 +149,14 @@ def bench_ray_report(repeats: int) -> list[dict]:
 
 sys.path.insert(0, str(HERE))
 from bench_compute import bench_flops, bench_gpu  # noqa: E402
-from bench_data import bench_data, bench_scale  # noqa: E402
+from bench_data import bench_data, bench_scale, bench_scoring  # noqa: E402
 from bench_demo import bench_demo  # noqa: E402
 from bench_train import bench_ddp, bench_train, bench_train_1t  # noqa: E402
 
 # name -> (function, takes the quick flag)
 BENCHES = {"io": (bench_io, False), "cli": (bench_cli, False), "ray_report": (bench_ray_report, False),
            "train": (bench_train, True), "train_1t": (bench_train_1t, True), "ddp": (bench_ddp, True), "data": (bench_data, True),
-           "scale": (bench_scale, True), "flops": (bench_flops, True), "gpu": (bench_gpu, True),
+           "scale": (bench_scale, True), "scoring": (bench_scoring, True), "flops": (bench_flops, True), "gpu": (bench_gpu, True),
            "demo": (bench_demo, True)}
 PENDING = "not yet analysed: the final run's numbers decide"
 READING = """How to read these rows:

@@ -91,3 +91,25 @@ def test_cli_compare_a_run_without_results_is_one_line(tmp_path, run_cli):
     a = make_run(tmp_path / "a", 0.4, PROTOCOL)
     (tmp_path / "b").mkdir()
     assert_one_line_error(run_cli("compare", a, tmp_path / "b"), "summary.csv", "not found", "neuroimagen evaluate")
+
+
+def test_intervals_ride_with_their_metric_and_a_changed_suite_network_marks_only_its_numbers(tmp_path):
+    cards = {"pixcorr": {"metric": "PixCorr", "protocol": "MindEye"},
+             "twoway_alexnet2": {"metric": "two-way identification", "weights_sha256": "aaa"}}
+    proto_a = {**PROTOCOL, "cards": cards}
+    proto_b = {**PROTOCOL, "cards": {**cards, "twoway_alexnet2": {**cards["twoway_alexnet2"], "weights_sha256": "bbb"}}}
+    for root, proto, shift in ((tmp_path / "a", proto_a, 0.0), (tmp_path / "b", proto_b, 0.02)):
+        (root / "results").mkdir(parents=True)
+        pd.DataFrame([{"subject": "all", "variant": "I", "acc": 0.3, "pixcorr": 0.3 + shift, "pixcorr_lo": 0.2,
+                       "pixcorr_hi": 0.4 + shift, "twoway_alexnet2": 0.7, "twoway_alexnet2_lo": 0.6,
+                       "twoway_alexnet2_hi": 0.8}]).to_csv(root / "results" / "summary.csv", index=False)
+        (root / "results" / "protocol.json").write_text(json.dumps(proto))
+    res = compare_runs(tmp_path / "a", tmp_path / "b")
+    by = {r["metric"]: r for r in res["rows"]}
+    assert set(by) == {"acc", "pixcorr", "twoway_alexnet2"}  # no *_lo / *_hi rows of their own
+    assert by["pixcorr"]["a_ci"] == (0.2, 0.4) and by["pixcorr"]["b_ci"] == pytest.approx((0.2, 0.42))
+    assert by["pixcorr"]["comparable"] and not by["twoway_alexnet2"]["comparable"]
+    assert res["differing"]["twoway_alexnet2"] == ["weights_sha256"]
+    text = format_comparison(res, "a", "b")
+    assert "| all | I | pixcorr | 0.3 [0.2, 0.4] | 0.32 [0.2, 0.42] | 0.02 |" in text
+    assert "twoway_alexnet2 ‡" in text

@@ -115,10 +115,12 @@ def suite_protocol(state: dict) -> dict:
 
 
 def _base(column: str) -> str:
-    for suffix in ("_lo", "_hi", "_std", "_chance"):
+    """The metric a column belongs to: ``pixcorr_chance_lo`` -> ``pixcorr``."""
+    for suffix in ("_lo", "_hi", "_std"):
         if column.endswith(suffix):
-            return column[: -len(suffix)]
-    return column
+            column = column[: -len(suffix)]
+            break
+    return column[: -len("_chance")] if column.endswith("_chance") else column
 
 
 def metric_cards(protocol: dict, state: dict, columns: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -165,7 +167,7 @@ def metric_cards(protocol: dict, state: dict, columns: Sequence[str]) -> dict[st
         card = {**common, **base_cards[base]}
         if col.endswith(("_lo", "_hi")) and ci:
             card["interval"] = {**ci, "bound": "lower" if col.endswith("_lo") else "upper"}
-        if col.endswith("_chance"):
+        if col.endswith(("_chance", "_chance_lo", "_chance_hi")):
             card["baseline"] = (suite.get("chance") or {}).get(
                 {"pixcorr": "pixcorr_chance, ssim_chance", "ssim": "pixcorr_chance, ssim_chance"}.get(
                     base, "dist_<net>_chance" if base.startswith("dist_") else "twoway_<net>_chance" if

@@ -71,14 +71,16 @@ def _metrics(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
         return [c for c in df.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
 
     in_b = set(num(b))
-    return [c for c in num(a) if c in in_b]
+    # an interval's bounds travel with their metric's row, not as metrics of their own
+    return [c for c in num(a) if c in in_b and not c.endswith(("_lo", "_hi"))]
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, subjects: Optional[Iterable[str]] = ("all",)) -> dict:
     """{'rows': [...], 'differing': {metric: [card keys]}, 'provenance': [lines], 'only_a'/'only_b': [...]}.
 
-    One row per (subject, variant, metric) present in both runs: ``a``, ``b``, ``delta`` (b - a) and
-    ``comparable`` (False when the metric's cards differ). ``subjects``: which subject rows (default the pooled
+    One row per (subject, variant, metric) present in both runs: ``a``, ``b``, ``delta`` (b - a),
+    ``comparable`` (False when the metric's cards differ) and, for a metric with an interval, ``a_ci`` / ``b_ci``
+    (the ``<metric>_lo`` / ``_hi`` bounds of each run). ``subjects``: which subject rows (default the pooled
     ``all``; None for every subject).
     """
     sa, pa = load_summary(run_a), load_protocol(run_a)
@@ -94,9 +96,13 @@ def compare_runs(run_a: str | Path, run_b: str | Path, subjects: Optional[Iterab
             continue
         for m in metrics:
             va, vb = float(ia.at[key, m]), float(ib.at[key, m])
-            rows.append({"subject": key[0], "variant": key[1], "metric": m, "a": va, "b": vb,
-                         "delta": vb - va if math.isfinite(va) and math.isfinite(vb) else float("nan"),
-                         "comparable": m not in differing})
+            row = {"subject": key[0], "variant": key[1], "metric": m, "a": va, "b": vb,
+                   "delta": vb - va if math.isfinite(va) and math.isfinite(vb) else float("nan"),
+                   "comparable": m not in differing}
+            for side, frame in (("a", ia), ("b", ib)):  # the 95 % interval of each side, when both bounds exist
+                if f"{m}_lo" in frame.columns and f"{m}_hi" in frame.columns:
+                    row[f"{side}_ci"] = (float(frame.at[key, f"{m}_lo"]), float(frame.at[key, f"{m}_hi"]))
+            rows.append(row)
     prov_a = (pa.get("provenance") or {}).get("evaluate") or {}
     prov_b = (pb.get("provenance") or {}).get("evaluate") or {}
     return {"rows": rows, "differing": differing,
@@ -105,8 +111,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, subjects: Optional[Iterab
             "only_b": [f"{s}/{v}" for s, v in ib.index if (s, v) not in ia.index]}
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{x:.4g}"
+def _fmt(x: float, ci: Optional[tuple[float, float]] = None) -> str:
+    if not math.isfinite(x):
+        return "n/a"
+    if ci is not None and all(math.isfinite(v) for v in ci):
+        return f"{x:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
+    return f"{x:.4g}"
 
 
 def format_comparison(result: dict, name_a: str, name_b: str) -> str:
@@ -114,9 +124,9 @@ def format_comparison(result: dict, name_a: str, name_b: str) -> str:
     lines = ["| subject | variant | metric | A | B | B − A |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mark = "" if r["comparable"] else " ‡"
-        lines.append(f"| {r['subject']} | {r['variant']} | {r['metric']}{mark} | {_fmt(r['a'])} | {_fmt(r['b'])} | "
-                     f"{_fmt(r['delta'])} |")
-    lines += ["", f"A = `{name_a}`, B = `{name_b}`."]
+        lines.append(f"| {r['subject']} | {r['variant']} | {r['metric']}{mark} | {_fmt(r['a'], r.get('a_ci'))} | "
+                     f"{_fmt(r['b'], r.get('b_ci'))} | {_fmt(r['delta'])} |")
+    lines += ["", f"A = `{name_a}`, B = `{name_b}`; brackets: each run's 95 % bootstrap interval over test trials."]
     if result["differing"]:
         lines.append("‡ not comparable, the protocols differ:")
         lines += [f"- {m}: {', '.join(keys)}" for m, keys in result["differing"].items()]
