@@ -208,3 +208,34 @@ def test_variant_tests_match_an_exact_sign_flip_enumeration():
     assert "pixcorr_chance" not in set(tests["metric"]) and "acc" in set(tests["metric"])
     pooled = tests[(tests.subject == "all") & (tests.metric == "pixcorr")].iloc[0]
     assert pooled["n_trials"] == 12 and pooled["exact"] and pooled["n_perm"] == 2 ** 12  # 2^12 <= n_perm
+
+
+def test_statistics_settings_never_invalidate_shards_but_a_suite_network_does(tmp_path):
+    from neuroimagen.config import Config, override
+    from neuroimagen.runs.evaluation import fingerprint, galleries
+
+    def fp(*sets):
+        return fingerprint(override(Config(), list(sets)), {"stages": {}}, "ldm", "classifier", [])
+
+    now = fp()
+    assert fp("eval.suite.bootstrap=50", "eval.suite.permutations=500", "eval.suite.comparisons=[I:L]",
+              "eval.suite.kid_subsets=3", "eval.suite.ci_level=0.9") == now  # read by evaluate only
+    weights = tmp_path / "alexnet.pth"
+    weights.write_bytes(b"x")
+    assert fp(f"eval.suite.alexnet={weights}") != now and fp("eval.suite.judge_features=false") != now
+    rows = [{"subject": "1", "gt": "/a.png"}, {"subject": "1", "gt": "/b.png"}, {"subject": "1", "gt": "/a.png"},
+            {"subject": "2", "gt": "/b.png"}, {"subject": "2", "gt": ""}]
+    assert galleries(rows) == {"1": ["/a.png", "/b.png"], "2": ["/b.png"]}
+
+
+@pytest.mark.parametrize("sets, frag", [
+    (["eval.suite.comparisons=[L+I]"], "eval.suite.comparisons: 'L+I' is not a pair"),
+    (["eval.suite.fid_network=inception"], "eval.suite.fid_network: inception needs eval.suite.inception"),
+    (["eval.suite.bootstrap=1"], "eval.suite.bootstrap"),
+])
+def test_suite_settings_are_checked_with_their_key(sets, frag):
+    from neuroimagen.config import Config, override
+    from neuroimagen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=frag.replace("[", r"\[").replace("+", r"\+")):
+        override(Config(), sets)

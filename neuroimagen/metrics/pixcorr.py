@@ -21,7 +21,7 @@ is square anyway.  Computation is in float64.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +109,67 @@ def pixcorr_scores(pred: Tensor, gt: Tensor, resolution: int = PIXCORR_RESOLUTIO
     return pixcorr_against(pred, [gt], resolution=resolution, base_resolution=base_resolution, constant=constant)[0]
 
 
+class PixStats(NamedTuple):
+    """The sums PixCorr needs of one image set (B images), after its preprocessing (:func:`pixcorr_stats`):
+    ``image`` the clamped image (B, 3, H, W) float64, ``total`` the sum of its resized pixels (B,), ``spread`` n
+    times their variance (B,), ``flat`` whether the image is constant after preprocessing (B,), ``smoothed`` the
+    image through ``M_h . M_w`` (B, 3, H, W): ``sum u v = <smoothed_u, image_v>``."""
+
+    image: Tensor
+    smoothed: Tensor
+    total: Tensor
+    spread: Tensor
+    flat: Tensor
+    n: int
+
+    def select(self, index) -> "PixStats":
+        """The stats of a subset (or a reordering, with repeats) of the images."""
+        return PixStats(self.image[index], self.smoothed[index], self.total[index], self.spread[index],
+                        self.flat[index], self.n)
+
+
+def pixcorr_stats(images: Tensor, resolution: int = PIXCORR_RESOLUTION,
+                  base_resolution: int | None = MINDEYE_BASE_RESOLUTION) -> PixStats:
+    """:class:`PixStats` of (B, 3, H, W) float images in [0, 1]: compute them once for an image that is scored
+    against several others (a ground truth shared by every variant and sample of a trial)."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images must be a (B, 3, H, W) float image tensor, got shape "
+                         f"{tuple(getattr(images, 'shape', ()))}")
+    _check_size("resolution", resolution)
+    _check_size("base_resolution", base_resolution)
+    h, w = images.shape[-2:]
+    a_h, a_w, n = _maps(int(h), int(w), int(resolution), None if base_resolution is None else int(base_resolution))
+    a_h, a_w = a_h.to(images.device), a_w.to(images.device)
+    m_h, m_w = a_h.T @ a_h, a_w.T @ a_w  # (H, H), (W, W)
+    s_h, s_w = a_h.sum(0), a_w.sum(0)  # (H,), (W,): the column sums, sum u = s_h^T x s_w
+    with torch.no_grad():
+        z = images.detach().to(torch.float64).clamp(0, 1)
+        mz = m_h @ z @ m_w  # (B, 3, H, W)
+        total = torch.einsum("h,bchw,w->b", s_h, z, s_w)
+        raw = (mz * z).sum((1, 2, 3))
+        spread = raw - total * total / (3 * n)
+    # a constant image has zero variance; float64 rounding leaves ~1e-16 of the raw sum of squares
+    return PixStats(z, mz, total, spread, spread <= 1e-12 * raw.clamp_min(1e-300), 3 * n)
+
+
+def pixcorr_from_stats(pred: PixStats, gt: PixStats, constant: str = "raise") -> Tensor:
+    """Per-pair PixCorr (B,) float64 of two :class:`PixStats` of equal shapes (see :func:`pixcorr_scores`)."""
+    if constant not in ("raise", "nan"):
+        raise ValueError(f"constant must be 'raise' or 'nan', got {constant!r}")
+    if pred.image.shape != gt.image.shape or pred.n != gt.n:
+        raise ValueError(f"pred and gt must have equal shapes, got {tuple(pred.image.shape)} vs {tuple(gt.image.shape)}")
+    with torch.no_grad():
+        cov = (pred.smoothed * gt.image).sum((1, 2, 3)) - pred.total * gt.total / pred.n
+        flat = pred.flat | gt.flat
+        if bool(flat.any()) and constant == "raise":
+            j = int(flat.nonzero()[0])
+            which = "pred" if bool(pred.flat[j]) else "gt"
+            raise ValueError(f"pixcorr: {which} image {j} is constant after preprocessing; its pixel "
+                             f"correlation is undefined")
+        r = (cov / (pred.spread.clamp_min(1e-300) * gt.spread.clamp_min(1e-300)).sqrt()).clamp(-1, 1)
+        return torch.where(flat, torch.full_like(r, float("nan")), r)
+
+
 def pixcorr_against(pred: Tensor, targets: Sequence[Tensor], resolution: int = PIXCORR_RESOLUTION,
                     base_resolution: int | None = MINDEYE_BASE_RESOLUTION, constant: str = "raise") -> list[Tensor]:
     """:func:`pixcorr_scores` of ``pred`` against each target set (``pred``'s side computed once)."""
@@ -120,38 +181,8 @@ def pixcorr_against(pred: Tensor, targets: Sequence[Tensor], resolution: int = P
     _check_size("base_resolution", base_resolution)
     if pred.shape[0] == 0:
         return [torch.zeros(0, dtype=torch.float64, device=pred.device) for _ in targets]
-    h, w = pred.shape[-2:]
-    a_h, a_w, n = _maps(int(h), int(w), int(resolution), None if base_resolution is None else int(base_resolution))
-    a_h, a_w = a_h.to(pred.device), a_w.to(pred.device)
-    m_h, m_w = a_h.T @ a_h, a_w.T @ a_w  # (H, H), (W, W)
-    s_h, s_w = a_h.sum(0), a_w.sum(0)  # (H,), (W,): the column sums, sum u = s_h^T x s_w
-    n = 3 * n
-
-    def moments(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(z, M_h z M_w, sum u, n * variance of u, flat) of one image set."""
-        z = z.detach().to(torch.float64).clamp(0, 1)
-        mz = m_h @ z @ m_w  # (B, 3, H, W)
-        su = torch.einsum("h,bchw,w->b", s_h, z, s_w)
-        raw = (mz * z).sum((1, 2, 3))
-        var = raw - su * su / n
-        # a constant image has zero variance; float64 rounding leaves ~1e-16 of the raw sum of squares
-        return z, mz, su, var, var <= 1e-12 * raw.clamp_min(1e-300)
-
-    out = []
-    with torch.no_grad():
-        x, mx, su, var_u, flat_u = moments(pred)
-        for gt in targets:
-            y, _, sv, var_v, flat_v = moments(gt)
-            cov = (mx * y).sum((1, 2, 3)) - su * sv / n
-            flat = flat_u | flat_v
-            if bool(flat.any()) and constant == "raise":
-                j = int(flat.nonzero()[0])
-                which = "pred" if bool(flat_u[j]) else "gt"
-                raise ValueError(f"pixcorr: {which} image {j} is constant after preprocessing; its pixel "
-                                 f"correlation is undefined")
-            r = (cov / (var_u.clamp_min(1e-300) * var_v.clamp_min(1e-300)).sqrt()).clamp(-1, 1)
-            out.append(torch.where(flat, torch.full_like(r, float("nan")), r))
-    return out
+    p = pixcorr_stats(pred, resolution, base_resolution)
+    return [pixcorr_from_stats(p, pixcorr_stats(gt, resolution, base_resolution), constant) for gt in targets]
 
 
 def pixcorr(pred: Tensor, gt: Tensor, resolution: int = PIXCORR_RESOLUTION,

@@ -28,7 +28,7 @@ import torch
 
 from neuroimagen.data.datasets import load_image
 from neuroimagen.metrics.nway import effective_n, n_way_top_k_hits
-from neuroimagen.metrics.pixcorr import pixcorr_against
+from neuroimagen.metrics.pixcorr import PixStats, pixcorr_from_stats, pixcorr_stats
 from neuroimagen.metrics.ssim import ssim, ssim_against
 from neuroimagen.models.classifier import Classifier
 from neuroimagen.reconstruction.images import image_stem
@@ -64,9 +64,22 @@ class Score:
         self.ssim_convention, self.ssim_resolution = ssim_convention, ssim_resolution
         self.write_image = write_image
         self._gt_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._pix_cache: dict[tuple[str, int], PixStats] = {}
         self.suite = suite
         if suite is not None:
             suite.load_gt = self._gt
+
+    def _gt_stats(self, paths: list[str], size: int) -> PixStats:
+        """PixCorr's sums of ground-truth images, computed once per (path, size) (a ground truth is scored against
+        every variant and sample of its trial, and as another trial's mismatched target)."""
+        todo = [p for p in dict.fromkeys(paths) if (p, size) not in self._pix_cache]
+        if todo:
+            st = pixcorr_stats(torch.stack([self._gt(p, size) for p in todo]))
+            for i, p in enumerate(todo):
+                self._pix_cache[(p, size)] = st.select(slice(i, i + 1))
+        parts = [self._pix_cache[(p, size)] for p in paths]
+        return PixStats(*(torch.cat([getattr(q, f) for q in parts]) for f in ("image", "smoothed", "total", "spread",
+                                                                                "flat")), parts[0].n)
 
     def _gt(self, path: str, size: int) -> torch.Tensor:
         key = (path, size)
@@ -97,7 +110,8 @@ class Score:
         other = None
         if self.suite is not None:  # the chance baselines: the same generation against another trial's ground truth
             subjects, gts = [str(x) for x in batch["subject"]], [str(x) for x in batch["gt"]]
-            other = torch.stack([self._gt(p, R) for p in self.suite.mismatch_paths(subjects, gts, batch["seed_mismatch"])])
+            other_paths = self.suite.mismatch_paths(subjects, gts, batch["seed_mismatch"])
+            other = torch.stack([self._gt(p, R) for p in other_paths])
             ss, ss_chance = ssim_against(images.double(), [gt.double(), other.double()], convention=self.ssim_convention,
                                          resolution=self.ssim_resolution)
         else:
@@ -120,7 +134,9 @@ class Score:
                    probs=probs.numpy().astype(np.float32), image=np.asarray(img_paths, dtype=object),
                    saliency=np.asarray(init_paths, dtype=object))
         if self.suite is not None:
-            pc, pc_chance = pixcorr_against(images, [gt, other], constant="nan")
+            mine = pixcorr_stats(images)
+            pc = pixcorr_from_stats(mine, self._gt_stats(gts, R), constant="nan")
+            pc_chance = pixcorr_from_stats(mine, self._gt_stats(other_paths, R), constant="nan")
             out.update(pixcorr=pc.numpy(), pixcorr_chance=pc_chance.numpy(), ssim_chance=ss_chance.numpy(),
                        **self.suite(images, subjects, gts, known))
         if self.is_network is not None:

@@ -3,8 +3,11 @@
 Reads what ``neuroimagen evaluate`` writes under ``RUN/results/``:
 
 * ``per_sample.parquet`` — one row per generated image (subject, variant, item, sample, image paths...);
-* ``summary.csv`` — ACC / IS / SSIM per (subject, variant), plus pooled rows with subject ``"all"``;
-* ``protocol.json`` — how every number was produced (data, classifier, N-way, IS, SSIM, LDM, variants).
+* ``summary.csv`` — ACC / IS / SSIM and the suite per (subject, variant) with their intervals, plus pooled rows
+  with subject ``"all"``;
+* ``protocol.json`` — how every number was produced (data, classifier, N-way, IS, SSIM, LDM, variants, the
+  suite's networks, one card per number);
+* ``tests.csv`` (optional) — the paired permutation tests between variants.
 
 and writes ``RUN/report/report.md`` with, beside it, ``per_subject.png``, ``grid_<variant>.png`` (the
 paper's Fig. 3: GT | saliency | samples) and ``comparison.png`` (Fig. 5 style: GT | sample 0 per variant).
