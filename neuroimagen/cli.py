@@ -113,6 +113,10 @@ def data():
 @click.option("--subjects", type=int, default=None, help="Number of subjects.")
 @click.option("--channels", type=int, default=None, help="EEG channels (real: 128; THINGS 17 or 63).")
 @click.option("--times", type=int, default=None, help="things-eeg: samples per segment (100 or 250).")
+@click.option("--layout", type=click.Choice(["17x100", "63x250"]), default=None,
+              help="things-eeg: a released channels x samples layout with its channel names (instead of --channels/--times).")
+@click.option("--test-classes", type=int, default=None,
+              help="things-eeg: test concepts, disjoint from the training ones (one image each).")
 @click.option("--image-size", type=int, default=None, help="Image side in pixels.")
 @click.option("--snr", type=float, default=None, help="Signal-to-noise ratio of the evoked sources.")
 @click.option("--seed", type=int, default=None, help="Seed; the same seed writes the same files.")
@@ -125,8 +129,8 @@ def data():
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a twin neuroimagen wrote.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @config_options
-def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, image_size, snr, seed, eeg_code,
-               images, member, overwrite, quiet, config_path, overrides):
+def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, layout, test_classes, image_size, snr,
+               seed, eeg_code, images, member, overwrite, quiet, config_path, overrides):
     """Write a synthetic twin dataset to OUT in the real EEG-ImageNet or THINGS-EEG2 layout."""
     from neuroimagen.data.synthetic import TWIN_FAMILY
 
@@ -134,7 +138,7 @@ def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, i
         raise click.BadParameter(f"unknown member '{member}' (known: {', '.join(TWIN_FAMILY)})", param_hint="--member")
     preset = tuple(f"synth.{k}={json.dumps(v)}" for k, v in TWIN_FAMILY.get(member, {}).items())
     flags = {"format": fmt, "classes": classes, "images_per_class": images_per_class, "subjects": subjects,
-             "channels": channels, "times": times, "image_size": image_size, "snr": snr, "seed": seed,
+             "channels": channels, "times": times, "layout": layout, "test_classes": test_classes, "image_size": image_size, "snr": snr, "seed": seed,
              "eeg_code": eeg_code, "images": images}
     extra = tuple(f"synth.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)
     cfg = _load(config_path, preset + tuple(overrides) + extra)
@@ -144,8 +148,12 @@ def data_synth(out, fmt, classes, images_per_class, subjects, channels, times, i
     check_target(out, "twin", overwrite, flag="OUT")
 
     summary = synthesize(out, cfg.synth, overwrite=overwrite, show_progress=not quiet)
+    things = cfg.synth.format == "things-eeg"
+    classes_text = (f"{cfg.synth.classes} training + {cfg.synth.test_classes} test concepts" if things
+                    else f"{cfg.synth.classes} classes")
+    channels_text = (f"{summary['channels']} x {summary['times']}" if things else f"{summary['channels']} channels")
     click.echo(f"wrote {summary['segments']} segments, {summary['images']} images ({cfg.synth.format}, "
-               f"{cfg.synth.classes} classes, {cfg.synth.subjects} subjects, {cfg.synth.channels} channels, "
+               f"{classes_text}, {cfg.synth.subjects} subjects, {channels_text}, "
                f"EEG code {cfg.synth.eeg_code}, {cfg.synth.images}) to {out}")
     click.echo(f"read it with: --config {out}/config.yaml")
 

@@ -67,7 +67,11 @@ class DataConfig:
     window: Optional[tuple[int, int]] = param(None, doc="time window [start, stop); null = [20, 460] for eeg-imagenet, all of T for things-eeg")
     image_size: int = param(64, ge=8, le=1024, doc="images are resized (short side) and centre-cropped to this")
     things_val_per_concept: int = param(1, ge=0, doc="things-eeg: training images per concept held out for validation")
-    things_average_repetitions: bool = param(True, doc="things-eeg: average the repetitions of each image")
+    things_average_repetitions: bool = param(True, doc="things-eeg: average the repetitions of each training "
+                                                       "(and validation) image; false: one segment per repetition")
+    test_repetitions: Literal["average", "each"] = param("average", doc=(
+        "things-eeg: the test images' repetitions (80 in the release) are averaged into one segment per image "
+        "and subject, as NICE/ATM evaluate (average), or kept as one segment per repetition (each)"))
 
     def validate(self, prefix: str) -> None:
         if self.min_length > self.max_length:
@@ -103,7 +107,15 @@ class SynthConfig:
     snr: float = param(1.0, gt=0, doc="signal-to-noise ratio of the class/instance sources (std ratio)")
     seed: int = param(0, ge=0, doc="everything written is a function of this seed")
     times: int = param(100, ge=8, le=4096, doc="things-eeg: samples per segment (real: 100 or 250)")
-    test_repetitions: int = param(8, ge=1, le=80, doc="things-eeg: repetitions of each test image (real: 80)")
+    layout: Optional[Literal["17x100", "63x250"]] = param(None, doc=(
+        "things-eeg: a released channels x samples layout, with its channel names: 17x100 (Gifford 2022's "
+        "preprocessed release) or 63x250 (the NICE/ATM variant); null = synth.channels x synth.times"))
+    test_classes: int = param(10, ge=1, le=38, doc=(
+        "things-eeg: test concepts, disjoint from the synth.classes training concepts, one image each (real: 200 "
+        "test vs 1654 training concepts); classes + test_classes <= 40"))
+    train_repetitions: int = param(4, ge=1, le=80, doc="things-eeg: repetitions of each training image (real: 4)")
+    test_repetitions: int = param(8, ge=1, le=80, doc="things-eeg: repetitions of each test image (real: 80; "
+                                                      "scaled down by default)")
     eeg_code: Literal["sources", "bandpower", "erp"] = param("sources", doc=(
         "how the EEG carries class and instance: sources (phase-locked oscillatory sources whose amplitudes encode "
         "them), bandpower (induced narrow-band power, random phase per trial, in localised channel groups), erp "
@@ -111,6 +123,26 @@ class SynthConfig:
     images: Literal["objects", "glyphs", "cluttered"] = param("objects", doc=(
         "stimulus family: objects (class = shape x colour on a textured background), glyphs (class = fill pattern x "
         "hue inside a rounded panel), cluttered (objects among random distractor shapes)"))
+
+    def validate(self, prefix: str) -> None:
+        if self.layout is not None:
+            if self.format != "things-eeg":
+                raise ConfigError(f"{prefix}.layout: only for format things-eeg, got format {self.format}")
+            shape = tuple(int(v) for v in self.layout.split("x"))
+            defaults = (SynthConfig.channels, SynthConfig.times)
+            if (self.channels, self.times) not in (shape, defaults):
+                raise ConfigError(f"{prefix}.layout: {self.layout} fixes channels x times, but {prefix}.channels x "
+                                  f"{prefix}.times is {self.channels} x {self.times}; set one of them, not both")
+        if self.format == "things-eeg" and self.classes + self.test_classes > 40:
+            raise ConfigError(f"{prefix}.test_classes: expected classes + test_classes <= 40 (the twin has 40 distinct "
+                              f"class looks), got {self.classes} + {self.test_classes}")
+
+    def shape(self) -> tuple[int, int]:
+        """(channels, samples) of a things-eeg segment: the layout's, else synth.channels x synth.times."""
+        if self.layout is not None:
+            c, t = self.layout.split("x")
+            return int(c), int(t)
+        return self.channels, self.times
 
 
 EncoderName = Literal["lstm", "channelnet", "tsconv"]

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_EEG_IMAGENET = dict(format="eeg-imagenet", classes=6, images_per_class=10, subjects=2, channels=8,
                          image_size=32, seed=3)
-TINY_THINGS = dict(format="things-eeg", classes=4, images_per_class=10, subjects=2, channels=17, times=100,
-                   image_size=32, test_repetitions=3, seed=5)
+TINY_THINGS = dict(format="things-eeg", classes=4, test_classes=3, images_per_class=10, subjects=2, layout="17x100",
+                   image_size=32, train_repetitions=2, test_repetitions=3, seed=5)
 
 
 def make_twin(path: Path, **kw) -> Path:

@@ -387,6 +387,7 @@ def test_label_to_class_maps_dataset_wnids_to_classifier_indices():
 
     dataset = ["n02389026", "n02106662", "n01440764"]  # label order
     assert label_to_class(dataset, WNIDS, "f.json") == [4, 2, 0]
+    assert label_to_class(["n02389026", "n09999999"], WNIDS, "f.json", missing=-1) == [4, -1]
     with pytest.raises(ConfigError, match=r"f.json: the dataset's class n09999999 \(label 1\) is not among its 5"):
         label_to_class(["n02389026", "n09999999"], WNIDS, "f.json")
 
@@ -426,9 +427,14 @@ def test_prepare_classifier_maps_the_dataset_wnids_through_the_class_file(mobile
     spec, desc = prepare_classifier(_tv_config(path, classes), tmp_path, _splits(["n02106662", "n01440764"]), 64)
     assert desc["label_to_class"] == [2, 0] and str(classes) in desc["label_space"]
     assert spec["class_names"] == WNIDS and "gt_accuracy_unavailable" not in desc
-    with pytest.raises(ConfigError) as err:  # a dataset WNID the file lacks: one clear error naming both
-        prepare_classifier(_tv_config(path, classes), tmp_path, _splits(["n02106662", "n03000000"]), 64)
-    assert str(err.value).startswith(f"eval.classifier_classes: {classes}: the dataset's class n03000000 (label 1)")
+    assert desc["covered_labels"] == [0, 1] and desc["coverage"].endswith(": 2 of 2")
+    # a dataset class the file lacks (a THINGS concept, a WNID outside the index) is recorded as not covered:
+    # evaluate withholds ACC if the evaluated split holds it
+    _, desc = prepare_classifier(_tv_config(path, classes), tmp_path,
+                                 _splits(["n02106662", "00001_aircraft_carrier", "n03000000"]), 64)
+    assert desc["label_to_class"] == [2, -1, -1] and desc["covered_labels"] == [0]
+    assert desc["coverage"] == (f"the dataset classes whose id is in {classes}: 1 of 3 (not there: "
+                                "'00001_aircraft_carrier' and 1 more)")
 
 
 def test_prepare_classifier_without_a_class_file_reports_gt_accuracy_unavailable(mobilenet_weights, tmp_path):

@@ -11,13 +11,15 @@ import torch
 from conftest import assert_one_line_error
 
 
-@pytest.mark.parametrize("fmt, extra", [("eeg-imagenet", []), ("things-eeg", ["--times", "100"])])
+@pytest.mark.parametrize("fmt, extra", [("eeg-imagenet", []), ("things-eeg", ["--layout", "17x100", "--test-classes", 2])])
 def test_synth_then_inspect_round_trip(tmp_path, run_cli, fmt, extra):
     out = tmp_path / "twin"
     res = run_cli("data", "synth", out, "--format", fmt, "--classes", 3, "--images-per-class", 10, "--subjects", 2,
-                  "--channels", 6 if fmt == "eeg-imagenet" else 17, "--image-size", 16, "--seed", 4, "--quiet", *extra)
+                  *(["--channels", 6] if fmt == "eeg-imagenet" else []), "--image-size", 16, "--seed", 4, "--quiet", *extra)
     assert res.code == 0, res
     assert f"to {out}" in res.out
+    if fmt == "things-eeg":
+        assert "3 training + 2 test concepts" in res.out and "17 x 100" in res.out
     target = out / "eeg_14_70_std.pth" if fmt == "eeg-imagenet" else out
     res = run_cli("data", "inspect", target, "--json", "--out", tmp_path / "insp",
                   *(["--images", out / "images"] if fmt == "eeg-imagenet" else []))
@@ -32,7 +34,8 @@ def test_synth_then_inspect_round_trip(tmp_path, run_cli, fmt, extra):
         assert report["length_filter"]["too_long"] == report["segments"] - report["length_filter"]["kept"]
     else:
         assert report["subjects"]["sub-02"]["test"]["repetitions"] == 8
-        assert report["images"]["training"]["images"] == 30
+        assert report["images"]["training"]["images"] == 30 and report["images"]["test"]["images"] == 2
+        assert report["images"]["concepts_in_both"] == 0  # zero-shot: disjoint test concepts
     assert json.loads((tmp_path / "insp" / "inspect.json").read_text()) == report
     assert (tmp_path / "insp" / "config.yaml").is_file()
     # the human-readable form ends with the problem list

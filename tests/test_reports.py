@@ -475,3 +475,84 @@ def test_a_protocol_written_before_networks_were_recorded_still_names_the_is_net
     assert "| IS (vit_h_14 ACC classifier, not Inception-v3) |" in section(text, "Ablation")
     assert "IS computed with `torchvision:vit_h_14@/models/vit.pth` (torchvision), not Inception-v3" in text
     assert "- splits: 10 splits;" in section(text, "Protocol")
+
+
+# --------------------------------------------------------------------------------------------------
+# N-way ACC withheld when the classifier's classes do not cover the evaluated concepts (zero-shot THINGS)
+
+JUDGE = {"kind": "judge", "identity": "judge:abc", "label_to_class": list(range(5)),
+         "label_space": "the dataset's labels (the judge is trained on them)", "spec": {"kind": "judge"}}
+
+
+def _evaluated(run: Path) -> tuple[list[str], dict]:
+    import pandas as pd
+
+    from neuroimagen.runs.evaluation import evaluate
+
+    lines: list[str] = []
+    evaluate(run, log=lines.append)
+    summary = pd.read_csv(run / "results" / "summary.csv", dtype={"subject": str}).set_index("subject")
+    return lines, {"summary": summary, "protocol": json.loads((run / "results" / "protocol.json").read_text())}
+
+
+def test_acc_is_withheld_when_the_judge_never_saw_the_test_concepts(tmp_path):
+    """The judge learned labels 0-2 only; the test trials hold labels 0-4 (3 and 4 have no training image, as
+    THINGS-EEG2's test concepts): ACC, ACC max, the GT accuracy and the judge's IS are n/a with the reason, in
+    protocol.json, the log (one warning line) and every place of the report that shows ACC; SSIM stays."""
+    from neuroimagen.runs.reference import results_block
+    from neuroimagen.runs.reports import load_protocol, load_summary, write_report
+
+    run = scored_run(tmp_path, {**JUDGE, "covered_labels": [0, 1, 2], "coverage": "the labels with training images"})
+    lines, out = _evaluated(run)
+    s, protocol = out["summary"], out["protocol"]
+    for col in ("acc", "acc_max", "judge_gt_acc", "is", "is_std"):
+        assert s[col].isna().all(), col
+    assert s.loc["1", "ssim"] == pytest.approx(0.3) and s.loc["1", "acc_chance"] == pytest.approx(1 / 50)
+    why = protocol["acc"]["unavailable"]
+    assert why.startswith("not available: the judge is trained on the training images only, and 2 of the 5 test "
+                          "concepts have none (labels 3, 4: zero-shot concepts")
+    assert "PixCorr, SSIM, two-way identification, FID/KID) stand" in why
+    assert protocol["acc"]["withheld"] == ["acc", "acc_max", "judge_gt_acc", "is"]
+    assert protocol["is"]["unavailable"] == why and protocol["classifier"]["gt_accuracy"] is None
+    assert protocol["classifier"]["gt_accuracy_unavailable"] == why
+    assert "covered_labels" not in protocol["classifier"]  # the label list stays in state.json, not the report
+    assert protocol["cards"]["acc"]["unavailable"] == why and "unavailable" not in protocol["cards"]["ssim"]
+    assert "unavailable" not in protocol["cards"]["acc_chance"]
+    warnings = [m for m in lines if "ACC withheld" in m]
+    assert len(warnings) == 1 and warnings[0].startswith("evaluate: warning: ACC withheld (acc, acc_max, judge_gt_acc, "
+                                                         "is are n/a): not available: the judge")
+
+    text = write_report(run).read_text()
+    note = f"> **ACC n/a:** {why}"
+    ablation = section(text, "Ablation")
+    assert note in ablation and ablation.index(note) > ablation.index("| variant | ACC (%)")
+    assert table_rows(ablation)[0][1:3] == ["n/a", "n/a"]
+    assert note in section(text, "Per subject") and note in section(text, "Judge")
+    assert f"top-1 accuracy on the ground-truth test images: n/a ({why})" in section(text, "Judge")
+    assert "Caution" not in text
+    assert f"- **Not reported:** {why}" in section(text, "Protocol")
+    block = results_block(load_summary(run), load_protocol(run), "neuroimagen demo")  # the README renderer
+    assert note in block and block.index(note) > block.index("| variant |")
+
+
+def test_acc_stays_when_the_classifier_covers_the_evaluated_concepts(tmp_path):
+    run = scored_run(tmp_path, {**JUDGE, "covered_labels": list(range(5))})
+    lines, out = _evaluated(run)
+    assert out["summary"].loc["1", "acc"] == pytest.approx(0.5)
+    assert "unavailable" not in out["protocol"]["acc"] and not any("ACC withheld" in m for m in lines)
+    # a run scored before coverage was recorded is taken as covered
+    lines, out = _evaluated(scored_run(tmp_path / "old", JUDGE))
+    assert out["summary"].loc["1", "acc"] == pytest.approx(0.5) and "unavailable" not in out["protocol"]["acc"]
+
+
+def test_acc_is_withheld_for_classes_missing_from_a_torchvision_class_index(tmp_path):
+    """Labels 3 and 4 are not in the classifier's class index (label_to_class -1): ACC and the GT accuracy are
+    n/a, the IS of the ImageNet classifier (label-free) stays."""
+    clf = {**TV, "label_to_class": IMAGENET_INDEX[:3] + [-1, -1], "covered_labels": [0, 1, 2],
+           "coverage": "the dataset classes whose id is in c.json: 3 of 5 (not there: '00001_aircraft_carrier' and 1 more)"}
+    _, out = _evaluated(scored_run(tmp_path, clf))
+    s, protocol = out["summary"], out["protocol"]
+    assert s["acc"].isna().all() and s["judge_gt_acc"].isna().all() and s["is"].notna().all()
+    assert protocol["acc"]["withheld"] == ["acc", "acc_max", "judge_gt_acc"] and "unavailable" not in protocol["is"]
+    assert "2 of the 5 test classes (labels 3, 4) have no class in the classifier's class index (the dataset " \
+           "classes whose id is in c.json: 3 of 5 (not there: '00001_aircraft_carrier'" in protocol["acc"]["unavailable"]

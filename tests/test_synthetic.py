@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from conftest import TINY_EEG_IMAGENET, TINY_THINGS, make_twin
-from neuroimagen.config import load_config
+from neuroimagen.config import SynthConfig, load_config
 from neuroimagen.data.datasets import load_splits
+from neuroimagen.data.synthetic import THINGS_17, EEGModel, class_look, synthesize
+from neuroimagen.errors import ConfigError
 from neuroimagen.probe import probe_datasets, sampling_rate
 
 
@@ -57,13 +60,67 @@ def test_eeg_imagenet_layout(twin):
 
 def test_things_layout(things_twin):
     d = np.load(things_twin / "sub-01" / "preprocessed_eeg_training.npy", allow_pickle=True).item()
-    K, n = TINY_THINGS["classes"], TINY_THINGS["images_per_class"]
-    assert d["preprocessed_eeg_data"].shape == (K * n, 4, 17, 100)
-    assert len(d["ch_names"]) == 17 and len(d["times"]) == 100
+    K, n, Kt = TINY_THINGS["classes"], TINY_THINGS["images_per_class"], TINY_THINGS["test_classes"]
+    assert d["preprocessed_eeg_data"].shape == (K * n, TINY_THINGS["train_repetitions"], 17, 100)
+    assert tuple(d["ch_names"]) == THINGS_17 and len(d["times"]) == 100
     t = np.load(things_twin / "sub-02" / "preprocessed_eeg_test.npy", allow_pickle=True).item()
-    assert t["preprocessed_eeg_data"].shape == (K, TINY_THINGS["test_repetitions"], 17, 100)
-    folders = sorted(p.name for p in (things_twin / "image_set" / "training_images").iterdir())
-    assert folders[0] == "00001_sorrel" and len(folders) == K
+    assert t["preprocessed_eeg_data"].shape == (Kt, TINY_THINGS["test_repetitions"], 17, 100)
+    image_set = things_twin / "image_set"
+    folders = {w: sorted(p.name for p in (image_set / f"{w}_images").iterdir()) for w in ("training", "test")}
+    assert folders["training"] == ["00001_anemone_fish", "00002_iron", "00003_parachute", "00004_sorrel"]
+    assert folders["test"] == ["00001_coffee_mug", "00002_espresso_maker", "00003_mountain_bike"]
+    # zero-shot, as the release: no test concept is a training concept; one image per test concept
+    concept = lambda f: f.split("_", 1)[1]  # noqa: E731
+    assert not {concept(f) for f in folders["training"]} & {concept(f) for f in folders["test"]}
+    assert all(len(list((image_set / "test_images" / f).iterdir())) == 1 for f in folders["test"])
+    assert all(len(list((image_set / "training_images" / f).iterdir())) == n for f in folders["training"])
+    # image_metadata.npy: the release's keys, one entry per image in EEG row order
+    meta = np.load(image_set / "image_metadata.npy", allow_pickle=True).item()
+    assert set(meta) == {f"{s}_img_{k}" for s in ("train", "test") for k in ("files", "concepts", "concepts_THINGS")}
+    assert len(meta["train_img_files"]) == K * n and len(meta["test_img_files"]) == Kt
+    assert meta["test_img_files"][0] == "coffee_mug_01s.jpg" and meta["test_img_concepts"][0] == "00001_coffee_mug"
+    assert meta["train_img_files"][:2] == ["anemone_fish_01b.jpg", "anemone_fish_02b.jpg"]
+    assert all((image_set / "training_images" / c / f).is_file()
+               for c, f in zip(meta["train_img_concepts"], meta["train_img_files"]))
+    # the concept's number in the whole (alphabetical) concept list: coffee mug is second after anemone fish
+    assert meta["test_img_concepts_THINGS"][0] == "00002_coffee_mug"
+    assert meta["train_img_concepts_THINGS"][-1] == f"{K + Kt:05d}_sorrel"
+
+
+def test_things_63x250_layout_and_repetitions(tmp_path):
+    root = make_twin(tmp_path / "t", **{**TINY_THINGS, "layout": "63x250", "classes": 2, "test_classes": 2,
+                                        "images_per_class": 10, "subjects": 1, "train_repetitions": 4,
+                                        "test_repetitions": 5})
+    d = np.load(root / "sub-01" / "preprocessed_eeg_training.npy", allow_pickle=True).item()
+    t = np.load(root / "sub-01" / "preprocessed_eeg_test.npy", allow_pickle=True).item()
+    assert d["preprocessed_eeg_data"].shape == (20, 4, 63, 250) and t["preprocessed_eeg_data"].shape == (2, 5, 63, 250)
+    assert len(d["ch_names"]) == 63 == len(set(d["ch_names"])) and len(d["times"]) == 250
+    assert [d["ch_names"].index(c) for c in THINGS_17] == sorted(d["ch_names"].index(c) for c in THINGS_17)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"classes": 30, "test_classes": 11}, "synth.test_classes: expected classes + test_classes <= 40"),
+    ({"layout": "17x100", "channels": 63, "times": 250}, "synth.layout: 17x100 fixes channels x times, but"),
+    ({"format": "eeg-imagenet", "layout": "17x100"}, "synth.layout: only for format things-eeg"),
+])
+def test_things_synth_settings_are_checked(tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        synthesize(tmp_path / "t", SynthConfig(**{**TINY_THINGS, **kw}), show_progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_things_test_concepts_are_decodable_from_parts_seen_in_training():
+    """The factorial class code: an unseen (shape, colour) pair's code is predicted from its parts."""
+    looks = [class_look(c) for c in range(28)]  # training concepts 0..19 (every shape and colour), test 20..27
+    model = EEGModel(np.random.default_rng(0), 28, 1, 8, 100.0, onset=0.2, snr=1.0)
+    model.factorial(looks, np.random.default_rng(1))
+    a = model.class_amp  # (K, S)
+    assert not set(looks[20:]) & set(looks[:20]) and len(set(looks)) == 28
+    # a linear read-out of the parts fitted on the training concepts predicts every test concept's code
+    parts = sorted({p for look in looks for p in look})
+    X = np.array([[float(p in look) for p in parts] for look in looks])  # (K, parts) indicator design
+    coef, *_ = np.linalg.lstsq(X[:20], a[:20], rcond=None)
+    assert np.allclose(X[20:] @ coef, a[20:], atol=1e-8)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import TINY_THINGS, make_twin
-from neuroimagen.config import load_config
+from neuroimagen.config import Config, from_dict, load_config
 from neuroimagen.data.datasets import load_recording, load_splits
-from neuroimagen.errors import DataError
+from neuroimagen.errors import ConfigError, DataError
 
 
 def cfg_for(root: Path, **kw):
@@ -21,9 +21,9 @@ def cfg_for(root: Path, **kw):
 
 def test_items_and_splits(things_twin):
     ds = load_splits(cfg_for(things_twin))
-    K, n = TINY_THINGS["classes"], TINY_THINGS["images_per_class"]
+    K, n, Kt = TINY_THINGS["classes"], TINY_THINGS["images_per_class"], TINY_THINGS["test_classes"]
     P = TINY_THINGS["subjects"]
-    assert len(ds["train"]) == P * K * (n - 1) and len(ds["val"]) == P * K and len(ds["test"]) == P * K
+    assert len(ds["train"]) == P * K * (n - 1) and len(ds["val"]) == P * K and len(ds["test"]) == P * Kt
     item = ds["test"][0]
     assert item["eeg"].shape == (17, 100) and item["eeg"].dtype == torch.float32
     assert item["image"].shape == (3, 32, 32)
@@ -37,20 +37,39 @@ def test_items_and_splits(things_twin):
     # validation = held-out training images (split by image, never by trial)
     assert not set(ds["train"].stems) & set(ds["val"].stems)
     assert all(s.endswith("s") for s in ds["test"].stems)
+    # zero-shot: the test labels are the test concepts, after the training ones, and none has a training image
+    seen = set(rec.labels[ds["train"].indices].tolist()) | set(rec.labels[ds["val"].indices].tolist())
+    test_labels = set(rec.labels[ds["test"].indices].tolist())
+    assert seen == set(range(K)) and test_labels == set(range(K, K + Kt)) and len(rec.class_names) == K + Kt
 
 
 def test_repetitions_kept_or_averaged(things_twin):
     avg = load_recording(cfg_for(things_twin), check_images=False)
+    P, Kt = TINY_THINGS["subjects"], TINY_THINGS["test_classes"]
+    assert len(avg.splits["test"]) == P * Kt  # test repetitions averaged by default: one segment per image and subject
     sep = load_recording(cfg_for(things_twin, things_average_repetitions=False), check_images=False)
-    assert len(sep.splits["test"]) == TINY_THINGS["test_repetitions"] * len(avg.splits["test"])
-    assert len(sep.splits["train"]) == 4 * len(avg.splits["train"])
+    assert len(sep.splits["train"]) == TINY_THINGS["train_repetitions"] * len(avg.splits["train"])
+    assert len(sep.splits["test"]) == len(avg.splits["test"])  # the training setting leaves the test split alone
+    each = load_recording(cfg_for(things_twin, test_repetitions="each"), check_images=False)
+    assert len(each.splits["test"]) == TINY_THINGS["test_repetitions"] * len(avg.splits["test"])
+    assert len(each.splits["train"]) == len(avg.splits["train"])
+    assert "test repetitions averaged" in avg.notes[0] and "kept as separate segments" in each.notes[0]
     raw = np.load(things_twin / "sub-01" / "preprocessed_eeg_test.npy", allow_pickle=True).item()["preprocessed_eeg_data"]
     j = int(avg.splits["test"][0])
     assert np.allclose(avg.segment(j).numpy(), raw[0].mean(0), atol=1e-5)
+    first = [int(i) for i in each.splits["test"][:TINY_THINGS["test_repetitions"]]]
+    assert all(np.allclose(each.segment(i).numpy(), raw[0, r]) for r, i in enumerate(first))
+
+
+def test_test_repetitions_setting_is_checked():
+    assert from_dict(Config, {"data": {"format": "things-eeg"}}).data.test_repetitions == "average"
+    with pytest.raises(ConfigError, match="data.test_repetitions: expected one of 'average', 'each', got 'mean'"):
+        from_dict(Config, {"data": {"format": "things-eeg", "test_repetitions": "mean"}})
 
 
 def test_shapes_are_read_from_the_file(tmp_path):
-    root = make_twin(tmp_path / "t63", **{**TINY_THINGS, "channels": 63, "times": 250, "classes": 2, "subjects": 1})
+    root = make_twin(tmp_path / "t63", **{**TINY_THINGS, "layout": "63x250", "classes": 2, "test_classes": 2,
+                                          "subjects": 1})
     ds = load_splits(cfg_for(root), image_mode="none")
     assert ds["train"][0]["eeg"].shape == (63, 250)
     ds = load_splits(cfg_for(root, window=(50, 150)), image_mode="none")

@@ -19,8 +19,8 @@ a band-power decoder does); ``erp`` in the latencies and amplitudes of time-lock
 
 Files written (eeg-imagenet): ``eeg_{5_95,14_70,55_95}_std.pth``, ``eeg_signals_raw_with_mean_std.pth``,
 ``block_splits_by_image_{all,single}.pth``, ``images/<wnid>/<stem>.JPEG``; (things-eeg):
-``sub-XX/preprocessed_eeg_{training,test}.npy``, ``image_set/{training,test}_images/...``,
-``image_set/image_metadata.npy``. Both: ``captions.json`` (per-image attribute captions standing in
+``sub-XX/preprocessed_eeg_{training,test}.npy``, ``image_set/{training,test}_images/<NNNNN_concept>/...``,
+``image_set/image_metadata.npy``, with test concepts disjoint from the training ones (zero-shot, as the release). Both: ``captions.json`` (per-image attribute captions standing in
 for BLIP), ``attributes.json`` (the ground truth), ``config.yaml`` (a config that reads the twin),
 ``.neuroimagen`` (the marker that lets ``--overwrite`` replace it).
 """
@@ -65,7 +65,12 @@ POSITION = (0.4, 0.6)
 SIZE = (0.45, 0.7)
 BACKGROUND = (0.3, 0.7)
 N_SPLITS = 6
+# channel names of the two THINGS-EEG2 layouts: the release's 17 occipito-parietal channels, and a 63-channel
+# 10-10 montage that holds them in the same order (the reader takes names from the file, never assumes them)
 THINGS_17 = ("Pz", "P3", "P7", "O1", "Oz", "O2", "P4", "P8", "P1", "P5", "PO7", "PO3", "POz", "PO4", "PO8", "P6", "P2")
+THINGS_63 = tuple("Fp1 Fz F3 F7 FT9 FC5 FC1 C3 T7 TP9 CP5 CP1 Pz P3 P7 O1 Oz O2 P4 P8 TP10 CP6 CP2 Cz C4 T8 FT10 FC6 "
+                  "FC2 F4 F8 Fp2 AF7 AF3 AFz F1 F5 FT7 FC3 C1 C5 TP7 CP3 P1 P5 PO7 PO3 POz PO4 PO8 P6 P2 CPz CP4 TP8 C6 "
+                  "C2 FC4 FT8 F6 AF8 AF4 F2".split())
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,20 @@ class EEGModel:
             self.latency = rng.uniform(0.08, 0.40, size=N_SOURCES)
             self.class_shift = rng.normal(0.0, 1.0, size=(n_classes, N_SOURCES))
             self.width = rng.uniform(0.025, 0.06, size=N_SOURCES)
+
+    def factorial(self, looks: list[tuple[str, str]], rng: np.random.Generator) -> None:
+        """Replace the per-class codes by factorial ones: class c with look (shape, colour) = ``looks[c]`` gets
+        (part(shape) + part(colour)) / sqrt 2 as its source amplitudes (and latency shifts, ``erp``), and
+        phase(shape) + phase(colour) as its source phases, so an unseen class made of seen parts has a code
+        a decoder trained on other classes can read (the THINGS twin's zero-shot test concepts)."""
+        parts = sorted({p for look in looks for p in look})
+        amp = {p: rng.normal(0.0, 1.0, size=N_SOURCES) for p in parts}
+        phase = {p: rng.uniform(0, 2 * math.pi, size=N_SOURCES) for p in parts}
+        shift = {p: rng.normal(0.0, 1.0, size=N_SOURCES) for p in parts}
+        self.class_amp = np.stack([(amp[a] + amp[b]) / math.sqrt(2.0) for a, b in looks])  # (K, S)
+        self.class_phase = np.stack([(phase[a] + phase[b]) % (2 * math.pi) for a, b in looks])
+        if self.code == "erp":
+            self.class_shift = np.stack([(shift[a] + shift[b]) / math.sqrt(2.0) for a, b in looks])
 
     def clean(self, label: int, attrs: np.ndarray, subject: int, T: int, rng: np.random.Generator) -> np.ndarray:
         """Noise-free stimulus-related signal (C, T) of one trial, in the model's code (``synth.eeg_code``)."""
@@ -454,51 +473,78 @@ def _concept(name: str) -> str:
     return "".join(ch for ch in name.lower().replace(" ", "_") if ch.isalnum() or ch in "_-")
 
 
+def _things_folders(concepts: list[str], labels: range) -> dict[int, str]:
+    """label -> '<NNNNN>_<concept>' folder, numbered from 1 in alphabetical order of the concepts (as the release)."""
+    ordered = sorted(labels, key=lambda c: concepts[c])
+    return {c: f"{i + 1:05d}_{concepts[c]}" for i, c in enumerate(ordered)}
+
+
 def write_things_eeg(out: Path, cfg, show_progress: bool = True) -> dict:
-    """Write the THINGS-EEG2 layout into ``out`` (an existing empty folder). Returns a summary."""
+    """Write the THINGS-EEG2 layout into ``out`` (an existing empty folder). Returns a summary.
+
+    The release's structure, scaled down: ``classes`` training concepts of ``images_per_class`` images (real
+    1654 x 10) and ``test_classes`` test concepts of one image each (real 200 x 1), disjoint from the training
+    concepts, so evaluation is zero-shot; ``train_repetitions`` repetitions of each training image (real 4),
+    ``test_repetitions`` of each test image (real 80); channels x samples from ``synth.layout`` (17 x 100 or
+    63 x 250, with their channel names) or ``synth.channels`` x ``synth.times``. Concept folders are numbered in
+    alphabetical order within each set; ``image_set/image_metadata.npy`` holds the release's keys (per image:
+    ``{train,test}_img_files``, ``{train,test}_img_concepts`` (the folder), ``{train,test}_img_concepts_THINGS``
+    (the concept's number in the whole concept list, alphabetical over both sets, and its name)). The EEG's
+    class code is factorial (a part per shape plus a part per colour, :meth:`EEGModel.factorial`): a test
+    concept is an unseen combination of parts seen in training, as an unseen real concept shares visual
+    features with the training ones.
+    """
     rng = np.random.default_rng(cfg.seed)
-    K, P, C, T = cfg.classes, cfg.subjects, cfg.channels, cfg.times
-    names = [CLASS_NAMES[w] for w in EEG_IMAGENET_WNIDS[:K]]
+    K, Kt, P = cfg.classes, cfg.test_classes, cfg.subjects
+    C, T = cfg.shape()
+    # label c < K: a training concept, K <= c < K + Kt: a test concept (distinct names, looks and codes)
+    names = [CLASS_NAMES[w] for w in EEG_IMAGENET_WNIDS[:K + Kt]]
     concepts = [_concept(n) for n in names]
-    folders = [f"{i + 1:05d}_{c}" for i, c in enumerate(concepts)]
+    folders = {**_things_folders(concepts, range(K)), **_things_folders(concepts, range(K, K + Kt))}
+    things_id = {c: i + 1 for i, c in enumerate(sorted(range(K + Kt), key=lambda c: concepts[c]))}
     n_img = cfg.images_per_class
-    train_specs, test_specs = [], []
-    for c, concept in enumerate(concepts):
-        for k in range(n_img):
-            train_specs.append((c, f"{concept}_{k + 1:02d}b"))
-        test_specs.append((c, f"{concept}_{n_img + 1:02d}s"))
+    width = max(2, len(str(n_img)))
+    # rows in the reader's order: concept folders sorted, images sorted within a folder
+    train_specs = [(c, f"{concepts[c]}_{k + 1:0{width}d}b") for c in sorted(range(K), key=folders.get)
+                   for k in range(n_img)]
+    test_specs = [(c, f"{concepts[c]}_01s") for c in sorted(range(K, K + Kt), key=folders.get)]
     train = _image_specs(rng, [c for c, _ in train_specs], [s for _, s in train_specs])
     test = _image_specs(rng, [c for c, _ in test_specs], [s for _, s in test_specs])
 
     img_rng = np.random.default_rng([cfg.seed, 1])
     set_dir = out / "image_set"
-    meta = {"train_img_concepts": [], "train_img_files": [], "test_img_concepts": [], "test_img_files": []}
+    meta: dict[str, list[str]] = {f"{key}_img_{part}": [] for key in ("train", "test")
+                                  for part in ("files", "concepts", "concepts_THINGS")}
     for which, specs in (("training", train), ("test", test)):
         key = "train" if which == "training" else "test"
         for spec in _progress(specs, len(specs), f"{which} images", show_progress, unit="img"):
             d = set_dir / f"{which}_images" / folders[spec.label]
             d.mkdir(parents=True, exist_ok=True)
             render_image(spec, cfg.image_size, img_rng, cfg.images).save(d / f"{spec.stem}.jpg", quality=92)
-            meta[f"{key}_img_concepts"].append(folders[spec.label])
             meta[f"{key}_img_files"].append(f"{spec.stem}.jpg")
+            meta[f"{key}_img_concepts"].append(folders[spec.label])
+            meta[f"{key}_img_concepts_THINGS"].append(f"{things_id[spec.label]:05d}_{concepts[spec.label]}")
     np.save(set_dir / "image_metadata.npy", meta, allow_pickle=True)
 
     sfreq = float(T)  # one second per segment, stimulus onset at 0.2 s
-    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K, P, C, sfreq, onset=0.2, snr=cfg.snr, code=cfg.eeg_code)
+    model = EEGModel(np.random.default_rng([cfg.seed, 2]), K + Kt, P, C, sfreq, onset=0.2, snr=cfg.snr,
+                     code=cfg.eeg_code)
+    model.factorial([class_look(c, cfg.images) for c in range(K + Kt)], np.random.default_rng([cfg.seed, 5]))
     eeg_rng = np.random.default_rng([cfg.seed, 3])
     model.calibrate(train, P, T, eeg_rng, None)
-    ch_names = list(THINGS_17) if C == 17 else [f"E{i + 1}" for i in range(C)]
+    ch_names = list(THINGS_17) if C == 17 else list(THINGS_63) if C == 63 else [f"E{i + 1}" for i in range(C)]
     times = np.round(np.arange(T) / sfreq - 0.2, 6)
-    total = P * (len(train) * 4 + len(test) * cfg.test_repetitions)
+    reps = {"train": cfg.train_repetitions, "test": cfg.test_repetitions}
+    total = P * (len(train) * reps["train"] + len(test) * reps["test"])
     bar = _progress(None, total, "eeg", show_progress)
     for p in range(P):
         sub = out / f"sub-{p + 1:02d}"
         sub.mkdir(parents=True, exist_ok=True)
-        for fname, specs, reps in (("preprocessed_eeg_training.npy", train, 4),
-                                   ("preprocessed_eeg_test.npy", test, cfg.test_repetitions)):
-            data = np.empty((len(specs), reps, C, T), dtype=np.float32)
+        for fname, specs, r_n in (("preprocessed_eeg_training.npy", train, reps["train"]),
+                                  ("preprocessed_eeg_test.npy", test, reps["test"])):
+            data = np.empty((len(specs), r_n, C, T), dtype=np.float32)  # (images, repetitions, channels, time)
             for i, spec in enumerate(specs):
-                for r in range(reps):
+                for r in range(r_n):
                     data[i, r] = model.trial(spec.label, spec.attributes(), p, T, eeg_rng)
                     bar.update(1)
             np.save(sub / fname, {"preprocessed_eeg_data": data, "ch_names": ch_names, "times": times}, allow_pickle=True)
@@ -506,9 +552,9 @@ def write_things_eeg(out: Path, cfg, show_progress: bool = True) -> dict:
     every = train + test
     _write_json(out / "captions.json", {s.stem: _caption(s, cfg.images) for s in every})
     _write_json(out / "attributes.json", {s.stem: _attributes(s, names[s.label], cfg.images) for s in every})
-    return {"segments": total, "images": len(every), "classes": K, "subjects": P, "channels": C, "times": T,
-            "data": {"format": "things-eeg", "eeg": ".", "images": "image_set", "captions": "captions.json",
-                     "image_size": cfg.image_size}}
+    return {"segments": total, "images": len(every), "classes": K, "test_classes": Kt, "subjects": P, "channels": C,
+            "times": T, "data": {"format": "things-eeg", "eeg": ".", "images": "image_set", "captions": "captions.json",
+                                 "image_size": cfg.image_size}}
 
 
 def synthesize(out: str | os.PathLike, cfg, overwrite: bool = False, show_progress: bool = True) -> dict:
@@ -518,6 +564,7 @@ def synthesize(out: str | os.PathLike, cfg, overwrite: bool = False, show_progre
     non-empty ``out`` is an ``OutputError`` and stays as it was. Returns a summary dict.
     ``out/config.yaml`` reads the twin with relative paths, so the folder can be moved.
     """
+    cfg.validate("synth")  # a SynthConfig built in code is checked as a loaded one
     check_target(out, "twin", overwrite)
     with atomic_dir(out, overwrite=True) as stage:
         mark(stage, "twin", "neuroimagen synthetic twin", created=False)  # no timestamp: same seed, same bytes

@@ -10,7 +10,11 @@ Layout (``data.eeg`` is the folder holding the subjects, ``data.images`` the ima
 EEG rows follow the sorted image order (concept-major). C and T are read from the file, never
 assumed. Training images yield train + val (the last ``things_val_per_concept`` images of every
 concept are validation); the test file is the test split. In the real data the 200 test concepts
-are disjoint from the 1654 training concepts; labels index the union, training concepts first.
+are disjoint from the 1654 training concepts (evaluation is zero-shot); labels index the union,
+training concepts first, so a test label has no training image. Repetitions: the test split's are
+averaged by default (``data.test_repetitions: average``, one segment per test image and subject, as
+NICE/ATM evaluate; ``each`` keeps one segment per repetition), the training split's by
+``data.things_average_repetitions``.
 """
 
 from __future__ import annotations
@@ -179,7 +183,9 @@ def load_things_eeg(cfg, check_images: bool = True) -> Recording:  # noqa: ARG00
                 shape_ref = data.shape[2:]
             elif data.shape[2:] != shape_ref:
                 raise DataError(f"data.eeg: {path}: channels x time {data.shape[2:]} differ from {shape_ref} of the first file")
-            if cfg.things_average_repetitions:
+            # the field averages the test repetitions (data.test_repetitions); training ones are averaged or kept
+            average = cfg.test_repetitions == "average" if split == "test" else cfg.things_average_repetitions
+            if average:
                 # float64 accumulator: a float32 sum of large (finite) repetitions would overflow to Inf
                 arr = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float64), dtype=np.float32))  # (N, C, T)
                 views = [(i, arr[i]) for i in range(arr.shape[0])]
@@ -217,6 +223,7 @@ def load_things_eeg(cfg, check_images: bool = True) -> Recording:  # noqa: ARG00
         class_names=names,
         splits={k: np.asarray(v, dtype=np.int64) for k, v in split_idx.items()},
         window=window,
-        notes=[f"repetitions {'averaged' if cfg.things_average_repetitions else 'kept as separate segments'}; "
+        notes=[f"training repetitions {'averaged' if cfg.things_average_repetitions else 'kept as separate segments'}; "
+               f"test repetitions {'averaged' if cfg.test_repetitions == 'average' else 'kept as separate segments'}; "
                f"validation = last {cfg.things_val_per_concept} training image(s) of each concept"],
     )

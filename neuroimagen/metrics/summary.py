@@ -208,6 +208,31 @@ def _distances(sub: pd.DataFrame, members: list, draws: np.ndarray, st: Statisti
     return out
 
 
+# the columns that need the classifier's classes to cover the evaluated concepts (ACC's true class is one of
+# them); the IS of a judge trained on other concepts too (:func:`withhold`)
+ACC_COLUMNS = ("acc", "acc_max", "judge_gt_acc")
+
+
+def uncovered_labels(labels: Sequence[int], covered: Optional[Sequence[int]]) -> list[int]:
+    """The distinct ``labels`` (of the evaluated trials) that are not in ``covered`` (the dataset labels the
+    classifier has a class for), sorted; [] when ``covered`` is None (not recorded: taken as covering all)."""
+    if covered is None:
+        return []
+    return sorted(set(int(v) for v in labels) - set(int(v) for v in covered))
+
+
+def withhold(summary: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """A copy of ``summary`` with each of ``columns`` and its ``_std`` / ``_lo`` / ``_hi`` set to NaN (reported
+    as n/a): numbers that exist but measure nothing, e.g. N-way ACC when the classifier has no class for the
+    evaluated concepts."""
+    out = summary.copy()
+    for col in columns:
+        for c in (col, f"{col}_std", f"{col}_lo", f"{col}_hi"):
+            if c in out.columns:
+                out[c] = float("nan")
+    return out
+
+
 def compare_variants(df: pd.DataFrame, comparisons: Sequence[tuple[str, str]], st: Statistics,
                      metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Paired permutation tests between variants, per subject and pooled (``subject == 'all'``).

@@ -622,14 +622,19 @@ def read_class_index(path: str | os.PathLike) -> list[str]:
     return ids
 
 
-def label_to_class(dataset_ids: Sequence[str], classifier_ids: Sequence[str], source: str) -> list[int]:
+def label_to_class(dataset_ids: Sequence[str], classifier_ids: Sequence[str], source: str,
+                   missing: Optional[int] = None) -> list[int]:
     """Index among ``classifier_ids`` of each dataset class (``dataset_ids``: the dataset's WNIDs in label order).
 
-    A dataset class missing from the classifier's classes raises ``ConfigError("<source>: ...")`` naming it.
+    A dataset class missing from the classifier's classes raises ``ConfigError("<source>: ...")`` naming it, or,
+    with ``missing`` (e.g. -1), maps to that value (the caller then knows which labels the classifier cannot judge).
     """
     where = {w: i for i, w in enumerate(classifier_ids)}
     out = []
     for label, w in enumerate(dataset_ids):
+        if w not in where and missing is not None:
+            out.append(int(missing))
+            continue
         if w not in where:
             raise ConfigError(f"{source}: the dataset's class {w} (label {label}) is not among its {len(where)} "
                               f"classes (expected a WNID for every dataset class)")

@@ -39,7 +39,15 @@ from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
 from neuroimagen.logs import Progress, get_logger
 from neuroimagen.metrics.inception_score import MIN_SPLIT_SIZE
 from neuroimagen.metrics.nway import effective_n
-from neuroimagen.metrics.summary import Statistics, compare_variants, summarize
+from neuroimagen.metrics.summary import (
+    ACC_COLUMNS,
+    Statistics,
+    compare_variants,
+    per_image_metrics,
+    summarize,
+    uncovered_labels,
+    withhold,
+)
 from neuroimagen.models import ldm
 from neuroimagen.models.classifier import (
     is_network_record,
@@ -164,11 +172,18 @@ def _label_space(cfg: Config, recording) -> tuple[Optional[list[str]], dict]:
                       "gt_accuracy_unavailable": reason}
     try:
         ids = read_class_index(ec.classifier_classes)
-        lut = label_to_class(recording.class_ids, ids, ec.classifier_classes)
+        lut = label_to_class(recording.class_ids, ids, ec.classifier_classes, missing=-1)
     except ConfigError as exc:
         raise ConfigError(f"eval.classifier_classes: {exc}") from None
+    # a dataset class the file lacks (a THINGS concept, a WNID outside ImageNet-1k) cannot be judged: evaluate
+    # withholds ACC when the evaluated split has one
+    absent = [w for w, c in zip(recording.class_ids, lut) if c < 0]
+    coverage = (f"the dataset classes whose id is in {ec.classifier_classes}: {len(lut) - len(absent)} of {len(lut)}"
+                + (f" (not there: '{absent[0]}'" + (f" and {len(absent) - 1} more" if len(absent) > 1 else "") + ")"
+                   if absent else ""))
     return ids, {"label_to_class": lut, "label_space": f"dataset WNIDs looked up in {ec.classifier_classes} "
-                                                       f"({len(ids)} classes)"}
+                                                       f"({len(ids)} classes)",
+                 "covered_labels": [i for i, c in enumerate(lut) if c >= 0], "coverage": coverage}
 
 
 def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int,
@@ -188,9 +203,12 @@ def prepare_classifier(cfg: Config, run_dir: Path, splits: dict, resolution: int
                 "image_size": ec.classifier_image_size, "class_names": ids, "classes_file": ec.classifier_classes}
         return spec, {"kind": "torchvision", "identity": f"torchvision:{ec.classifier}@{ec.classifier_weights}",
                       "arch": ec.classifier, **space}
-    judge_space = {"label_to_class": list(range(splits["train"].num_classes)),
-                   "label_space": "the dataset's labels (the judge is trained on them)"}
     paths, labels, stems = _unique_images(splits["train"])
+    judge_space = {"label_to_class": list(range(splits["train"].num_classes)),
+                   "label_space": "the dataset's labels (the judge is trained on them)",
+                   "covered_labels": sorted(set(int(v) for v in labels)),
+                   "coverage": f"the labels with training images ({len(set(labels))} of {splits['train'].num_classes}): "
+                               "the judge learns no other class"}
     key = judge_cache_key(json.dumps(stems), resolution=resolution, steps=ec.judge_steps, width=ec.judge_width,
                           seed=cfg.seed, labels=labels)
     out = run_dir / "judge" / f"judge-{key}"
@@ -428,7 +446,32 @@ def run_local(rows: list[dict], cfg: Config, sources: RunSources, on_batch: Call
 def _dataset_name(data: dict) -> str:
     eeg = Path(str(data.get("eeg") or ""))
     twin = " (synthetic twin)" if eeg.parent.name == "twin" or "twin" in eeg.parts[-3:-1] else ""
+    if data.get("format") == "things-eeg":  # a folder of sub-XX/ (the twin's is itself); the files fix the split
+        twin = " (synthetic twin)" if "twin" in eeg.parts[-2:] else ""
+        return f"things-eeg `{eeg.name}`{twin}, test concepts disjoint from the training ones (zero-shot)"
     return f"{data.get('format')} `{eeg.name}`{twin}, split file `{Path(str(data.get('split_file') or '')).name}` #{data.get('split_num')}"
+
+
+def acc_unavailable(clf: dict, labels: Sequence[int], split: str) -> Optional[str]:
+    """Why N-way ACC cannot be reported, or None: the classifier has no class for some of the evaluated trials'
+    labels (``clf['covered_labels']``, recorded by :func:`prepare_classifier`; a run that did not record it is
+    taken as covered). ACC's true class is the classifier's top-1 on the ground-truth image, so on a concept the
+    classifier never learned (THINGS-EEG2's zero-shot test concepts against the judge) it measures nothing."""
+    missing = uncovered_labels(labels, clf.get("covered_labels"))
+    if not missing:
+        return None
+    n = len(set(int(v) for v in labels))
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    if clf.get("kind") == "judge":
+        why = (f"the judge is trained on the training images only, and {len(missing)} of the {n} {split} concepts "
+               f"have none (labels {shown}: zero-shot concepts, as THINGS-EEG2's test set), so its classes do not "
+               "cover them; N-way ACC, ACC max-of-samples, the judge's GT accuracy and its IS would measure nothing")
+    else:
+        why = (f"{len(missing)} of the {n} {split} classes (labels {shown}) have no class in the classifier's class "
+               f"index ({clf.get('coverage', 'eval.classifier_classes')}); N-way ACC, ACC max-of-samples and the GT "
+               "accuracy would measure nothing")
+    return (f"not available: {why}. The judge-free metrics (PixCorr, SSIM, two-way identification, FID/KID) "
+            "stand; for ACC, use a classifier whose classes cover the evaluated concepts")
 
 
 def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
@@ -461,12 +504,18 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     stats = Statistics(**{k: v for k, v in st.items() if k in Statistics.__dataclass_fields__}, seed=state["seed"])
     summary = summarize(per_sample, k=ev["top_k"], is_splits=ev["is_splits"], is_seed=state["seed"],
                         label_to_class=lut, stats=stats)
-    pairs = [tuple(c.split(":", 1)) for c in st.get("comparisons", ())]
-    tests = compare_variants(per_sample, pairs, stats)
-    n_eff, warning = effective_n(ev["n_way"], num_classes)
     pooled_gt = per_sample.drop_duplicates(["subject", "item"])
+    no_acc = acc_unavailable(clf, pooled_gt["label"].to_numpy(), state["data"].get("split", "evaluated"))
+    withheld = (*ACC_COLUMNS, *(("is",) if clf.get("kind") == "judge" else ())) if no_acc else ()
+    if no_acc:
+        summary = withhold(summary, withheld)
+        unavailable = no_acc
+    pairs = [tuple(c.split(":", 1)) for c in st.get("comparisons", ())]
+    tests = compare_variants(per_sample, pairs, stats,
+                             metrics=[m for m in per_image_metrics(per_sample) if not (no_acc and m == "acc_hit")])
+    n_eff, warning = effective_n(ev["n_way"], num_classes)
     gt_acc = None
-    if lut is not None:
+    if lut is not None and not no_acc:
         gt_acc = float((pooled_gt["judge_gt_top1"].to_numpy() == np.asarray(lut)[pooled_gt["label"].to_numpy()]).mean())
     default_space = "the dataset's labels (the judge is trained on them)" if clf.get("kind") == "judge" else "not recorded"
     labels = is_labels(clf, is_net)
@@ -474,7 +523,7 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     protocol = {
         "data": {"dataset": _dataset_name(state["data"]), **state["data"], "subjects": state["subjects"],
                  "n_trials": int(len(pooled_gt))},
-        "classifier": {**{k: v for k, v in clf.items() if k not in ("spec", "gt_accuracy_unavailable")},
+        "classifier": {**{k: v for k, v in clf.items() if k not in ("spec", "gt_accuracy_unavailable", "covered_labels")},
                        "num_classes": num_classes, "gt_accuracy": gt_acc,
                        **({"gt_accuracy_unavailable": unavailable} if unavailable else {}),
                        "gt_accuracy_protocol": f"top-1 on the {state['data']['split']} split's ground-truth images at "
@@ -484,7 +533,8 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                 "seed": (f"per image: seed_nway = SeedSequence(entropy={state['seed']}, spawn_key=({PURPOSES['nway']}, "
                          "trial, sample)), the same for every variant, a stream apart from the saliency z and the "
                          "diffusion noise"),
-                "true_class": "the classifier's top-1 on the ground-truth image (MinD-Vis protocol)"},
+                "true_class": "the classifier's top-1 on the ground-truth image (MinD-Vis protocol)",
+                **({"unavailable": no_acc, "withheld": list(withheld)} if no_acc else {})},
         "is": {"networks": labels, **({"is_network": is_net} if is_net else {}),
                "max_splits": ev["is_splits"], "min_split_size": MIN_SPLIT_SIZE,
                "split_rule": f"splits = clamp(N // {MIN_SPLIT_SIZE}, 1, {ev['is_splits']}) for a group of N images",
@@ -495,7 +545,8 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                                     "(subject 'all')",
                "groups": [{"subject": r["subject"], "variant": r["variant"], "n": int(r["is_n"]),
                            "splits": int(r["is_splits"])} for r in summary.to_dict("records")],
-               "classifier_note": labels["is"]["network"]},
+               "classifier_note": labels["is"]["network"],
+               **({"unavailable": no_acc} if "is" in withheld else {})},
         "ssim": {"convention": ev["ssim_convention"],
                  "resolution": ev["ssim_resolution"] or (425 if ev["ssim_convention"] == "mindeye" else state["resolution"]),
                  **({"preprocessing": "MindEye: clamp to [0, 1], resize both to 256 x 256, then to the resolution "
@@ -515,6 +566,9 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
         "provenance": {"reconstruct": state.get("provenance"), "evaluate": provenance()},
     }
     protocol["cards"] = metric_cards(protocol, state, [c for c in summary.columns if c not in ("subject", "variant")])
+    for col, card in protocol["cards"].items():
+        if col in withheld or (col.endswith(("_std", "_lo", "_hi")) and col.rsplit("_", 1)[0] in withheld):
+            card["unavailable"] = no_acc
     res = run_dir / "results"
     with atomic_path(res / "tests.csv") as tmp:
         tests.to_csv(tmp, index=False, float_format="%.6g")
@@ -525,6 +579,8 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     write_text(res / "protocol.json", json.dumps(protocol, indent=1, default=str))
     if warning:
         log(f"evaluate: {warning}")
+    if no_acc:
+        log(f"evaluate: warning: ACC withheld ({', '.join(withheld)} are n/a): {no_acc}")
     log(f"evaluate: {len(per_sample)} images -> {res / 'summary.csv'}")
     return summary
 

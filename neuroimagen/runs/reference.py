@@ -19,7 +19,7 @@ from typing import Optional
 from neuroimagen.atomic import write_text
 from neuroimagen.errors import DataError
 from neuroimagen.provenance import differences
-from neuroimagen.runs.reports import ablation_table, load_protocol, load_summary, protocol_line, suite_table
+from neuroimagen.runs.reports import ablation_table, acc_note, load_protocol, load_summary, protocol_line, suite_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -56,7 +56,8 @@ def results_block(summary, protocol: dict, command: str) -> str:
             "project" if judged else "")
     tail = ("\n\nThe field's suite (pooled; 95 % bootstrap interval over test trials in brackets" + note +
             "; chance: each generation against another trial's ground truth):\n\n" + suite) if suite else ""
-    return f"{head}\n\n{ablation_table(summary, protocol)}{tail}"
+    note = acc_note(protocol)
+    return f"{head}\n\n{ablation_table(summary, protocol)}" + (f"\n\n{note}" if note else "") + tail
 
 
 def make_reference(run_dir: str | Path, command: str) -> dict:

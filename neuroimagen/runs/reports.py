@@ -482,7 +482,7 @@ def suite_section(run_dir: Path, summary, protocol: dict) -> list[str]:
           "Pooled over subjects; every number is the mean over all generated images with its 95 % bootstrap "
           "interval over test trials in brackets (FID: recomputed per replicate; KID: no interval). Two-way "
           "identification in % (chance 50 %). ↓: lower is better. Bold: best of the paper variants 1-5.", "",
-          table, "",
+          table, "", *_acc_note_lines(protocol),
           f"Chance row: {_get(suite, 'chance', 'pixcorr_chance, ssim_chance', default='n/a')}; correlation "
           f"distances: {_get(suite, 'chance', 'dist_<net>_chance', default='n/a')}; ACC: k/N. Networks: "
           f"{_suite_networks_text(protocol)}. Two-way gallery: {_get(suite, 'gallery', default='n/a')}. "
@@ -562,6 +562,18 @@ def protocol_line(protocol: dict) -> str:
             f"{_get(protocol, 'data', 'dataset', default='?')}, {_get(protocol, 'data', 'split', default='?')} split.")
 
 
+def acc_note(protocol: Optional[dict]) -> Optional[str]:
+    """The one line said wherever ACC appears when evaluate withheld it (``protocol['acc']['unavailable']``:
+    the classifier's classes do not cover the evaluated concepts), else None."""
+    why = _get(protocol or {}, "acc", "unavailable")
+    return f"> **ACC n/a:** {_cell(why)}" if why else None
+
+
+def _acc_note_lines(protocol: Optional[dict]) -> list[str]:
+    note = acc_note(protocol)
+    return [note, ""] if note else []
+
+
 def _gt_accuracy_text(clf: Any) -> str:
     """The classifier's top-1 accuracy on the GT images, ``85.0 %``, or ``n/a (<why>)`` when the classifier's
     label space could not be compared with the dataset's labels."""
@@ -601,6 +613,8 @@ def protocol_section(protocol: dict) -> list[str]:
             "ACC max-of-samples = mean over EEG trials of the best sample's hit rate"]
     if _get(acc, "warning"):
         out.append(f"- **Warning:** {_get(acc, 'warning')}")
+    if _get(acc, "unavailable"):
+        out.append(f"- **Not reported:** {_get(acc, 'unavailable')} (withheld: {_show(_get(acc, 'withheld'))})")
     nets = _get(protocol, "is", "networks", default={})
     net_lines = ([f"- {_show(_get(d, 'label', default=c))} (summary.csv `{c}`): {_show(_get(d, 'network'))}"
                   for c, d in nets.items()] if isinstance(nets, dict) and nets else
@@ -911,7 +925,8 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
             "ACC: mean over generated images. ")
            + "ACC max-of-samples: mean over EEG trials of the best sample. chance = k/N. IS and SSIM: over all "
            "images of the variant (pooled); each IS names its network. Bold: best of the paper variants 1-5 per "
-           "column. Paper (EEG-ImageNet, Inception-v3 IS, ViT ACC): variant 5 ACC 85.6 %, IS 33.50.", ""]
+           "column. Paper (EEG-ImageNet, Inception-v3 IS, ViT ACC): variant 5 ACC 85.6 %, IS 33.50.", "",
+           *_acc_note_lines(protocol)]
 
     # Suite ----------------------------------------------------------------------------------------
     md += suite_section(run_dir, summary, protocol)
@@ -919,7 +934,8 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
     # Per subject ------------------------------------------------------------------------------
     md += ["## Per subject (Table 2 analogue)", ""]
     if main is not None:
-        md += [f"Variant {_variant_label(main)}.", "", per_subject_table(summary, main, protocol), ""]
+        md += [f"Variant {_variant_label(main)}.", "", per_subject_table(summary, main, protocol), "",
+               *_acc_note_lines(protocol)]
     plot_per_subject(summary, out_dir / "per_subject.png")
     md += ["![ACC and SSIM per subject and variant](per_subject.png)", "",
            "Left: ACC per subject × variant (dashed: chance k/N); right: SSIM.", ""]
@@ -937,7 +953,7 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
         vals = summary[summary["subject"] == s]["judge_gt_acc"].astype(float).dropna()
         judge_rows.append([f"subj {s}" if s != "all" else "all (pooled)",
                            fmt_num(vals.iloc[0] if len(vals) else None, ".1f", 100)])
-    md += [format_table(["subject", "judge top-1 on GT images (%)"], judge_rows), ""]
+    md += [format_table(["subject", "judge top-1 on GT images (%)"], judge_rows), "", *_acc_note_lines(protocol)]
     gt_acc = summary["judge_gt_acc"].astype(float).dropna()
     if len(gt_acc) and float(gt_acc.min()) < 0.5:
         md += [f"> **Caution:** the judge's top-1 accuracy on GT images is as low as {float(gt_acc.min()) * 100:.1f} % "
