@@ -309,6 +309,24 @@ def ablation(out, variants, subjects, config_path, overrides):
 
 
 @cli.command()
+@click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A run with a trained stage 3.")
+@click.option("--subjects", default=None, metavar="LIST", help="Comma-separated subject ids (default: all).")
+@config_options
+def retrieval(run, subjects, config_path, overrides):
+    """k-way retrieval of the evaluated concepts from stage 3's caption embedding (zero-shot on THINGS-EEG2)."""
+    cfg = _run_config(run, config_path, overrides)
+    from neuroimagen.runs.retrieval import semantic_retrieval
+
+    with _hold(run, create=False):
+        table = semantic_retrieval(cfg, run, _csv_list(subjects, "subjects", int))
+    pooled = table[(table["subject"] == "all")]
+    for (k, top), g in pooled.groupby(["k", "top"], sort=True):
+        acc = {c: float(v["accuracy"].iloc[0]) for c, v in g.groupby("control")}
+        click.echo(f"{int(k):>3}-way top-{int(top)}: EEG {100 * acc.get('eeg', float('nan')):5.1f} %  shuffled "
+                   f"{100 * acc.get('shuffled', float('nan')):5.1f} %  chance {100 * float(g['chance'].iloc[0]):5.1f} %")
+
+
+@cli.command()
 @click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A reconstructed run directory.")
 def evaluate(run):
     """Reduce the scored shards into results/per_sample.parquet, summary.csv and protocol.json."""

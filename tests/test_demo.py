@@ -95,8 +95,11 @@ def test_quick_demo_scores_the_suite_with_intervals_tests_and_cards(demo_run):
     assert set(numbers) <= set(protocol["cards"]), sorted(set(numbers) - set(protocol["cards"]))
     assert "judge CNN" in protocol["cards"]["twoway_judge"]["network"]
     assert protocol["cards"]["pixcorr_lo"]["interval"]["bound"] == "lower"
+    retrieval = pd.read_csv(run / "results" / "retrieval.csv", dtype={"subject": str})
+    pooled_r = retrieval[(retrieval["subject"] == "all") & (retrieval["top"] == 1)].set_index(["control", "k"])["accuracy"]
+    assert pooled_r.loc[("eeg", 6)] >= 2 * pooled_r.loc[("shuffled", 6)]  # 6 classes: the stage-3 embedding retrieves them
     report = (run / "report" / "report.md").read_text()
-    for fragment in ("The field's suite", "PixCorr", "two-way (judge CNN features) (%)", "| chance |",
+    for fragment in ("## Retrieval from stage 3's caption embedding", "The field's suite", "PixCorr", "two-way (judge CNN features) (%)", "| chance |",
                      "Paired tests between variants", "L+I vs I"):
         assert fragment in report, fragment
 

@@ -8,6 +8,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import TINY_THINGS
 from neuroimagen.config import load_config
@@ -51,6 +52,23 @@ def test_a_things_twin_run_reports_why_acc_is_absent(tmp_path):
                    ].notna().all().all()
     assert f"> **ACC n/a:** {why}" in report
     assert sum("ACC withheld" in m for m in lines) == 1
+    # retrieval of the unseen test concepts from stage 3's caption embedding: zero-shot by construction
+    retrieval = json.loads((results / "retrieval.json").read_text())
+    table = pd.read_csv(results / "retrieval.csv", dtype={"subject": str})
+    assert retrieval["zero_shot"] and retrieval["gallery"] == 3 and retrieval["unseen_concepts"] == 3
+    pooled = table[table["subject"] == "all"]
+    assert set(pooled["control"]) == {"eeg", "shuffled"} and set(pooled["k"]) == {2, 3}
+    assert ((pooled["chance"] - pooled["top"] / pooled["k"]).abs() < 1e-6).all() and pooled["accuracy"].between(0, 1).all()
+    assert "## Retrieval from stage 3's caption embedding" in report and "zero-shot: no evaluated concept" in report
+
+
+def test_the_shuffled_retrieval_control_moves_every_trial():
+    from neuroimagen.runs.retrieval import _shuffled
+
+    for n in (2, 3, 10, 57):
+        p = _shuffled(n, 5)
+        assert sorted(p.tolist()) == list(range(n)) and bool((p != torch.arange(n)).all())
+    assert _shuffled(10, 5).tolist() == _shuffled(10, 5).tolist()
 
 
 def test_the_dataset_line_of_a_things_run_names_the_zero_shot_protocol():
@@ -74,3 +92,16 @@ def test_uncovered_labels_and_withhold():
     out = withhold(s, ["acc", "is"])
     assert out[["acc", "acc_lo", "acc_hi", "is", "is_std"]].isna().all().all()
     assert out.loc[0, "acc_chance"] == 0.02 and out.loc[0, "ssim"] == 0.3 and s.loc[0, "acc"] == 0.5  # a copy
+
+
+def test_retrieval_without_a_trained_stage_3_is_one_line(tmp_path, run_cli):
+    from conftest import assert_one_line_error
+    from neuroimagen.config import Config, write_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(Config(), run)
+    (run / "run.json").write_text(json.dumps({"stages": {}}))  # a run with no stage trained yet
+    res = run_cli("retrieval", "--run", str(run))
+    assert_one_line_error(res, "retrieval needs the trained stage-3 label regressor",
+                          f"neuroimagen train --out {run} --stages semantic")

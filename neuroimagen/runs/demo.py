@@ -29,6 +29,7 @@ from neuroimagen.probe import probe_datasets, sampling_rate
 from neuroimagen.rundir import start_fresh
 from neuroimagen.runs.evaluation import RunRows, evaluate, reconstruct
 from neuroimagen.runs.reports import summary_table, write_report
+from neuroimagen.runs.retrieval import semantic_retrieval
 from neuroimagen.runs.training import FitStage, train
 
 _log = get_logger(__name__)
@@ -130,8 +131,10 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     _step(6, n, f"reconstructing and scoring {len(run_cfg.eval.variants)} variants x {synth_cfg.subjects} subjects "
                 f"({run_cfg.eval.backend} backend)")
     rec_info = reconstruct(run_cfg, out_dir, execute=execute)
-    _step(7, n, "reducing the scores (ACC, IS, SSIM per subject and variant)")
+    _step(7, n, "reducing the scores (ACC, IS, SSIM and the field's suite per subject and variant; retrieval)")
     summary = evaluate(out_dir)
+    if "semantic" in stages:
+        semantic_retrieval(run_cfg, out_dir)
     _step(8, n, "writing the report")
     stimulus_grid(splits["train"], out_dir / "stimuli.png")
     d = run_cfg.data

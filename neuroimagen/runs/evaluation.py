@@ -70,6 +70,7 @@ from neuroimagen.reconstruction.rows import (
 )
 from neuroimagen.runs.cards import metric_cards, suite_protocol, suite_record
 from neuroimagen.runs.reports import write_report
+from neuroimagen.runs.retrieval import semantic_retrieval
 from neuroimagen.runs.training import FitStage, prepare_data, read_run, train
 from neuroimagen.stages import STAGE_ORDER
 from neuroimagen.stages.semantic import text_encoder_for
@@ -612,6 +613,8 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     cfg = prepare_data(cfg, run_dir, log)
     reconstruct(cfg, run_dir, names, subjects, log=log, execute=execute)
     evaluate(run_dir, log=log)
+    if "semantic" in read_run(run_dir)["stages"]:  # retrieval of the concepts from stage 3's caption embedding
+        semantic_retrieval(cfg, run_dir, subjects, log=log)
     path = write_report(run_dir)
     log(f"ablation: report -> {path}")
     return path

@@ -495,6 +495,33 @@ def suite_section(run_dir: Path, summary, protocol: dict) -> list[str]:
     return md
 
 
+def retrieval_section(run_dir: Path) -> list[str]:
+    """The report's retrieval section from ``results/retrieval.csv`` / ``.json`` (``neuroimagen retrieval``), pooled
+    over subjects: EEG, the shuffled-EEG control and chance per (k, top); [] when the run has none."""
+    csv, meta = Path(run_dir) / RESULTS / "retrieval.csv", Path(run_dir) / RESULTS / "retrieval.json"
+    if not csv.is_file() or not meta.is_file():
+        return []
+    try:
+        table = pd.read_csv(csv, dtype={"subject": str, "control": str})
+        protocol = json.loads(meta.read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 - pandas and json raise a zoo of errors
+        raise DataError(f"{csv}: unreadable ({exc}); expected the table of `neuroimagen retrieval`") from exc
+    pooled = table[table["subject"] == "all"]
+    rows = []
+    for (k, top), g in pooled.groupby(["k", "top"], sort=True):
+        acc = {str(c): float(v["accuracy"].iloc[0]) for c, v in g.groupby("control")}
+        rows.append([f"{int(k)}-way top-{int(top)}", fmt_num(acc.get("eeg"), ".1f", 100),
+                     fmt_num(acc.get("shuffled"), ".1f", 100), fmt_num(float(g["chance"].iloc[0]), ".1f", 100)])
+    return ["## Retrieval from stage 3's caption embedding", "",
+            f"{_get(protocol, 'what', default='')}; {_get(protocol, 'note', default='')}. Gallery: "
+            f"{_get(protocol, 'gallery', default='?')} concepts ({_get(protocol, 'gallery_definition', default='')}); "
+            f"{_get(protocol, 'n_trials', default='?')} trials of the {_get(protocol, 'split', default='?')} split; "
+            f"{_get(protocol, 'similarity', default='')}; {_get(protocol, 'draws', default='?')} seeded distractor "
+            f"draws per trial below the gallery size (seed {_get(protocol, 'seed', default='?')}). Control: "
+            f"{_get(protocol, 'control', default='')}. Pooled over subjects; per subject in `results/retrieval.csv`.",
+            "", format_table(["retrieval", "EEG (%)", "shuffled EEG (%)", "chance (%)"], rows), ""]
+
+
 # --------------------------------------------------------------------------------------------------
 # Protocol text
 
@@ -930,6 +957,7 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
 
     # Suite ----------------------------------------------------------------------------------------
     md += suite_section(run_dir, summary, protocol)
+    md += retrieval_section(run_dir)
 
     # Per subject ------------------------------------------------------------------------------
     md += ["## Per subject (Table 2 analogue)", ""]
