@@ -37,6 +37,7 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.frozen.judge import judge_cache_key, train_judge
 from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
 from neuroimagen.logs import Progress, get_logger
+from neuroimagen.metrics.flags import FlagRules, flag_warning, variant_flags
 from neuroimagen.metrics.inception_score import MIN_SPLIT_SIZE
 from neuroimagen.metrics.nway import effective_n
 from neuroimagen.metrics.summary import Statistics, compare_variants, summarize
@@ -463,6 +464,10 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                         label_to_class=lut, stats=stats)
     pairs = [tuple(c.split(":", 1)) for c in st.get("comparisons", ())]
     tests = compare_variants(per_sample, pairs, stats)
+    rules = FlagRules(n_perm=stats.n_perm, seed=state["seed"])
+    flags = variant_flags(per_sample, rules)
+    summary = summary.merge(flags[["subject", "variant", "flags"]], on=["subject", "variant"], how="left")
+    summary["flags"] = summary["flags"].fillna("")
     n_eff, warning = effective_n(ev["n_way"], num_classes)
     pooled_gt = per_sample.drop_duplicates(["subject", "item"])
     gt_acc = None
@@ -512,6 +517,12 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
         "suite": suite_protocol(state),
         "seeding": state.get("seeding", "not recorded"),
         "variants": state["variant_definitions"],
+        "flags": {"rule": rules.describe(), "thresholds": rules.as_dict(),
+                  "column": "summary.csv `flags`: the flags that fired, '; '-joined, empty when none",
+                  "flagged": [f"{r.variant} ({'pooled' if r.subject == 'all' else 'subject ' + r.subject}): {r.flags}"
+                              for r in flags.itertuples() if r.flags],
+                  "groups": [{"subject": r.subject, "variant": r.variant, "flags": r.flags, **r.evidence}
+                             for r in flags.itertuples()]},
         "provenance": {"reconstruct": state.get("provenance"), "evaluate": provenance()},
     }
     protocol["cards"] = metric_cards(protocol, state, [c for c in summary.columns if c not in ("subject", "variant")])
@@ -525,6 +536,9 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     write_text(res / "protocol.json", json.dumps(protocol, indent=1, default=str))
     if warning:
         log(f"evaluate: {warning}")
+    flagged = flag_warning(flags)
+    if flagged:
+        _log.warning(flagged)  # whatever `log` the caller passed: a user must see this one
     log(f"evaluate: {len(per_sample)} images -> {res / 'summary.csv'}")
     return summary
 
