@@ -464,7 +464,7 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
                         label_to_class=lut, stats=stats)
     pairs = [tuple(c.split(":", 1)) for c in st.get("comparisons", ())]
     tests = compare_variants(per_sample, pairs, stats)
-    rules = FlagRules(n_perm=stats.n_perm, seed=state["seed"])
+    rules = FlagRules(n_perm=stats.n_perm, seed=state["seed"], top_k=ev["top_k"])
     flags = variant_flags(per_sample, rules)
     summary = summary.merge(flags[["subject", "variant", "flags"]], on=["subject", "variant"], how="left")
     summary["flags"] = summary["flags"].fillna("")
