@@ -254,6 +254,8 @@ def compare_variants(df: pd.DataFrame, comparisons: Sequence[tuple[str, str]], s
             sel = df if subject == "all" else df[df["subject"].astype(str) == subject]
             for m in metrics:
                 per_trial = sel.groupby(["variant", "subject", "item"], sort=True)[m].mean()
+                if a not in per_trial.index.get_level_values(0) or b not in per_trial.index.get_level_values(0):
+                    continue  # a subject without one of the two variants
                 ta, tb = per_trial.loc[a], per_trial.loc[b]
                 both = ta.index.intersection(tb.index)
                 va, vb = ta.loc[both].to_numpy(np.float64), tb.loc[both].to_numpy(np.float64)

@@ -156,6 +156,9 @@ def metric_cards(protocol: dict, state: dict, columns: Sequence[str]) -> dict[st
                                      "repetition": SAMPLES}
     for k, net in (suite.get("distance") or {}).items():
         base_cards[f"dist_{k}"] = {"metric": "correlation distance", **net, "repetition": SAMPLES}
+    if protocol.get("flags"):
+        base_cards["flags"] = {"metric": "variant flags (text, empty when none)", "rule": protocol["flags"].get("rule"),
+                               "thresholds": protocol["flags"].get("thresholds")}
     if suite.get("fid"):
         base_cards["fid"] = {"metric": "FID", **suite["fid"]}
         base_cards["kid"] = {"metric": "KID", **suite["fid"]}

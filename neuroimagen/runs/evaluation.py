@@ -37,6 +37,7 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.frozen.judge import judge_cache_key, train_judge
 from neuroimagen.frozen.ldm import tiny_ldm_key, train_tiny_ldm
 from neuroimagen.logs import Progress, get_logger
+from neuroimagen.metrics.flags import FlagRules, flag_warning, variant_flags
 from neuroimagen.metrics.inception_score import MIN_SPLIT_SIZE
 from neuroimagen.metrics.nway import effective_n
 from neuroimagen.metrics.summary import (
@@ -505,6 +506,10 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     stats = Statistics(**{k: v for k, v in st.items() if k in Statistics.__dataclass_fields__}, seed=state["seed"])
     summary = summarize(per_sample, k=ev["top_k"], is_splits=ev["is_splits"], is_seed=state["seed"],
                         label_to_class=lut, stats=stats)
+    rules = FlagRules(n_perm=stats.n_perm, seed=state["seed"], top_k=ev["top_k"])
+    flags = variant_flags(per_sample, rules)
+    summary = summary.merge(flags[["subject", "variant", "flags"]], on=["subject", "variant"], how="left")
+    summary["flags"] = summary["flags"].fillna("")
     pooled_gt = per_sample.drop_duplicates(["subject", "item"])
     no_acc = acc_unavailable(clf, pooled_gt["label"].to_numpy(), state["data"].get("split", "evaluated"))
     withheld = (*ACC_COLUMNS, *(("is",) if clf.get("kind") == "judge" else ())) if no_acc else ()
@@ -564,6 +569,12 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
         "suite": suite_protocol(state),
         "seeding": state.get("seeding", "not recorded"),
         "variants": state["variant_definitions"],
+        "flags": {"rule": rules.describe(), "thresholds": rules.as_dict(),
+                  "column": "summary.csv `flags`: the flags that fired, '; '-joined, empty when none",
+                  "flagged": [f"{r.variant} ({'pooled' if r.subject == 'all' else 'subject ' + r.subject}): {r.flags}"
+                              for r in flags.itertuples() if r.flags],
+                  "groups": [{"subject": r.subject, "variant": r.variant, "flags": r.flags, **r.evidence}
+                             for r in flags.itertuples()]},
         "provenance": {"reconstruct": state.get("provenance"), "evaluate": provenance()},
     }
     protocol["cards"] = metric_cards(protocol, state, [c for c in summary.columns if c not in ("subject", "variant")])
@@ -582,6 +593,9 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
         log(f"evaluate: {warning}")
     if no_acc:
         log(f"evaluate: warning: ACC withheld ({', '.join(withheld)} are n/a): {no_acc}")
+    flagged = flag_warning(flags)
+    if flagged:
+        _log.warning(flagged)  # whatever `log` the caller passed: a user must see this one
     log(f"evaluate: {len(per_sample)} images -> {res / 'summary.csv'}")
     return summary
 

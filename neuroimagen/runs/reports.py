@@ -64,6 +64,7 @@ _PER_SAMPLE_COLUMNS = ("subject", "variant", "item", "sample", "class_name", "im
 _SUMMARY_REQUIRED = ("subject", "variant", "acc")
 _SUMMARY_NUMERIC = ("n", "n_eeg", "acc", "acc_max", "acc_chance", "acc_n", "is", "is_std", "is_splits", "is_n",
                     "is_inception_v3", "is_inception_v3_std", "ssim", "ssim_std", "judge_gt_acc")
+_SUMMARY_TEXT = ("flags",)  # text columns of summary.csv (variant flags: '' when none)
 _IS_SUMMARY = ("is", "is_inception_v3")  # summary.csv's Inception Scores: the ACC classifier's, Inception-v3's
 _WHOLE_SET = ("is", "is_std", "is_inception_v3", "is_inception_v3_std", "is_splits")
 _CELL = 96  # px per image cell in the grids
@@ -183,7 +184,7 @@ def load_summary(run_dir: str | os.PathLike):
     """``RUN/results/summary.csv`` as a DataFrame (subject and variant as str, the metrics as float)."""
     path = _results_file(Path(run_dir), "summary.csv")
     try:
-        df = pd.read_csv(path, dtype={"subject": str, "variant": str}, keep_default_na=False,
+        df = pd.read_csv(path, dtype={"subject": str, "variant": str, **{c: str for c in _SUMMARY_TEXT}}, keep_default_na=False,
                          na_values=["", "nan", "NaN", "n/a", "NA"])
     except Exception as exc:  # pandas raises a zoo of parser errors
         raise DataError(f"{path}: unreadable ({exc}); expected a CSV of aggregate scores") from exc
@@ -197,8 +198,10 @@ def load_summary(run_dir: str | os.PathLike):
     for c in _SUMMARY_NUMERIC:
         df[c] = pd.to_numeric(df[c], errors="coerce") if c in df.columns else float("nan")
     for c in df.columns:
-        if c not in ("subject", "variant") and c not in _SUMMARY_NUMERIC:
+        if c not in ("subject", "variant", *_SUMMARY_TEXT) and c not in _SUMMARY_NUMERIC:
             df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in _SUMMARY_TEXT:
+        df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str) if c in df.columns else ""
     return df
 
 
@@ -317,7 +320,9 @@ def ablation_table(summary, protocol: Optional[dict] = None) -> str:
         else:
             acc = fmt_num(p.get("acc"), ".1f", 100)
         desc = _description(protocol, v)
-        rows.append([f"{_variant_label(v)}: {desc}" if desc else _variant_label(v), acc,
+        label = f"{_variant_label(v)}: {desc}" if desc else _variant_label(v)
+        mark = flag_marker(p.get("flags"))
+        rows.append([f"{label} {mark}" if mark else label, acc,
                      fmt_num(p.get("acc_max"), ".1f", 100), fmt_num(p.get("acc_chance"), ".1f", 100),
                      *[fmt_num(p.get(c), ".2f") for c, _ in iss], fmt_num(p.get("ssim"), ".3f"),
                      fmt_num(p.get("n"), ".0f")])
@@ -327,7 +332,32 @@ def ablation_table(summary, protocol: Optional[dict] = None) -> str:
         for r, c in zip(rows, bolded):
             r[col] = c
     headers = ["variant", "ACC (%)", "ACC max-of-samples (%)", "chance (%)", *[h for _, h in iss], "SSIM", "images"]
-    return format_table(headers, rows)
+    table = format_table(headers, rows)
+    note = flag_note(summary, protocol)
+    return f"{table}\n\n{note}" if note else table
+
+
+def flag_marker(flags: Any) -> str:
+    """``⚠ collapsed`` / ``⚠ = other-class`` (both joined) for a summary row's ``flags``; ``''`` when none."""
+    text = "" if is_missing(flags) else str(flags).strip()
+    return " ".join(f"⚠ {f}" for f in text.split("; ") if f) if text else ""
+
+
+def flag_note(summary, protocol: Optional[dict] = None) -> str:
+    """The note under the ablation table when a variant is flagged (pooled or for a subject): what each flag
+    means, and which subjects' rows fired; ``''`` when nothing is flagged."""
+    if "flags" not in summary.columns:
+        return ""
+    hit = summary[summary["flags"].fillna("").astype(str) != ""]
+    if not len(hit):
+        return ""
+    per = [f"{r['variant']} subject {r['subject']}: {r['flags']}" for _, r in hit.iterrows() if r["subject"] != "all"]
+    rule = _get(protocol or {}, "flags", "rule", default="")
+    return ("⚠ Flagged by the scoring reduction: 'collapsed' = the generations (nearly) all receive one class "
+            "distribution or do not vary; '= other-class' = the scores cannot be told from the other-class "
+            "control's (paired permutation tests, small differences)." +
+            (f" Per subject: {'; '.join(per)}." if per else "") + (f" Rule: {rule}." if rule else
+                                                                    " Rule: results/protocol.json `flags`."))
 
 
 def summary_table(run_dir: str | os.PathLike) -> str:
