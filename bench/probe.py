@@ -200,7 +200,7 @@ def _eval_parts(run_dir: Path, cfg, variants, subjects, threads: int = 0):
     from neuroimagen.data.datasets import load_recording
     from neuroimagen.reconstruction.factory import RunSources, stage_models
     from neuroimagen.reconstruction.rows import build_rows, needed_stages
-    from neuroimagen.training.run import read_run
+    from neuroimagen.runs.training import read_run
 
     prep = json.loads((run_dir / "prepared.json").read_text())
     rec = load_recording(cfg.data, check_images=False)

@@ -29,7 +29,7 @@ import torch
 from neuroimagen.data.datasets import load_image
 from neuroimagen.metrics.nway import effective_n, n_way_top_k_hits
 from neuroimagen.metrics.pixcorr import PixStats, pixcorr_from_stats, pixcorr_stats
-from neuroimagen.metrics.ssim import ssim, ssim_against
+from neuroimagen.metrics.ssim import SsimTarget, ssim_against, ssim_target
 from neuroimagen.models.classifier import Classifier
 from neuroimagen.reconstruction.images import image_stem
 from neuroimagen.reconstruction.suite import Suite
@@ -65,6 +65,7 @@ class Score:
         self.write_image = write_image
         self._gt_cache: dict[tuple[str, int], torch.Tensor] = {}
         self._pix_cache: dict[tuple[str, int], PixStats] = {}
+        self._ssim_cache: dict[tuple[str, int], SsimTarget] = {}
         self._true_cache: dict[tuple[str, int], int] = {}
         self.suite = suite
         if suite is not None:
@@ -81,6 +82,17 @@ class Score:
         parts = [self._pix_cache[(p, size)] for p in paths]
         return PixStats(*(torch.cat([getattr(q, f) for q in parts]) for f in ("image", "smoothed", "total", "spread",
                                                                                 "flat")), parts[0].n)
+
+    def _gt_ssim(self, paths: list[str], size: int) -> SsimTarget:
+        """SSIM's side of ground-truth images (preprocessed, locally filtered moments), once per (path, size)."""
+        todo = [p for p in dict.fromkeys(paths) if (p, size) not in self._ssim_cache]
+        if todo:
+            t = ssim_target(torch.stack([self._gt(p, size) for p in todo]), convention=self.ssim_convention,
+                            resolution=self.ssim_resolution)
+            for i, p in enumerate(todo):
+                self._ssim_cache[(p, size)] = t.select(slice(i, i + 1))
+        parts = [self._ssim_cache[(p, size)] for p in paths]
+        return parts[0]._replace(**{f: torch.cat([getattr(q, f) for q in parts]) for f in ("prepared", "mu", "mu2")})
 
     def _true_class(self, paths: list[str], size: int) -> torch.Tensor:
         """The classifier's top-1 on each ground-truth image (the N-way protocol's true class), classified once per
@@ -101,7 +113,6 @@ class Score:
     def __call__(self, batch: dict) -> dict:
         images = torch.from_numpy(np.asarray(batch["image"], dtype=np.float32))  # (B, 3, R, R)
         B, R = images.shape[0], images.shape[-1]
-        gt = torch.stack([self._gt(str(p), R) for p in batch["gt"]])  # (B, 3, R, R)
         known = None
         if self.suite is not None and "judge" in self.suite.extractors and self.clf.has_features:
             probs, judge_feats = self.clf.probs_and_features(images)  # one pass for ACC and the judge's features
@@ -117,15 +128,15 @@ class Score:
                 hits[i] = float(n_way_top_k_hits(probs[i: i + 1], true[i: i + 1], n=self.n_way, k=self.top_k,
                                                  trials=self.trials, generator=g)[0])
         n_eff, _ = effective_n(self.n_way, probs.shape[1])
-        other = None
+        other_paths: list[str] = []
+        targets = [str(p) for p in batch["gt"]]
         if self.suite is not None:  # the chance baselines: the same generation against another trial's ground truth
             subjects, gts = [str(x) for x in batch["subject"]], [str(x) for x in batch["gt"]]
             other_paths = self.suite.mismatch_paths(subjects, gts, batch["seed_mismatch"])
-            other = torch.stack([self._gt(p, R) for p in other_paths])
-            ss, ss_chance = ssim_against(images.double(), [gt.double(), other.double()], convention=self.ssim_convention,
-                                         resolution=self.ssim_resolution)
-        else:
-            ss = ssim(images.double(), gt.double(), convention=self.ssim_convention, resolution=self.ssim_resolution)
+        scores = ssim_against(images.double(), [self._gt_ssim(targets, R)] + ([self._gt_ssim(other_paths, R)]
+                                                                             if other_paths else []),
+                              convention=self.ssim_convention, resolution=self.ssim_resolution)
+        ss = scores[0]
         img_paths, init_paths = [], []
         init = np.asarray(batch["init"], dtype=np.float32) if "init" in batch else None
         kinds = np.asarray(batch.get("init_kind", ["noise"] * B)).astype(str)
@@ -147,7 +158,7 @@ class Score:
             mine = pixcorr_stats(images)
             pc = pixcorr_from_stats(mine, self._gt_stats(gts, R), constant="nan")
             pc_chance = pixcorr_from_stats(mine, self._gt_stats(other_paths, R), constant="nan")
-            out.update(pixcorr=pc.numpy(), pixcorr_chance=pc_chance.numpy(), ssim_chance=ss_chance.numpy(),
+            out.update(pixcorr=pc.numpy(), pixcorr_chance=pc_chance.numpy(), ssim_chance=scores[1].numpy(),
                        **self.suite(images, subjects, gts, known))
         if self.is_network is not None:
             out["is_probs"] = self.is_network.probs(images).numpy().astype(np.float32)  # (B, 1000)

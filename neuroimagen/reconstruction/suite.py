@@ -56,6 +56,7 @@ class Suite:
         self.load_gt = load_gt
         self.gallery = {str(s): list(dict.fromkeys(str(p) for p in paths)) for s, paths in gallery.items()}
         self._cache: dict[tuple[str, int], tuple[dict[str, int], dict[str, Tensor], dict[str, Tensor]]] = {}
+        self._mismatch: dict[tuple[str, str, int], str] = {}
 
     @property
     def keys(self) -> list[str]:
@@ -136,7 +137,11 @@ class Suite:
         ``seed_mismatch``); the row's own ground truth when its gallery holds a single image."""
         out = []
         for s, p, seed in zip(subjects, gt_paths, seeds):
-            paths = self.gallery.get(str(s)) or [str(p)]
-            others = [q for q in paths if q != str(p)]
-            out.append(others[int(np.random.default_rng(int(seed)).integers(len(others)))] if others else str(p))
+            key = (str(s), str(p), int(seed))  # one draw per trial: its samples and variants share it
+            if key not in self._mismatch:
+                paths = self.gallery.get(str(s)) or [str(p)]
+                others = [q for q in paths if q != str(p)]
+                self._mismatch[key] = others[int(np.random.default_rng(int(seed)).integers(len(others)))] \
+                    if others else str(p)
+            out.append(self._mismatch[key])
         return out
