@@ -386,18 +386,21 @@ def compare(run_a, run_b, per_subject, out):
 @click.option("--quick", is_flag=True, help="Smaller twin, shorter runs, in-process backends (under 3 minutes).")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a run neuroimagen wrote.")
+@click.option("--member", default=None, help="Run on a member of the twin family instead of the default twin: "
+              "sources-objects, bandpower-objects, erp-glyphs, bandpower-cluttered.")
 @config_options
-def demo(quick, out, overwrite, config_path, overrides):
+def demo(quick, out, overwrite, member, config_path, overrides):
     """Run the whole pipeline on the embedded default: synthetic twin, CPU, tiny models."""
     cfg = _load(config_path, overrides)
     from neuroimagen import backends
     from neuroimagen.rundir import check_target
-    from neuroimagen.runs.demo import run_demo
+    from neuroimagen.runs.demo import demo_overrides, run_demo
 
+    demo_overrides(quick, cfg.seed, member)  # an unknown member fails before anything is written
     check_target(out, "run", overwrite)  # before the lock file: a folder that is not ours is left untouched
     with _hold(out):
         res = run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage,
-                       execute=backends.run_rows)
+                       execute=backends.run_rows, member=member)
     for line in res["lines"]:
         click.echo(line)
 

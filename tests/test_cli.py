@@ -133,3 +133,21 @@ def test_help_lists_the_commands(run_cli):
         assert cmd in res.out
     res = run_cli("data", "synth", "--help")
     assert "--images-per-class" in res.out and "--config" in res.out and "--set" in res.out
+
+
+def test_demo_member_settings_sit_between_the_preset_and_the_users_set(tmp_path, run_cli):
+    from neuroimagen.config import load_config, override
+    from neuroimagen.data.synthetic import TWIN_FAMILY
+    from neuroimagen.runs.demo import QUICK, demo_overrides
+
+    sets = demo_overrides(True, 0, "bandpower-objects", ["synth.subjects=2"])
+    assert sets[: len(QUICK)] == QUICK and sets[-1] == "synth.subjects=2"
+    synth = override(load_config(None), sets).synth
+    member = TWIN_FAMILY["bandpower-objects"]
+    assert (synth.eeg_code, synth.classes, synth.images_per_class, synth.seed) == (
+        "bandpower", member["classes"], member["images_per_class"], member["seed"])
+    assert synth.subjects == 2 and synth.channels == 16  # the user's --set wins; the preset fills the rest
+    assert demo_overrides(True, 5, None) == QUICK + ["synth.seed=5"]
+    res = run_cli("demo", "--quick", "--member", "nope", "--out", tmp_path / "run")
+    assert_one_line_error(res, "demo --member", "unknown member 'nope'", "bandpower-objects")
+    assert not (tmp_path / "run").exists()

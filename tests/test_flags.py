@@ -141,12 +141,12 @@ def test_the_ablation_table_marks_a_flagged_row_and_explains_it_below():
         {"subject": "1", "variant": "L+I", "acc": 0.6, "acc_max": 0.7, "acc_chance": 0.25, "is": 2.0, "ssim": 0.4,
          "n": 10, "flags": "= other-class"},
     ])
-    table = ablation_table(summary, {"flags": {"rule": "THE RULE"}})
+    table = ablation_table(summary, {"flags": {"rule": "THE RULE", "thresholds": {"max_is": 1.05}}})
     row_i = next(line for line in table.splitlines() if line.startswith("| 1 (I)"))
     row_li = next(line for line in table.splitlines() if line.startswith("| 5 (L+I)"))
     assert "⚠ collapsed ⚠ = other-class" in row_i and "⚠" not in row_li
-    assert "⚠ Flagged by the scoring reduction" in table and "Per subject: L+I subject 1: = other-class" in table
-    assert "Rule: THE RULE." in table
+    assert "⚠ Flagged by the scoring reduction" in table and "Per subject: = other-class: L+I (subject 1)." in table
+    assert "(judge IS < 1.05)" in table and "results/protocol.json `flags`" in table
     clean = ablation_table(summary.assign(flags=""))
     assert "⚠" not in clean and "Flagged" not in clean
     assert flag_marker(float("nan")) == "" and flag_marker("") == ""

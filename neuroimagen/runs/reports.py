@@ -351,13 +351,17 @@ def flag_note(summary, protocol: Optional[dict] = None) -> str:
     hit = summary[summary["flags"].fillna("").astype(str) != ""]
     if not len(hit):
         return ""
-    per = [f"{r['variant']} subject {r['subject']}: {r['flags']}" for _, r in hit.iterrows() if r["subject"] != "all"]
-    rule = _get(protocol or {}, "flags", "rule", default="")
-    return ("⚠ Flagged by the scoring reduction: 'collapsed' = the generations (nearly) all receive one class "
-            "distribution or do not vary; '= other-class' = the scores cannot be told from the other-class "
-            "control's (paired permutation tests, small differences)." +
-            (f" Per subject: {'; '.join(per)}." if per else "") + (f" Rule: {rule}." if rule else
-                                                                    " Rule: results/protocol.json `flags`."))
+    per: dict[str, list[str]] = {}
+    for _, r in hit.iterrows():
+        if r["subject"] != "all":
+            per.setdefault(str(r["flags"]), []).append(f"{r['variant']} (subject {r['subject']})")
+    thresholds = _get(protocol or {}, "flags", "thresholds", default={}) or {}
+    is_tol = f" (judge IS < {thresholds['max_is']:g})" if "max_is" in thresholds else ""
+    return (f"⚠ Flagged by the scoring reduction: 'collapsed' = the generations (nearly) all receive one class "
+            f"distribution{is_tol}, one top-1 class, or do not vary; '= other-class' = no score tells the variant "
+            f"from the other-class control (paired permutation tests, small differences)." +
+            (" Per subject: " + "; ".join(f"{f}: {', '.join(v)}" for f, v in per.items()) + "." if per else "") +
+            " Rule and evidence: results/protocol.json `flags`.")
 
 
 def summary_table(run_dir: str | os.PathLike) -> str:
