@@ -198,10 +198,21 @@ def bench_scoring(repeats: int, quick: bool = False) -> dict:
                       f"{len(doc['times_s']['plain'])} interleaved passes of {n} images (batches of "
                       f"{doc['batch_size']}); added columns: {', '.join(doc['suite_columns'])}")}
     if not met:
-        row["why"] = ("at 32 px the judge CNN and the SSIM filters are the whole cost of the three metrics, and the "
-                      "chance baselines score every generation a second time (SSIM against a mismatched ground "
-                      "truth: three more filtered moments of the five); PixCorr itself is computed from the linear "
-                      "maps of its two resizes instead of 425 px float64 images (62x before that change)")
-    return {"rows": [row], "breakdown": {"images": n, "batch size": doc["batch_size"], "threads": 2,
-                                         "plain pass times, s": [round(x, 4) for x in doc["times_s"]["plain"]],
-                                         "suite pass times, s": [round(x, 4) for x in doc["times_s"]["suite"]]}}
+        row["why"] = ("at 32 px with the judge CNN the three metrics cost well under a millisecond per image, so the "
+                      "suite's fixed per-batch work (PixCorr's smoothing of the generation, the cross moment of the "
+                      "mismatched SSIM, the gallery correlations, Python bookkeeping) is a large share; ground-truth "
+                      "sides (PixCorr sums, SSIM moments, the true class, gallery features) are computed once per "
+                      "image, and PixCorr uses the linear maps of its two resizes instead of 425 px float64 images "
+                      "(62x dearer before). At real sizes the feature networks dominate instead")
+    old = median(doc["times_s"].get("plain-conv") or [])
+    fix = {"what": "SSIM's window filter as avg_pool2d (uniform window) / weighted sums of shifted views (same "
+                   "numbers to ~1e-13), idle machine",
+           "compared with": "the float64 grouped conv2d it replaces (before), the plain scorer, same images",
+           "ratio": old / plain if old and plain else None,
+           "target": "(before/after, time: not slower idle; the change is for shared cores, where the grouped conv "
+                     "measured 40x slower at load 7)",
+           "met": bool(old and plain and old / plain >= 0.9),
+           "detail": f"median {1e3 * (old or 0) / n:.2f} ms vs {1e3 * plain / n:.2f} ms per image (ACC, IS, SSIM)"}
+    return {"rows": [row, fix], "breakdown": {"images": n, "batch size": doc["batch_size"], "threads": 2,
+                                              **{f"{k} pass times, s": [round(x, 4) for x in v]
+                                                 for k, v in doc["times_s"].items()}}}

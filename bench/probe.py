@@ -449,13 +449,30 @@ def scoring_probe(a: dict) -> dict:
     for score in scorers.values():  # warm-up: caches of ground truths and galleries, first-call costs
         for b in batches:
             score(b)
-    times: dict[str, list[float]] = {k: [] for k in scorers}
+    import importlib
+
+    import torch.nn.functional as F
+
+    ssim_module = importlib.import_module("neuroimagen.metrics.ssim")  # the module (the package exports a function)
+
+    shifted = ssim_module._filter_valid
+
+    def grouped_conv(x, taps):  # the SSIM filter before the shifted-views one: a float64 grouped conv2d
+        c, win = x.shape[1], taps.numel()
+        kh, kw = taps.view(1, 1, win, 1).expand(c, 1, win, 1), taps.view(1, 1, 1, win).expand(c, 1, 1, win)
+        return F.conv2d(F.conv2d(x, kh, groups=c), kw, groups=c)
+
+    names = list(scorers) + ["plain-conv"]  # plain-conv: the plain scorer with the old SSIM filter
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(a["repeats"]):
-        for name in (list(scorers) if r % 2 == 0 else list(scorers)[::-1]):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            ssim_module._filter_valid = grouped_conv if name == "plain-conv" else shifted
+            score = scorers["plain" if name == "plain-conv" else name]
             t = time.perf_counter()
             for b in batches:
-                scorers[name](b)
+                score(b)
             times[name].append(time.perf_counter() - t)
+    ssim_module._filter_valid = shifted
     cols = sorted(set(scorers["suite"](batches[0])) - set(scorers["plain"](batches[0])))
     return {"images": len(rows), "batch_size": bs, "threads": a["threads"], "times_s": times, "suite_columns": cols}
 

@@ -96,10 +96,13 @@ def _gaussian_taps(sigma: float, truncate: float, dtype: torch.dtype, device: to
 def _filter_valid(x: Tensor, taps: Tensor) -> Tensor:
     """Separable correlation of every (N, C, H, W) map with ``taps`` along H and W, valid region only.
 
-    As weighted sums of shifted views (``win`` multiply-adds per axis): the same numbers as a grouped
-    ``conv2d`` with the outer-product kernel up to float64 rounding (~1e-13 of 255), and on a CPU some 40x faster,
-    since PyTorch has no fast float64 grouped convolution."""
+    A uniform window (DreamDiffusion's 7 x 7) is ``avg_pool2d``; any other (MindEye's Gaussian) weighted sums of
+    shifted views (``win`` multiply-adds per axis). Both give the numbers of a grouped ``conv2d`` with the
+    outer-product kernel up to float64 rounding (~1e-13 of 255); on an idle CPU they cost about the same, but a
+    float64 grouped convolution stalls when the cores are shared (measured 40x slower at load 7 on 2 cores)."""
     win = taps.numel()
+    if bool((taps == taps[0]).all()):
+        return F.avg_pool2d(x, (win, win), stride=1) * float(taps[0] * win) ** 2  # mean * (win t)^2 = sum t_i t_j x
     h, w = x.shape[-2] - win + 1, x.shape[-1] - win + 1
     weights = [float(t) for t in taps]
     rows = sum(weights[i] * x[..., i:i + h, :] for i in range(win))
