@@ -21,7 +21,7 @@ is square anyway.  Computation is in float64.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,15 @@ def pixcorr_scores(pred: Tensor, gt: Tensor, resolution: int = PIXCORR_RESOLUTIO
     (a few (H, H) products per image instead of two 425 x 425 float64 resizes; the same number up to float64
     rounding, ~1e-12).
     """
-    return pixcorr_against(pred, [gt], resolution=resolution, base_resolution=base_resolution, constant=constant)[0]
+    if constant not in ("raise", "nan"):
+        raise ValueError(f"constant must be 'raise' or 'nan', got {constant!r}")
+    _check_pair(pred, gt)
+    _check_size("resolution", resolution)
+    _check_size("base_resolution", base_resolution)
+    if pred.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=pred.device)
+    return pixcorr_from_stats(pixcorr_stats(pred, resolution, base_resolution),
+                              pixcorr_stats(gt, resolution, base_resolution), constant)
 
 
 class PixStats(NamedTuple):
@@ -168,21 +176,6 @@ def pixcorr_from_stats(pred: PixStats, gt: PixStats, constant: str = "raise") ->
                              f"correlation is undefined")
         r = (cov / (pred.spread.clamp_min(1e-300) * gt.spread.clamp_min(1e-300)).sqrt()).clamp(-1, 1)
         return torch.where(flat, torch.full_like(r, float("nan")), r)
-
-
-def pixcorr_against(pred: Tensor, targets: Sequence[Tensor], resolution: int = PIXCORR_RESOLUTION,
-                    base_resolution: int | None = MINDEYE_BASE_RESOLUTION, constant: str = "raise") -> list[Tensor]:
-    """:func:`pixcorr_scores` of ``pred`` against each target set (``pred``'s side computed once)."""
-    if constant not in ("raise", "nan"):
-        raise ValueError(f"constant must be 'raise' or 'nan', got {constant!r}")
-    for gt in targets:
-        _check_pair(pred, gt)
-    _check_size("resolution", resolution)
-    _check_size("base_resolution", base_resolution)
-    if pred.shape[0] == 0:
-        return [torch.zeros(0, dtype=torch.float64, device=pred.device) for _ in targets]
-    p = pixcorr_stats(pred, resolution, base_resolution)
-    return [pixcorr_from_stats(p, pixcorr_stats(gt, resolution, base_resolution), constant) for gt in targets]
 
 
 def pixcorr(pred: Tensor, gt: Tensor, resolution: int = PIXCORR_RESOLUTION,

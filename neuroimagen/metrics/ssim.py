@@ -125,15 +125,9 @@ class SsimTarget(NamedTuple):
         return self._replace(prepared=self.prepared[index], mu=self.mu[index], mu2=self.mu2[index])
 
 
-def _ssim_maps_mean(x: Tensor, y: Tensor, taps: Tensor, data_range: float, cov_norm: float) -> Tensor:
-    """Mean SSIM per image (mean over the cropped map and over channels) for float64 (N, C, H, W)."""
-    f = _filter_valid(torch.cat([y, y * y], dim=1), taps).split(y.shape[1], dim=1)
-    return _ssim_means(x, [(y, f[0], f[1])], taps, data_range, cov_norm)[0]
-
-
 def _ssim_means(x: Tensor, ys: Sequence[tuple[Tensor, Tensor, Tensor]], taps: Tensor, data_range: float,
                 cov_norm: float) -> list[Tensor]:
-    """:func:`_ssim_maps_mean` of ``x`` against each target ``(y, filtered y, filtered y^2)``: x's own moments and
+    """Mean SSIM per image (mean over the cropped map and over channels) of float64 ``x`` against each target ``(y, filtered y, filtered y^2)``: x's own moments and
     the cross moments in one grouped conv, the targets' moments given."""
     c = x.shape[1]
     parts = [x, x * x] + [x * y for y, _, _ in ys]
