@@ -263,3 +263,58 @@ def test_diversity_is_zero_when_g_ignores_z_and_grows_when_it_does_not(saliency_
     finally:
         st.G = G
     assert flat == pytest.approx(0.0, abs=1e-7) and varied > 1e-4, (flat, varied)
+
+
+# ----------------------------------------------------------------------------------------------
+# CondNorm: G and D read the EEG feature standardised on the training features
+
+
+def test_cond_norm_is_identity_until_stats_then_standardises_and_reloads():
+    from neuroimagen.models.saliency_gan import CondNorm
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 6, generator=g) * 0.02 + 3.0  # small spread around a large offset
+    n = CondNorm(6)
+    assert torch.equal(n(feats), feats)  # identity before set_stats
+    out = n.set_stats(feats)(feats)
+    assert out.mean(0).abs().max() < 1e-5
+    assert out.pow(2).sum(1).mean() == pytest.approx(1.0, rel=1e-4)  # mean squared distance from the mean 1
+    # one scalar scale: the relative sizes of the entries survive
+    ratio = feats.std(0) / out.std(0)
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    m = CondNorm(6)
+    m.load_state_dict(n.state_dict())  # the statistics travel with the weights
+    assert torch.equal(m(feats), out)
+    with pytest.raises(ValueError, match=r"feats: expected shape \(N, 6\)"):
+        n.set_stats(torch.zeros(4, 5))
+    assert torch.equal(CondNorm(6).set_stats(feats[:1]).scale, torch.ones(()))  # one item: no spread to measure
+
+
+@pytest.mark.parametrize("factor", [0.01, 100.0])
+def test_generator_and_discriminator_are_invariant_to_the_feature_scale(factor):
+    """An encoder whose features are 100x smaller (or larger) gives G and D the same input once normalised: a
+    small-scale condition is no longer drowned by z (the collapse on band-power EEG)."""
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(40, 8, generator=g)
+    z = sample_z(40, 16, generator=g)
+    img = torch.rand(40, 3, 32, 32, generator=g) * 2 - 1
+    outs = []
+    for f in (feats, feats * factor + 0.5):
+        torch.manual_seed(0)
+        G, D = Generator(z_dim=16, cond_dim=8, resolution=32, width=8), Discriminator(cond_dim=8, resolution=32, width=8)
+        G.cond_norm.set_stats(f)
+        D.cond_norm.set_stats(f)
+        G.eval()
+        with torch.no_grad():
+            outs.append((G(z, f), D(img, f)))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-4)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-3, rtol=1e-4)
+
+
+def test_saliency_stage_sets_the_cond_norm_from_the_training_features(saliency_stage):
+    from neuroimagen.training.context import unwrap
+
+    for net in (unwrap(saliency_stage.G), unwrap(saliency_stage.D)):
+        assert net.cond_norm.scale.item() != 1.0 and net.cond_norm.shift.abs().sum() > 0
+    state = unwrap(saliency_stage.G).state_dict()
+    assert {"cond_norm.shift", "cond_norm.scale"} <= set(state)

@@ -207,8 +207,11 @@ class SaliencyStage(Stage):
             "discriminator": {"builder": "discriminator", "kwargs": {"cond_dim": D, "resolution": R, "width": sc.d_width}},
         }
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.G = ctx.wrap(build_from_spec(self._specs["generator"]), image=True)
-        self.D = ctx.wrap(build_from_spec(self._specs["discriminator"]), image=True)
+        G, D_net = build_from_spec(self._specs["generator"]), build_from_spec(self._specs["discriminator"])
+        for net in (G, D_net):  # both read the EEG feature standardised on the training features (CondNorm)
+            net.cond_norm.set_stats(f_train)
+        self.G = ctx.wrap(G, image=True)
+        self.D = ctx.wrap(D_net, image=True)
         self._modules = {"generator": self.G, "discriminator": self.D}
         self._optimizers = {
             "generator": torch.optim.Adam(self.G.parameters(), lr=sc.lr, betas=tuple(sc.betas)),
