@@ -86,6 +86,18 @@ def test_stage1_kmeans_uses_the_validation_classes_of_a_fold(things_twin):
     assert stage.val_classes == len(set(splits["val"].labels.tolist())) == 4
 
 
+@pytest.mark.parametrize("layout", ["twin", "things_twin"])
+def test_a_stage_that_loads_its_own_data_validates_on_the_training_subjects(layout, request):
+    """Ray Train workers and every Ray Tune trial build their stage from the config alone (no splits passed in):
+    with data.holdout_subject, its selection metric is measured on the other subjects' validation trials."""
+    from neuroimagen.stages import build_stage
+    from neuroimagen.training.context import RunContext
+
+    cfg = load_config(request.getfixturevalue(layout) / "config.yaml", ["data.holdout_subject=1", "stages.encoder.embed_dim=8"])
+    data = build_stage("encoder", cfg, RunContext(), {}).describe_data()
+    assert data["train"]["subjects"] == [2] and data["val"]["subjects"] == [2] and data["val"]["n"] > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end on the tiny embedded twin (eeg-imagenet layout)
 
@@ -104,6 +116,7 @@ def loso_run(tmp_path_factory):
     return out, res, lines
 
 
+@pytest.mark.slow
 def test_loso_writes_one_fold_per_subject_trained_without_it(loso_run):
     out, res, lines = loso_run
     assert res["skipped"] == [] and sorted(res["folds"]) == [1, 2]
@@ -123,6 +136,7 @@ def test_loso_writes_one_fold_per_subject_trained_without_it(loso_run):
     assert protocol["folds"]["1"]["trained_on_subjects"] == [2]
 
 
+@pytest.mark.slow
 def test_summary_loso_has_both_protocols_per_subject_and_pooled(loso_run):
     out, res, _ = loso_run
     table = pd.read_csv(out / "results" / "summary_loso.csv", dtype={"subject": str})
@@ -145,6 +159,7 @@ def test_summary_loso_has_both_protocols_per_subject_and_pooled(loso_run):
     pd.testing.assert_frame_equal(res["summary"].reset_index(drop=True), table, check_dtype=False, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_retrieval_rows_carry_their_protocol(loso_run):
     out, _, _ = loso_run
     assert set(pd.read_csv(out / "results" / "retrieval.csv")["protocol"]) == {"within"}
@@ -162,6 +177,7 @@ def test_retrieval_rows_carry_their_protocol(loso_run):
                             rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_report_shows_within_and_loso_side_by_side(loso_run):
     out, _, _ = loso_run
     text = (out / "report" / "report.md").read_text()
@@ -173,6 +189,7 @@ def test_report_shows_within_and_loso_side_by_side(loso_run):
     assert "within vs LOSO" in section
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_folds_and_the_cli_prints_both_protocols(loso_run, run_cli):
     out, _, _ = loso_run
     before = {p: p.stat().st_mtime_ns for p in out.glob("loso/sub-*/results/summary.csv")}
@@ -185,6 +202,7 @@ def test_rerun_skips_finished_folds_and_the_cli_prints_both_protocols(loso_run, 
     assert {p: p.stat().st_mtime_ns for p in out.glob("results/shards/*/*.parquet")} == shards  # within shards reused
 
 
+@pytest.mark.slow
 def test_a_fold_config_is_one_fold_not_a_new_protocol(loso_run):
     from neuroimagen.runs.loso import run_loso
 
