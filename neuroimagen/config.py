@@ -453,6 +453,10 @@ class Config:
     eval: EvalConfig = param(default_factory=EvalConfig)
 
     def validate(self, prefix: str) -> None:  # noqa: ARG002 - uniform signature
+        if self.eval.split != "test" and (self.data.holdout_subject is not None or self.eval.protocol == "loso"):
+            raise ConfigError(f"eval.split: '{self.eval.split}' with leave-one-subject-out (eval.protocol: "
+                              f"{self.eval.protocol}, data.holdout_subject: {self.data.holdout_subject}); a held-out "
+                              "subject has only test trials, and validation is the training subjects' (use test)")
         if self.ldm.pretrained is not None and self.text_encoder.pretrained is None:
             raise ConfigError("text_encoder.pretrained: null, but ldm.pretrained is set; stage-3 targets must come from the "
                               "diffusion model's own text encoder (set text_encoder.pretrained to the same snapshot)")

@@ -53,6 +53,9 @@ def test_holdout_and_protocol_errors_name_the_key(twin, run_cli):
         load_config(None, ["data.subjects=[1,2]", "data.holdout_subject=3"])
     with pytest.raises(ConfigError, match=r"data\.holdout_subject: holding out subject 1 leaves no training subject"):
         load_config(None, ["data.subjects=[1]", "data.holdout_subject=1"])
+    for key in ("eval.protocol=loso", "data.holdout_subject=1"):
+        with pytest.raises(ConfigError, match=r"eval\.split: 'val' with leave-one-subject-out .* has only test trials"):
+            load_config(None, [key, "eval.split=val"])
     cfg = load_config(twin / "config.yaml", ["data.holdout_subject=9"])
     with pytest.raises(ConfigError, match=r"^data\.holdout_subject: subject 9 is not among the dataset's subjects \[1, 2\]"):
         load_splits(cfg.data, image_mode="none")
@@ -200,6 +203,21 @@ def test_rerun_skips_finished_folds_and_the_cli_prints_both_protocols(loso_run, 
     assert "Within subject vs leave-one-subject-out" in res.out and "SSIM LOSO" in res.out
     assert {p: p.stat().st_mtime_ns for p in out.glob("loso/sub-*/results/summary.csv")} == before  # not redone
     assert {p: p.stat().st_mtime_ns for p in out.glob("results/shards/*/*.parquet")} == shards  # within shards reused
+
+
+@pytest.mark.slow
+def test_evaluate_refreshes_the_loso_summary_from_the_finished_folds(loso_run, run_cli):
+    from neuroimagen.runs.loso import finished_folds
+
+    out, _, _ = loso_run
+    assert finished_folds(out) == [1, 2]
+    path = out / "results" / "summary_loso.csv"
+    before = pd.read_csv(path, dtype={"subject": str})
+    path.unlink()
+    res = run_cli("evaluate", "--run", out)
+    assert res.code == 0, res
+    assert "Within subject vs leave-one-subject-out" in res.out and "| subj 2 |" in res.out
+    pd.testing.assert_frame_equal(pd.read_csv(path, dtype={"subject": str}), before)
 
 
 @pytest.mark.slow

@@ -133,6 +133,17 @@ def run_loso(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     return {"folds": folds, "skipped": skipped, "summary": summary, "report": report}
 
 
+def finished_folds(run_dir: str | Path) -> list[int]:
+    """The subjects whose fold in ``run_dir`` finished (``loso/sub-XX/loso.json``), sorted."""
+    out = []
+    for p in sorted((Path(run_dir) / FOLDS).glob(f"sub-*/{DONE}")):
+        try:
+            out.append(int(json.loads(p.read_text(encoding="utf-8"))["subject"]))
+        except (OSError, KeyError, TypeError, ValueError):  # a damaged marker: that fold counts as unfinished
+            continue
+    return sorted(out)
+
+
 def _read_csv(path: Path, what: str) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: not found ({what})")
