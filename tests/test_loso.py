@@ -137,6 +137,11 @@ def test_loso_writes_one_fold_per_subject_trained_without_it(loso_run):
     assert any("fold 2/2: training on subjects [1], testing on subject 2" in ln for ln in lines)
     protocol = json.loads((out / "results" / "loso.json").read_text())
     assert protocol["folds"]["1"]["trained_on_subjects"] == [2]
+    assert protocol["pooled_whole_set"].startswith("IS, FID and KID of the pooled LOSO rows")
+    from neuroimagen.rundir import kind_of
+
+    assert kind_of(out / "loso" / "sub-01") == "run"
+    assert (out / "loso" / "sub-01" / "ldm").resolve() == (out / "ldm").resolve()  # the shared, content-addressed cache
 
 
 @pytest.mark.slow
@@ -201,6 +206,8 @@ def test_rerun_skips_finished_folds_and_the_cli_prints_both_protocols(loso_run, 
     res = run_cli("ablation", "--config", out / "config.yaml", "--out", out, "--variants", "L+I")
     assert res.code == 0, res
     assert "Within subject vs leave-one-subject-out" in res.out and "SSIM LOSO" in res.out
+    fold_report = run_cli("report", out / "loso" / "sub-02")  # a fold is a run like any other
+    assert fold_report.code == 0, fold_report
     assert {p: p.stat().st_mtime_ns for p in out.glob("loso/sub-*/results/summary.csv")} == before  # not redone
     assert {p: p.stat().st_mtime_ns for p in out.glob("results/shards/*/*.parquet")} == shards  # within shards reused
 

@@ -44,6 +44,7 @@ from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.logs import get_logger
 from neuroimagen.metrics.summary import ACC_COLUMNS, Statistics, summarize, withhold
 from neuroimagen.provenance import provenance
+from neuroimagen.rundir import mark
 from neuroimagen.runs.evaluation import STATE, RunRows, ablation, acc_unavailable
 from neuroimagen.runs.reports import write_report
 from neuroimagen.runs.training import FitStage, prepare_data
@@ -69,11 +70,10 @@ def fold_config(cfg: Config, subject: int) -> Config:
 
 
 def _share_caches(run_dir: Path, fold: Path) -> None:
-    """Link the fold's cache folders to the run's (relative links: a moved run keeps them)."""
+    """Link the fold's cache folders to the run's existing ones (relative links: a moved run keeps them)."""
     for name in SHARED_CACHES:
         target, link = run_dir / name, fold / name
-        make_dir(target)
-        if not link.exists() and not link.is_symlink():
+        if target.is_dir() and not link.exists() and not link.is_symlink():
             os.symlink(os.path.relpath(target, fold), link, target_is_directory=True)
 
 
@@ -119,7 +119,7 @@ def run_loso(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
             continue
         log(f"loso: fold {i}/{len(wanted)}: training on subjects {[t for t in subjects_of(rec) if t != s]}, "
             f"testing on subject {s} -> {fold}")
-        make_dir(fold)
+        mark(make_dir(fold), "run", "neuroimagen ablation (eval.protocol: loso fold)")  # a run: report, --run work on it
         _share_caches(run_dir, fold)
         ablation(fold_config(data_cfg, s), fold, variants, None, log=log, fit=fit, execute=execute)
         state = json.loads((fold / STATE).read_text(encoding="utf-8"))
@@ -207,8 +207,19 @@ def write_loso_results(run_dir: str | Path, subjects: Sequence[int]) -> pd.DataF
                   for s in subjects},
         "pooled": "loso 'all' rows: the folds' per-image tables concatenated and reduced once (means over every "
                   "held-out trial, trial-bootstrap intervals); within 'all' rows: the within-subject run's",
+        "pooled_whole_set": _whole_set_note(states),
         "provenance": provenance()}, indent=1, default=str))
     return table
+
+
+def _whole_set_note(states: dict) -> str:
+    """Whether the pooled LOSO IS / FID / KID mix classifiers: each fold scores with the judge of its own training
+    images (one judge when the folds' training images are the same)."""
+    judges = sorted({str(st["classifier"].get("identity")) for st in states.values()})
+    if len(judges) == 1:
+        return f"IS, FID and KID of the pooled LOSO rows: one classifier for every fold ({judges[0]})"
+    return (f"IS, FID and KID of the pooled LOSO rows pool {len(judges)} classifiers (each fold's judge is trained on "
+            "its own training images): compare them with care; the per-subject rows use one classifier each")
 
 
 def _trained_on(fold: Path) -> Optional[list[int]]:
