@@ -234,3 +234,25 @@ def test_a_fold_config_is_one_fold_not_a_new_protocol(loso_run):
     out, _, _ = loso_run
     with pytest.raises(ConfigError, match=r"^data\.holdout_subject: 1 is one fold's setting"):
         run_loso(load_config(out / "loso" / "sub-01" / "config.yaml"), out / "x", ["L+I"])
+
+
+@pytest.mark.slow
+def test_loso_on_the_things_layout_is_zero_shot_and_withholds_acc(tmp_path):
+    """One fold (subject 2) on a THINGS-EEG2 twin: the held-out subject's test concepts are unseen, ACC is
+    withheld in both protocols (the judge cannot cover them), the judge-free numbers and retrieval stand."""
+    from neuroimagen.runs.loso import run_loso
+
+    things = ["synth.format=things-eeg", "synth.test_classes=3", "synth.train_repetitions=2",
+              "synth.test_repetitions=2", "synth.times=64"]
+    out = tmp_path / "run"
+    res = run_loso(load_config(None, FAST + things), out, ["L+I"], subjects=[2], log=lambda m: None)
+    assert sorted(res["folds"]) == [2] and not (out / "loso" / "sub-01").exists()
+    table = res["summary"]
+    assert sorted(zip(table["protocol"], table["subject"])) == [("loso", "2"), ("loso", "all"), ("within", "2"),
+                                                                ("within", "all")]
+    assert table["acc"].isna().all() and table["ssim"].notna().all() and table["pixcorr"].notna().all()
+    fold_retrieval = json.loads((out / "loso" / "sub-02" / "results" / "retrieval.json").read_text())
+    assert fold_retrieval["zero_shot"] is True and fold_retrieval["gallery"] == 3
+    text = (out / "report" / "report.md").read_text()
+    section = text[text.index("## Within subject vs leave-one-subject-out"):]
+    assert "| subj 2 |" in section and "ACC (%) within" not in section  # withheld, so not a column
