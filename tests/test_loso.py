@@ -41,6 +41,17 @@ def test_a_held_out_subject_is_only_in_test_with_all_its_test_trials(layout, req
         assert any("subject " + str(s) + " held out" in n for n in splits["train"].recording.notes)
 
 
+def test_subjects_of_a_recording_are_those_its_splits_keep(twin):
+    from neuroimagen.data.datasets import hold_out_subject, load_recording, subjects_of
+
+    cfg = load_config(twin / "config.yaml", ["data.subjects=[2]"])
+    rec = load_recording(cfg.data, check_images=False)
+    assert sorted(set(rec.subjects.tolist())) == [1, 2]  # the file's segments, subject 1's included
+    assert subjects_of(rec) == [2]
+    with pytest.raises(ConfigError, match=r"data\.holdout_subject: holding out subject 2 leaves no training subject"):
+        hold_out_subject(rec, 2)
+
+
 def test_holdout_and_protocol_errors_name_the_key(twin, run_cli):
     from neuroimagen.data.datasets import load_splits
 

@@ -24,9 +24,12 @@ __all__ = ["EEGDataset", "Recording", "hold_out_subject", "load_image", "load_re
 
 
 def subjects_of(dataset: Recording | EEGDataset) -> list[int]:
-    """The sorted subject ids of a recording (all its segments) or of one split."""
-    subjects = dataset.subjects if isinstance(dataset, Recording) else dataset.subjects.numpy()
-    return sorted(int(s) for s in np.unique(subjects))
+    """The sorted subject ids of one split, or of a recording's splits together (the segments a reader kept: an
+    EEG-ImageNet file's subjects outside ``data.subjects`` are not among them)."""
+    if isinstance(dataset, Recording):
+        used = np.concatenate([np.asarray(v, dtype=np.int64) for v in dataset.splits.values()] or [np.empty(0, np.int64)])
+        return sorted(int(s) for s in np.unique(dataset.subjects[used]))
+    return sorted(int(s) for s in np.unique(dataset.subjects.numpy()))
 
 
 def hold_out_subject(rec: Recording, subject: int) -> dict[str, np.ndarray]:
