@@ -267,3 +267,19 @@ def test_loso_on_the_things_layout_is_zero_shot_and_withholds_acc(tmp_path):
     text = (out / "report" / "report.md").read_text()
     section = text[text.index("## Within subject vs leave-one-subject-out"):]
     assert "| subj 2 |" in section and "ACC (%) within" not in section  # withheld, so not a column
+
+
+@pytest.mark.slow
+def test_a_fold_trains_on_ray_train_without_the_held_out_subject(ray_session, twin, tmp_path):
+    """Ray Train workers rebuild the config from a dict and load the data themselves: the held-out subject stays
+    out of their training and validation splits."""
+    from neuroimagen import backends
+    from neuroimagen.runs.training import train
+
+    sets = [f"data.eeg={twin / 'eeg_5_95_std.pth'}", f"data.splits={twin / 'block_splits_by_image_all.pth'}",
+            f"data.images={twin / 'images'}", "train.backend=ray", "train.progress=false", "train.threads_per_worker=1",
+            "stages.encoder.epochs=1", "stages.encoder.embed_dim=8", "data.holdout_subject=2"]
+    metrics = train(load_config(None, sets), tmp_path / "fold", ["encoder"], log=lambda m: None,
+                    fit=backends.fit_stage)["encoder"]
+    assert metrics["data"]["train"]["subjects"] == [1] and metrics["data"]["val"]["subjects"] == [1]
+    assert metrics["world_size"] == 1 and 0.0 <= metrics["val_kmeans_acc"] <= 1.0
