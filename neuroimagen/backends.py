@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from neuroimagen.config import Config
 from neuroimagen.reconstruction.factory import RunSources
-from neuroimagen.runs import evaluation, training
+from neuroimagen.runs import evaluation, loso, training
 
 
 def fit_stage(name: str, cfg: Config, inputs: dict, run_dir: Path, log: Callable[[str], None]) -> dict:
@@ -52,5 +52,8 @@ def reconstruct(cfg: Config, run_dir: str | Path, variants: Optional[Sequence[st
 
 def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = None,
              subjects: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None) -> Path:
-    """``neuroimagen.runs.evaluation.ablation`` with the configured backends."""
+    """``neuroimagen.runs.evaluation.ablation`` with the configured backends; with ``eval.protocol: loso`` (and no
+    ``data.holdout_subject``: a fold is one ablation) followed by a fold per subject (``neuroimagen.runs.loso``)."""
+    if cfg.eval.protocol == "loso" and cfg.data.holdout_subject is None:
+        return loso.run_loso(cfg, out, variants, subjects, log=log, fit=fit_stage, execute=run_rows)["report"]
     return evaluation.ablation(cfg, out, variants, subjects, log=log, fit=fit_stage, execute=run_rows)

@@ -298,14 +298,19 @@ def reconstruct(run, variants, subjects, config_path, overrides):
 @click.option("--subjects", default=None, metavar="LIST", help="Comma-separated subject ids (default: all).")
 @config_options
 def ablation(out, variants, subjects, config_path, overrides):
-    """Train what the variants need, reconstruct and score all subjects x variants, write the report."""
+    """Train what the variants need, reconstruct and score all subjects x variants, write the report.
+
+    With --set eval.protocol=loso, then one leave-one-subject-out fold per subject in OUT/loso/sub-XX/ (resumable)
+    and OUT/results/summary_loso.csv: both protocols per subject, side by side in the report."""
     cfg = _load(config_path, overrides)
     from neuroimagen import backends
-    from neuroimagen.runs.reports import summary_table
+    from neuroimagen.runs.reports import loso_table, summary_table
 
     with _hold(out):
         backends.ablation(cfg, out, _csv_list(variants, "variants"), _csv_list(subjects, "subjects", int))
     click.echo(summary_table(out))
+    if cfg.eval.protocol == "loso" and cfg.data.holdout_subject is None:
+        click.echo("\nWithin subject vs leave-one-subject-out:\n" + loso_table(out))
 
 
 @cli.command()
@@ -329,13 +334,20 @@ def retrieval(run, subjects, config_path, overrides):
 @cli.command()
 @click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A reconstructed run directory.")
 def evaluate(run):
-    """Reduce the scored shards into results/per_sample.parquet, summary.csv and protocol.json."""
+    """Reduce the scored shards into results/per_sample.parquet, summary.csv and protocol.json (and, when RUN has
+    finished leave-one-subject-out folds, summary_loso.csv from them and the new summary)."""
     from neuroimagen.runs.evaluation import evaluate as run_evaluate
-    from neuroimagen.runs.reports import summary_table
+    from neuroimagen.runs.loso import finished_folds, write_loso_results
+    from neuroimagen.runs.reports import loso_table, summary_table
 
     with _hold(run, create=False):
         run_evaluate(run)
+        folds = finished_folds(run)
+        if folds:
+            write_loso_results(run, folds)
     click.echo(summary_table(run))
+    if folds:
+        click.echo("\nWithin subject vs leave-one-subject-out:\n" + loso_table(run))
 
 
 @cli.command()

@@ -72,6 +72,9 @@ class DataConfig:
     test_repetitions: Literal["average", "each"] = param("average", doc=(
         "things-eeg: the test images' repetitions (80 in the release) are averaged into one segment per image "
         "and subject, as NICE/ATM evaluate (average), or kept as one segment per repetition (each)"))
+    holdout_subject: Optional[int] = param(None, ge=1, doc=(
+        "leave-one-subject-out: train and validate on the other subjects' train / val trials, test on this "
+        "subject's test trials only (eval.protocol: loso sets it per fold); null = every subject in every split"))
 
     def validate(self, prefix: str) -> None:
         if self.min_length > self.max_length:
@@ -86,6 +89,13 @@ class DataConfig:
             raise ConfigError(f"{prefix}.subjects: expected distinct subject ids, got {list(self.subjects)}")
         if any(s < 1 for s in self.subjects):
             raise ConfigError(f"{prefix}.subjects: expected subject ids >= 1, got {list(self.subjects)}")
+        if self.holdout_subject is not None and self.subjects:
+            if self.holdout_subject not in self.subjects:
+                raise ConfigError(f"{prefix}.holdout_subject: subject {self.holdout_subject} is not among "
+                                  f"{prefix}.subjects {list(self.subjects)}")
+            if len(self.subjects) < 2:
+                raise ConfigError(f"{prefix}.holdout_subject: holding out subject {self.holdout_subject} leaves no "
+                                  f"training subject ({prefix}.subjects is {list(self.subjects)})")
 
     def resolved_window(self) -> Optional[tuple[int, int]]:
         """The time window in samples; None means the whole segment."""
@@ -378,6 +388,9 @@ class EvalConfig:
     fault_injection_batch: Optional[int] = param(None, ge=0, doc="testing: a generation actor kills itself (SIGKILL) once, on its Nth batch (from 0), to exercise Ray Data's retries")
     fault_injection_shard: Optional[int] = param(None, ge=0, doc="testing: the driver kills itself (SIGKILL) once, halfway through writing its Nth shard (from 0)")
     suite: SuiteConfig = param(default_factory=SuiteConfig)
+    protocol: Literal["within", "loso"] = param("within", doc=(
+        "within: train and test on every subject; loso: also leave each subject out in turn (RUN/loso/sub-XX/: "
+        "every stage trained on the other subjects, tested on that one) and write results/summary_loso.csv"))
 
     def validate(self, prefix: str) -> None:
         names = [d.name for d in self.definitions]
@@ -440,6 +453,10 @@ class Config:
     eval: EvalConfig = param(default_factory=EvalConfig)
 
     def validate(self, prefix: str) -> None:  # noqa: ARG002 - uniform signature
+        if self.eval.split != "test" and (self.data.holdout_subject is not None or self.eval.protocol == "loso"):
+            raise ConfigError(f"eval.split: '{self.eval.split}' with leave-one-subject-out (eval.protocol: "
+                              f"{self.eval.protocol}, data.holdout_subject: {self.data.holdout_subject}); a held-out "
+                              "subject has only test trials, and validation is the training subjects' (use test)")
         if self.ldm.pretrained is not None and self.text_encoder.pretrained is None:
             raise ConfigError("text_encoder.pretrained: null, but ldm.pretrained is set; stage-3 targets must come from the "
                               "diffusion model's own text encoder (set text_encoder.pretrained to the same snapshot)")

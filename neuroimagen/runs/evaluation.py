@@ -82,7 +82,7 @@ STATE = "results/state.json"
 VECTOR_COLUMNS = ("probs", "is_probs", "fid_feats", "fid_gt")
 # eval settings that do not change any number (execution only)
 _EXECUTION_KEYS = ("backend", "actors", "pipeline", "batch_size", "use_gpu", "variants", "subjects", "fault_injection_batch",
-                   "fault_injection_shard")
+                   "fault_injection_shard", "protocol")  # protocol: loso adds fold runs, this run's numbers are the same
 # eval.suite settings read only by `evaluate` (the reduction of finished shards): changing them never recomputes a shard
 SUMMARY_KEYS = ("kid_subsets", "kid_subset_size", "bootstrap", "bootstrap_whole_set", "ci_level", "permutations",
                 "comparisons")
@@ -276,7 +276,7 @@ def fingerprint(cfg: Config, record: dict, ldm_identity: str, classifier_identit
     ev["suite"] = {k: v for k, v in ev["suite"].items() if k not in SUMMARY_KEYS}
     doc = {"seed": cfg.seed, "seeding": SEEDING, "ldm": to_dict(cfg.ldm), "eval": ev, "snapshot": ldm_identity,
            "classifier": classifier_identity, "stages": {s: record["stages"][s].get("finished") for s in stages},
-           "data": to_dict(cfg.data)}
+           "data": {k: v for k, v in to_dict(cfg.data).items() if not (k == "holdout_subject" and v is None)}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

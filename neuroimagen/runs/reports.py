@@ -556,6 +556,87 @@ def retrieval_section(run_dir: Path) -> list[str]:
             "", format_table(["retrieval", "EEG (%)", "shuffled EEG (%)", "chance (%)"], rows), ""]
 
 
+def _loso_columns(table) -> list[tuple[str, str, str, float]]:
+    """(column, header, format, scale) of the side-by-side table: ACC, PixCorr, SSIM and two-way identification
+    where present (not withheld), else ACC and SSIM."""
+    cols = [(c, h, spec, scale) for c, h, spec, scale, _ in suite_columns(table)
+            if c in ("acc", "pixcorr", "ssim") or c.startswith("twoway_")]
+    if not cols:
+        cols = [(c, h, spec, scale) for c, h, spec, scale in (("acc", "ACC (%)", ".1f", 100.0), ("ssim", "SSIM", ".3f", 1.0))
+                if c in table.columns and table[c].notna().any()]
+    return cols
+
+
+def loso_table(run_dir: str | os.PathLike) -> Optional[str]:
+    """Within subject and leave-one-subject-out side by side, per subject then pooled, for the main variant, from
+    ``results/summary_loso.csv`` (each number with its bootstrap interval); None when the run has no folds."""
+    path = Path(run_dir) / RESULTS / "summary_loso.csv"
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path, dtype={"subject": str, "protocol": str, "variant": str})
+    except Exception as exc:  # noqa: BLE001 - pandas raises a zoo of errors
+        raise DataError(f"{path}: unreadable ({exc}); expected the table of the loso protocol") from exc
+    main = main_variant(list(table["variant"]))
+    sel = table[table["variant"] == main]
+    cols = _loso_columns(sel)
+    rows = []
+    for s in [*_subjects(sel), "all"]:
+        cells = [f"subj {s}" if s != "all" else "all (pooled)"]
+        by = {p: sel[(sel["protocol"] == p) & (sel["subject"] == s)] for p in ("within", "loso")}
+        d = {p: (r.iloc[0].to_dict() if len(r) else {}) for p, r in by.items()}
+        cells.append(f"{fmt_num(d['within'].get('n_eeg'), '.0f')} / {fmt_num(d['loso'].get('n_eeg'), '.0f')}")
+        for c, _, spec, scale in cols:
+            cells += [_ci_cell(d["within"], c, spec, scale), _ci_cell(d["loso"], c, spec, scale)]
+        rows.append(cells)
+    headers = ["subject", "trials (within / LOSO)", *[f"{h} {p}" for _, h, _, _ in cols for p in ("within", "LOSO")]]
+    return f"Variant {_variant_label(main)}.\n\n" + format_table(headers, rows)
+
+
+def loso_retrieval_table(run_dir: str | os.PathLike) -> Optional[str]:
+    """Retrieval top-1 / top-5 at the largest k, within vs LOSO per subject, from ``results/retrieval_loso.csv``."""
+    path = Path(run_dir) / RESULTS / "retrieval_loso.csv"
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path, dtype={"subject": str, "protocol": str, "control": str})
+    except Exception as exc:  # noqa: BLE001 - pandas raises a zoo of errors
+        raise DataError(f"{path}: unreadable ({exc}); expected the retrieval table of the loso protocol") from exc
+    eeg = table[table["control"] == "eeg"]
+    k = int(eeg["k"].max())
+    tops = sorted(int(t) for t in eeg[eeg["k"] == k]["top"].unique())
+    rows = []
+    for s in [*_subjects(eeg), "all"]:
+        cells = [f"subj {s}" if s != "all" else "all (pooled)"]
+        for top in tops:
+            for p in ("within", "loso"):
+                r = eeg[(eeg["protocol"] == p) & (eeg["subject"] == s) & (eeg["k"] == k) & (eeg["top"] == top)]
+                cells.append(fmt_num(float(r["accuracy"].iloc[0]) if len(r) else None, ".1f", 100))
+        rows.append(cells)
+    chance = ", ".join(f"top-{t} {100 * t / k:.1f} %" for t in tops)
+    headers = ["subject", *[f"{k}-way top-{t} (%) {p}" for t in tops for p in ("within", "LOSO")]]
+    return format_table(headers, rows) + f"\n\nChance: {chance}. Every k and the shuffled-EEG control: " \
+        "`results/retrieval_loso.csv`."
+
+
+def loso_section(run_dir: str | os.PathLike) -> list[str]:
+    """The report's within-vs-LOSO section; [] when the run has no leave-one-subject-out folds."""
+    table = loso_table(run_dir)
+    if table is None:
+        return []
+    md = ["## Within subject vs leave-one-subject-out", "",
+          "Within: every stage trained on all subjects (their training trials), scored on each subject's test "
+          "trials. LOSO (`eval.protocol: loso`): one fold per subject, `loso/sub-XX/`, every stage trained and "
+          "selected on the other subjects' training and validation trials only, scored on the held-out subject's "
+          "same test trials. Pooled LOSO: every fold's held-out trials together. Each number: mean with its 95 % "
+          "bootstrap interval over test trials; n/a: withheld (see the suite notes) or not computed.", "",
+          table, ""]
+    retrieval = loso_retrieval_table(run_dir)
+    if retrieval is not None:
+        md += ["### Retrieval from stage 3's caption embedding, within vs LOSO", "", retrieval, ""]
+    return md
+
+
 # --------------------------------------------------------------------------------------------------
 # Protocol text
 
@@ -992,6 +1073,7 @@ def _compose_report(run_dir: Path, out_dir: Path, per_sample, summary, protocol,
     # Suite ----------------------------------------------------------------------------------------
     md += suite_section(run_dir, summary, protocol)
     md += retrieval_section(run_dir)
+    md += loso_section(run_dir)
 
     # Per subject ------------------------------------------------------------------------------
     md += ["## Per subject (Table 2 analogue)", ""]

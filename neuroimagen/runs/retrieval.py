@@ -13,7 +13,8 @@ The protocol says whether it is zero-shot: when no evaluated concept has a train
 test concepts), the regressor never saw them, so retrieving them is zero-shot by construction; on EEG-ImageNet
 the test classes are the training ones (class retrieval, not zero-shot).
 
-Writes ``RUN/results/retrieval.csv`` (one row per subject, control, k, top) and ``RUN/results/retrieval.json``
+Writes ``RUN/results/retrieval.csv`` (one row per subject, control, k, top; ``protocol`` is ``within``, or
+``loso`` in a leave-one-subject-out fold, ``data.holdout_subject``) and ``RUN/results/retrieval.json``
 (the protocol), both atomically. Needs the trained ``semantic`` stage; no diffusion model, no classifier.
 """
 
@@ -88,7 +89,8 @@ def semantic_retrieval(cfg: Config, run_dir: str | Path, subjects: Optional[Sequ
             if len(p) < 2 and control == "shuffled":
                 continue
             for r in retrieval_accuracy(cosine_similarity(q, gallery), t, DEFAULT_WAYS, DEFAULT_TOPS, DRAWS, cfg.seed):
-                rows.append({"subject": s, "control": control, **r})
+                rows.append({"protocol": "within" if cfg.data.holdout_subject is None else "loso",
+                             "subject": s, "control": control, **r})
     table = pd.DataFrame(rows)
     protocol = {
         "what": "k-way top-m retrieval of each evaluated EEG trial's concept from stage 3's predicted label-caption "

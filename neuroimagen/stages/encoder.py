@@ -51,7 +51,7 @@ class EncoderStage(Stage):
     select_metric = "val_knn_acc"
     select_mode = "max"
     protocol = ("k-NN (k={sc.knn_k}, Euclidean) top-1 accuracy of validation-split embeddings against training-split "
-                "embeddings; k-means (K=classes, 10 inits) accuracy after Hungarian matching on the validation split; "
+                "embeddings; k-means (K=classes in the validation split, 10 inits) accuracy after Hungarian matching on the validation split; "
                 "model selected on val_knn_acc")
 
     def __init__(self, cfg, ctx, inputs):
@@ -63,6 +63,7 @@ class EncoderStage(Stage):
         self.x_train, self.y_train = train.eeg_tensor(), train.labels  # (N, C, T), (N,)
         self.x_val, self.y_val = val.eeg_tensor(), val.labels
         self.num_classes = train.num_classes
+        self.val_classes = max(1, len(set(self.y_val.tolist())))
         C, T = self.x_train.shape[1:]
         self._specs = {"encoder": encoder_spec(sc, C, T)}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -96,5 +97,7 @@ class EncoderStage(Stage):
             return {"val_knn_acc": float("nan")}
         return {
             "val_knn_acc": knn_accuracy(e_train, self.y_train, e_val, self.y_val, k=self.sc.knn_k),
-            "val_kmeans_acc": clustering_accuracy(e_val, self.y_val, self.num_classes, seed=self.cfg.seed),
+            # K = the classes the validation split holds, not the label space: THINGS-EEG2's labels include the
+            # test concepts, and a leave-one-subject-out fold's validation may hold fewer trials than labels
+            "val_kmeans_acc": clustering_accuracy(e_val, self.y_val, self.val_classes, seed=self.cfg.seed),
         }
