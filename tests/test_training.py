@@ -142,7 +142,9 @@ def test_saliency_beats_the_mean_image_and_its_untrained_self(trained_run):
     run, _ = trained_run
     m = _metrics(run, "saliency")
     assert m["val_ssim"] > m["baseline_mean_image_ssim"], m
-    assert m["val_ssim"] > m["untrained"]["val_ssim"] + 0.03, m
+    # not SSIM over the untrained G: with its condition standardised (CondNorm) the untrained G draws a near-uniform
+    # image as close to the mean image on SSIM (0.355 vs 0.357); pixel correlation is what it cannot fake
+    assert m["val_pixcorr"] > m["untrained"]["val_pixcorr"] + 0.1, m
     doc, states = load_model_dir(run / "saliency" / "model")
     assert set(states) == {"generator"} and doc["modules"]["generator"]["kwargs"]["resolution"] == 32
     assert (run / "saliency" / "curves.png").stat().st_size > 1000
