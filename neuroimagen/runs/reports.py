@@ -567,16 +567,24 @@ def _loso_columns(table) -> list[tuple[str, str, str, float]]:
     return cols
 
 
-def loso_table(run_dir: str | os.PathLike) -> Optional[str]:
-    """Within subject and leave-one-subject-out side by side, per subject then pooled, for the main variant, from
-    ``results/summary_loso.csv`` (each number with its bootstrap interval); None when the run has no folds."""
-    path = Path(run_dir) / RESULTS / "summary_loso.csv"
+def _read_loso_csv(run_dir, name: str, text_column: str, what: str) -> Optional[pd.DataFrame]:
+    """``results/<name>`` of a loso run (subject, protocol and ``text_column`` read as text), None when absent;
+    an unreadable file is one DataError naming it and ``what`` was expected."""
+    path = Path(run_dir) / RESULTS / name
     if not path.is_file():
         return None
     try:
-        table = pd.read_csv(path, dtype={"subject": str, "protocol": str, "variant": str})
+        return pd.read_csv(path, dtype={"subject": str, "protocol": str, text_column: str})
     except Exception as exc:  # noqa: BLE001 - pandas raises a zoo of errors
-        raise DataError(f"{path}: unreadable ({exc}); expected the table of the loso protocol") from exc
+        raise DataError(f"{path}: unreadable ({exc}); expected {what}") from exc
+
+
+def loso_table(run_dir: str | os.PathLike) -> Optional[str]:
+    """Within subject and leave-one-subject-out side by side, per subject then pooled, for the main variant, from
+    ``results/summary_loso.csv`` (each number with its bootstrap interval); None when the run has no folds."""
+    table = _read_loso_csv(run_dir, "summary_loso.csv", "variant", "the table of the loso protocol")
+    if table is None:
+        return None
     main = main_variant(list(table["variant"]))
     sel = table[table["variant"] == main]
     cols = _loso_columns(sel)
@@ -595,13 +603,9 @@ def loso_table(run_dir: str | os.PathLike) -> Optional[str]:
 
 def loso_retrieval_table(run_dir: str | os.PathLike) -> Optional[str]:
     """Retrieval top-1 / top-5 at the largest k, within vs LOSO per subject, from ``results/retrieval_loso.csv``."""
-    path = Path(run_dir) / RESULTS / "retrieval_loso.csv"
-    if not path.is_file():
+    table = _read_loso_csv(run_dir, "retrieval_loso.csv", "control", "the retrieval table of the loso protocol")
+    if table is None:
         return None
-    try:
-        table = pd.read_csv(path, dtype={"subject": str, "protocol": str, "control": str})
-    except Exception as exc:  # noqa: BLE001 - pandas raises a zoo of errors
-        raise DataError(f"{path}: unreadable ({exc}); expected the retrieval table of the loso protocol") from exc
     eeg = table[table["control"] == "eeg"]
     k = int(eeg["k"].max())
     tops = sorted(int(t) for t in eeg[eeg["k"] == k]["top"].unique())
