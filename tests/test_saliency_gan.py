@@ -239,7 +239,9 @@ def test_validation_reports_diversity_realism_and_the_sweep_objective(saliency_s
     # realism is measured against the validation images on the embedded features: they themselves have FID 0
     assert frechet_distance(st.features(st.img_val), st.feat_val) == pytest.approx(0.0, abs=1e-6)
     assert v["val_kid_mean_image"] > 0.1
-    assert SaliencyStage.select_metric == "val_ssim"  # selection unchanged; the objective is for sweeps
+    # selection on a number a constant or condition-independent G cannot win; the objective is for sweeps
+    assert SaliencyStage.select_metric == "val_condition_gain" and "selected on val_condition_gain" in SaliencyStage.protocol
+    assert v["val_condition_gain"] == pytest.approx(v["val_ssim"] - v["val_ssim_shuffled"], abs=1e-6)
     assert "random-conv" in st.describe_data()["realism_features"] and "NOT Inception-v3" in SaliencyStage.protocol
 
 

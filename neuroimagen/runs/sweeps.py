@@ -42,7 +42,7 @@ from neuroimagen.config import Config, ConfigError, from_dict, load_config, over
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 STAGE_METRICS = {
     "encoder": {"val_knn_acc": "max", "val_kmeans_acc": "max"},
-    "saliency": {"val_ssim": "max", "val_pixcorr": "max", "val_objective": "max", "val_diversity": "max",
+    "saliency": {"val_condition_gain": "max", "val_ssim": "max", "val_pixcorr": "max", "val_objective": "max", "val_diversity": "max",
                  "val_kid": "min"},
     "semantic": {"val_std_mse": "min", "val_mse": "min", "val_cosine": "max", "val_nearest_class_acc": "max"},
     "semantic_image": {"val_std_mse": "min", "val_mse": "min", "val_cosine": "max", "val_nearest_class_acc": "max"},

@@ -8,8 +8,7 @@ Images are handled in [-1, 1] (tanh range) for G and D, and in [0, 1] for SSIM. 
 validation split at the saliency resolution, G in eval mode, every z fixed per item:
 
 * ``val_ssim``, ``val_pixcorr``: SSIM and pixel correlation of G(z, f(x)) against the ground-truth images;
-  ``val_ssim_mean_image`` is the baseline of predicting the mean training image. ``val_ssim`` selects the
-  exported epoch.
+  ``val_ssim_mean_image`` is the baseline of predicting the mean training image.
 * ``val_diversity``: what alpha1 (mode seeking) pays for: for each item, ``val_samples`` images of G for
   ``val_samples`` z, the mean absolute pixel difference ([0, 1] units) over all pairs, averaged over items
   (at most ``DIVERSITY_ITEMS`` evenly spaced ones, so validation costs at most ~2x G's pass over the split).
@@ -33,6 +32,11 @@ validation split at the saliency resolution, G in eval mode, every z fixed per i
   ``val_spread_conditions`` / ``val_spread_z``: on a grid of ``GUARD_CONDITIONS`` evenly spaced items x
   ``val_samples`` shared z, the per-pixel standard deviation ([0, 1] units) across conditions (one z) and across z
   (one condition), averaged. ``SaliencyStage.guards`` turns them into the ``collapsed`` flag.
+
+``val_condition_gain`` selects the exported epoch: a criterion that a constant or condition-independent image
+cannot win (it scores 0, whatever its SSIM). Selecting on ``val_ssim`` rewards exactly that image: on a
+band-power twin the untrained G's near-uniform output scored SSIM 0.40, above every trained epoch (best 0.38),
+while the trained G's condition gain rose from 0 to 0.10.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ class SaliencyStage(Stage):
     requires = ("encoder",)
     config_section = "saliency"
     image_mode = "path"
-    select_metric = "val_ssim"
+    select_metric = "val_condition_gain"
     select_mode = "max"
     protocol = ("SSIM (Gaussian window 11, sigma 1.5, data range 1, colour channels averaged) and Pearson pixel "
                 "correlation of G(z, f(x)) at {sc.resolution} px against the validation-split images, z fixed per item, "
@@ -156,7 +160,7 @@ class SaliencyStage(Stage):
                 "max(val_kid, 0) (the sweep objective); collapse guard: val_condition_gain = val_ssim - "
                 "val_ssim_shuffled (G on the features of another validation item, a seeded derangement, same z), "
                 "val_spread_conditions / val_spread_z = mean per-pixel std of G across conditions (one z) / across "
-                "{sc.val_samples} z (one condition) on at most 64 evenly spaced items; model selected on val_ssim")
+                "{sc.val_samples} z (one condition) on at most 64 evenly spaced items; model selected on val_condition_gain")
 
     @classmethod
     def chance(cls, data: dict, val_metrics: dict) -> dict:
@@ -299,7 +303,7 @@ class SaliencyStage(Stage):
 
     def validate(self) -> dict[str, float]:
         if self.f_val.shape[0] == 0:
-            return {"val_ssim": float("nan"), "val_objective": float("nan")}
+            return {"val_ssim": float("nan"), "val_objective": float("nan"), "val_condition_gain": float("nan")}
         sc = self.sc
         pred = self.generate(self.f_val, self.z_val)  # (M, 3, R, R) in [0, 1]
         m, S = len(self.div_items), sc.val_samples
