@@ -175,3 +175,46 @@ def bench_ddp(repeats: int, quick: bool = False) -> dict:
         rows.append(row)
         bd[key] = b
     return {"rows": rows, "breakdown": bd}
+
+
+# Stage-1 encoders: ours and braindecode's (stages.encoder.name: braindecode:<Model>), the same data and fit().
+ENCODERS = ("channelnet", "tsconv", "lstm", "braindecode:EEGNet", "braindecode:ShallowFBCSPNet",
+            "braindecode:Deep4Net", "braindecode:EEGConformer", "braindecode:ATCNet")
+
+
+def bench_encoders(repeats: int, quick: bool = False) -> dict:
+    """Steady-state epoch of stage 1 (triplet loss, local backend, 2 threads) with each encoder at demo --quick
+    sizes (16 channels x 440 samples), encoders interleaved in each repeat; ratio to ChannelNet (the quick default)."""
+    import json
+
+    epochs = 3 if quick else 6
+    repeats = 1 if quick else repeats
+    preset = [s for s in demo_preset() if not s.startswith("stages.encoder.epochs=")] + [f"stages.encoder.epochs={epochs}"]
+    base = prepared("encoders", {"overrides": preset})
+    runs: dict[str, list[dict]] = {n: [] for n in ENCODERS}
+    acc: dict[str, list[float]] = {n: [] for n in ENCODERS}
+    with tempfile.TemporaryDirectory(prefix="nbench-enc-") as tmp:
+        for r in range(repeats):
+            order = ENCODERS if r % 2 == 0 else ENCODERS[::-1]  # interleaved, alternating direction
+            for name in order:
+                run = fresh_copy(base, Path(tmp), f"{name.replace(':', '-')}-{r}")
+                runs[name].append(probe("train", {"run_dir": str(run), "overrides": preset + [f"stages.encoder.name={name}"],
+                                                  "backend": "local", "stages": ["encoder"]}))
+                acc[name].append(json.loads((run / "encoder" / "metrics.json").read_text())["val_knn_acc"])
+                shutil.rmtree(run, ignore_errors=True)
+    ref = median(_steady(runs["channelnet"], "encoder", "epoch_s"))
+    rows, bd = [], {"config": {"epochs": epochs, "runs per encoder": repeats, "threads": "torch default (all cores)",
+                               "preset": "demo --quick sizes (neuroimagen.runs.demo.QUICK), stage 1 only"}}
+    for name in ENCODERS:
+        ep = median(_steady(runs[name], "encoder", "epoch_s"))
+        bd[name] = {"steady epoch (median of epochs 2..), s": ep, f"val k-NN after {epochs} epochs (median)": median(acc[name]),
+                    "epochs, s (all runs)": [round(x, 3) for r in runs[name] for x in r["stages"]["encoder"]["epoch_s"]]}
+        if name == "channelnet":
+            continue
+        rows.append({"what": f"stage-1 epoch with encoder {name} (triplet loss, demo --quick sizes: 16 x 440, 2 threads)",
+                     "compared with": "the same fit() with channelnet (the quick default), same data, interleaved",
+                     "ratio": ep / ref if ep and ref else None, "target": "(reported: cost of the encoder choice)",
+                     "met": None,
+                     "detail": (f"median epoch {ep * 1e3:.0f} ms vs {ref * 1e3:.0f} ms; val k-NN after {epochs} epochs "
+                                f"{median(acc[name]):.2f} vs {median(acc['channelnet']):.2f}" if ep and ref else "incomplete")})
+    return {"rows": rows, "breakdown": bd}

@@ -151,13 +151,13 @@ sys.path.insert(0, str(HERE))
 from bench_compute import bench_flops, bench_gpu  # noqa: E402
 from bench_data import bench_data, bench_scale, bench_scoring  # noqa: E402
 from bench_demo import bench_demo  # noqa: E402
-from bench_train import bench_ddp, bench_train, bench_train_1t  # noqa: E402
+from bench_train import bench_ddp, bench_encoders, bench_train, bench_train_1t  # noqa: E402
 
 # name -> (function, takes the quick flag)
 BENCHES = {"io": (bench_io, False), "cli": (bench_cli, False), "ray_report": (bench_ray_report, False),
            "train": (bench_train, True), "train_1t": (bench_train_1t, True), "ddp": (bench_ddp, True), "data": (bench_data, True),
            "scale": (bench_scale, True), "scoring": (bench_scoring, True), "flops": (bench_flops, True), "gpu": (bench_gpu, True),
-           "demo": (bench_demo, True)}
+           "demo": (bench_demo, True), "encoders": (bench_encoders, True)}
 PENDING = "not yet analysed: the final run's numbers decide"
 READING = """How to read these rows:
 

@@ -155,7 +155,29 @@ class SynthConfig:
         return self.channels, self.times
 
 
-EncoderName = Literal["lstm", "channelnet", "tsconv"]
+ENCODER_NAMES = ("lstm", "channelnet", "tsconv")  # kept equal to neuroimagen.models.eeg_encoders.ENCODERS (tested)
+# braindecode models usable as encoders, `braindecode:<Model>` (neuroimagen.models.braindecode_encoders); EEGNetv4 is
+# EEGNet's name before braindecode 1.0
+BRAINDECODE_ENCODERS = ("EEGNet", "EEGNetv4", "ShallowFBCSPNet", "Deep4Net", "EEGConformer", "ATCNet")
+EncoderName = str  # one of ENCODER_NAMES or 'braindecode:<one of BRAINDECODE_ENCODERS>' (check_encoder_name)
+
+
+def check_encoder_name(name: str, dotted: str) -> None:
+    """One line naming the key when ``name`` is neither one of ours nor a supported braindecode model."""
+    if name in ENCODER_NAMES:
+        return
+    if name.startswith("braindecode:"):
+        model = name.split(":", 1)[1]
+        if model in BRAINDECODE_ENCODERS:
+            return
+        close = difflib.get_close_matches(model, BRAINDECODE_ENCODERS, n=1, cutoff=0.5)
+        hint = f" (did you mean 'braindecode:{close[0]}'?)" if close else ""
+        raise ConfigError(f"{dotted}: unknown braindecode model '{model}'{hint}; supported: "
+                          f"{', '.join(BRAINDECODE_ENCODERS)}")
+    close = difflib.get_close_matches(name, ENCODER_NAMES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"{dotted}: unknown encoder {name!r}{hint}; expected one of {', '.join(ENCODER_NAMES)} or "
+                      f"braindecode:<Model> with Model one of {', '.join(BRAINDECODE_ENCODERS)}")
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # kept equal to neuroimagen.augment.POLICIES (tested)
 
 
@@ -163,7 +185,7 @@ DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # kept equal to neuro
 class EncoderStageConfig:
     """Stage 1: EEG encoder f_theta trained with the triplet loss (eq. 1)."""
 
-    name: EncoderName = param("tsconv", doc="encoder from the registry: lstm (Spampinato 2017), channelnet (Palazzo 2020), tsconv (NICE)")
+    name: EncoderName = param("tsconv", doc="encoder from the registry: lstm (Spampinato 2017), channelnet (Palazzo 2020), tsconv (NICE), or braindecode:<Model> (EEGNet, ShallowFBCSPNet, Deep4Net, EEGConformer, ATCNet; the braindecode extra)")
     embed_dim: int = param(128, ge=2, doc="feature size D of f_theta(x)")
     width: Optional[int] = param(None, ge=1, doc="encoder size (LSTM hidden, conv filters); null = the encoder's default")
     dropout: float = param(0.25, ge=0, lt=1, doc="dropout inside the encoder")
@@ -190,6 +212,11 @@ class EncoderStageConfig:
     weight_decay: float = param(1e-4, ge=0, doc="Adam weight decay")
     val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
     knn_k: int = param(5, ge=1, doc="neighbours of the k-NN validation classifier")
+
+    def validate(self, prefix: str) -> None:
+        check_encoder_name(self.name, f"{prefix}.name")
+        if self.name.startswith("braindecode:") and self.width is not None:
+            raise ConfigError(f"{prefix}.width: {self.name} keeps its published sizes; expected null, got {self.width}")
 
 
 @dataclass(frozen=True)
@@ -245,6 +272,12 @@ class SemanticStageConfig:
     lr: float = param(1e-3, gt=0, doc="Adam learning rate")
     weight_decay: float = param(1e-4, ge=0, doc="Adam weight decay")
     val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
+
+    def validate(self, prefix: str) -> None:
+        if self.encoder is not None:
+            check_encoder_name(self.encoder, f"{prefix}.encoder")
+            if self.encoder.startswith("braindecode:") and self.width is not None:
+                raise ConfigError(f"{prefix}.width: {self.encoder} keeps its published sizes; expected null, got {self.width}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ tensors in, tensors out, no I/O. ``build_encoder(name, ...)`` picks one from ``E
     lstm        Spampinato et al. 2017 / Kavasidis et al. 2017 (Brain2Image) LSTM encoder
     channelnet  EEG-ChannelNet, Palazzo et al. 2020 (TPAMI), scaled down for CPU
     tsconv      temporal-spatial conv encoder of NICE (Song et al. 2024) / ATM (Li et al. 2024)
+    braindecode:<Model>   a braindecode model (EEGNet, ShallowFBCSPNet, Deep4Net, EEGConformer, ATCNet) with
+                n_outputs = embed_dim (:mod:`neuroimagen.models.braindecode_encoders`)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from neuroimagen.models.braindecode_encoders import BraindecodeEncoder
 
 __all__ = ["ENCODERS", "ChannelNetEncoder", "LSTMEncoder", "TSConvEncoder", "build_encoder"]
 
@@ -311,7 +315,10 @@ ENCODERS: dict[str, type[nn.Module]] = {"lstm": LSTMEncoder, "channelnet": Chann
 
 
 def build_encoder(name: str, n_chans: int, n_times: int, embed_dim: int, **kwargs) -> nn.Module:
-    """Build the registered encoder ``name``; ``kwargs`` are ``width``, ``dropout``, ``l2_normalize``."""
+    """Build the registered encoder ``name``, or the braindecode model of ``braindecode:<Model>``
+    (:mod:`neuroimagen.models.braindecode_encoders`); ``kwargs`` are ``width``, ``dropout``, ``l2_normalize``."""
+    if isinstance(name, str) and name.startswith("braindecode:"):
+        return BraindecodeEncoder(n_chans, n_times, embed_dim, model=name.split(":", 1)[1], **kwargs)
     try:
         cls = ENCODERS[name]
     except (KeyError, TypeError):
