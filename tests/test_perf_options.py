@@ -282,3 +282,24 @@ def test_sdpa_and_eager_attention_agree(tmp_path):
     assert torch.allclose(outs["sdpa"], outs["eager"], atol=1e-4)
     with pytest.raises(ConfigError, match="ldm.attention: expected one of sdpa, eager"):
         ldm.load_img2img(str(path), attention="flash")
+
+
+def test_the_local_reconstruction_loop_uses_the_cpus_it_may_run_on(monkeypatch):
+    """`eval.backend: local` takes one torch thread per CPU of the process's affinity mask (taskset, a cgroup
+    cpuset, a scheduler's allocation), not every core of the machine: two pinned runs side by side no longer
+    oversubscribe the cores."""
+    import dataclasses
+
+    import neuroimagen.runs.evaluation as ev
+    from neuroimagen.reconstruction.factory import RunSources
+    from neuroimagen.training.context import usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert usable_cpus() == 1
+    seen = []
+    monkeypatch.setattr(ev, "load_reconstruct", lambda cfg, sources: seen.append(sources.threads))
+    fields = {f.name: None for f in dataclasses.fields(RunSources) if f.default is dataclasses.MISSING}
+    ev.run_local([], load_config(None), RunSources(**fields), on_batch=lambda b: None, progress=False)
+    assert seen == [1]
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cpus() == (os.cpu_count() or 1)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
@@ -75,6 +74,7 @@ from neuroimagen.runs.retrieval import semantic_retrieval
 from neuroimagen.runs.training import FitStage, prepare_data, read_run, train
 from neuroimagen.stages import STAGE_ORDER
 from neuroimagen.stages.semantic import text_encoder_for
+from neuroimagen.training.context import usable_cpus
 from neuroimagen.training.loop import kill_once
 
 STATE = "results/state.json"
@@ -435,7 +435,7 @@ def run_local(rows: list[dict], cfg: Config, sources: RunSources, on_batch: Call
               progress: bool = True) -> None:
     """``RunRows`` in this process (``eval.backend: local``): the Ray Data pipeline's callables in a plain loop over
     batches of ``eval.batch_size`` (same outputs), with every core unless ``sources.threads`` says otherwise."""
-    sources = sources if sources.threads else dataclasses.replace(sources, threads=os.cpu_count() or 1)
+    sources = sources if sources.threads else dataclasses.replace(sources, threads=usable_cpus())
     batch_size = cfg.eval.batch_size
     pipeline = load_reconstruct(cfg, sources)
     with Progress(total=len(rows), desc="reconstruct", unit="images", logger=_log, enabled=progress) as bar:

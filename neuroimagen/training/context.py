@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -121,6 +122,15 @@ def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (``taskset``, a cgroup cpuset, a
+    batch scheduler's allocation), else every core."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def set_threads(n: int) -> None:
