@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import math
 import os
+import threading
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,13 +45,73 @@ def param(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=N
 
 
 # ---------------------------------------------------------------------------------------------
+# Checked on construction
+
+_READY = False  # set at the end of this module
+_BUILDING = threading.local()  # from_dict is constructing: it checks the fields and validates with the dotted path
+
+
+class Checked:
+    """A config section checks its fields (types, bounds, choices) and runs its ``validate`` when constructed in
+    code or by ``dataclasses.replace`` too, not only when loaded from YAML: ``Config(seed=-5)`` raises the same
+    one-line ``ConfigError`` as ``seed: -5`` in a file. Lists become tuples and ints floats, as from YAML."""
+
+    def __post_init__(self) -> None:
+        if getattr(_BUILDING, "depth", 0) or not _READY:  # _READY: the module's own constants are built as it loads
+            return
+        cls = type(self)
+        prefix = _section_paths().get(cls, cls.__name__.lower())
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(self, f.name)
+            checked = _check_value(value, hints[f.name], dict(f.metadata), _join(prefix, f.name))
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+        if hasattr(self, "validate"):
+            self.validate(prefix)
+
+
+def _check_value(value: Any, tp: Any, meta: dict, dotted: str) -> Any:
+    """``value`` of a field typed ``tp`` as ``_convert`` makes it, accepting section objects already built."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        raise _fail(dotted, tp, meta, value)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _check_value(value, inner[0], meta, dotted)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, (list, tuple)):
+            raise _fail(dotted, tp, meta, value)
+        return tuple(_check_value(v, args[0], {}, f"{dotted}[{i}]") for i, v in enumerate(value))
+    out = _convert(value, tp, meta, dotted)
+    return value if out == value and type(out) is type(value) else out
+
+
+@functools.lru_cache(maxsize=None)
+def _section_paths() -> dict[type, str]:
+    """Section class -> its dotted path in ``Config`` (the prefix of its errors)."""
+    out: dict[type, str] = {}
+
+    def walk(cls, prefix: str) -> None:
+        out.setdefault(cls, prefix)
+        for name, tp in _hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp, _join(prefix, name))
+
+    walk(Config, "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The config tree
 
 DataFormat = Literal["eeg-imagenet", "things-eeg"]
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
     """Where the EEG, splits, images and captions are, and how segments are selected."""
 
     format: DataFormat = param("eeg-imagenet", doc="eeg-imagenet (Spampinato 2017) or things-eeg (Gifford 2022)")
@@ -105,7 +167,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(Checked):
     """Parameters of the synthetic twin (``neuroimagen data synth``)."""
 
     format: DataFormat = param("eeg-imagenet", doc="layout to write")
@@ -182,7 +244,7 @@ DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # kept equal to neuro
 
 
 @dataclass(frozen=True)
-class EncoderStageConfig:
+class EncoderStageConfig(Checked):
     """Stage 1: EEG encoder f_theta trained with the triplet loss (eq. 1)."""
 
     name: EncoderName = param("tsconv", doc="encoder from the registry: lstm (Spampinato 2017), channelnet (Palazzo 2020), tsconv (NICE), or braindecode:<Model> (EEGNet, ShallowFBCSPNet, Deep4Net, EEGConformer, ATCNet; the braindecode extra)")
@@ -220,7 +282,7 @@ class EncoderStageConfig:
 
 
 @dataclass(frozen=True)
-class SaliencyStageConfig:
+class SaliencyStageConfig(Checked):
     """Stage 2: conditional saliency GAN G(z, f_theta(x)) (eq. 2-6), f_theta frozen from stage 1.
 
     Generator loss (eq. 6): alpha2 * hinge adversarial + alpha1 * mode seeking + alpha3 * (1 - SSIM).
@@ -254,7 +316,7 @@ class SaliencyStageConfig:
 
 
 @dataclass(frozen=True)
-class SemanticStageConfig:
+class SemanticStageConfig(Checked):
     """Stage 3: EEG -> caption embedding regressor h (eq. 7), loss ||h - h_caption||^2.
 
     Two regressors share these settings: stage ``semantic`` regresses label captions ('An image of
@@ -281,14 +343,14 @@ class SemanticStageConfig:
 
 
 @dataclass(frozen=True)
-class StagesConfig:
+class StagesConfig(Checked):
     encoder: EncoderStageConfig = param(default_factory=EncoderStageConfig)
     saliency: SaliencyStageConfig = param(default_factory=SaliencyStageConfig)
     semantic: SemanticStageConfig = param(default_factory=SemanticStageConfig)
 
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(Checked):
     """The CLIP text encoder that defines caption embeddings (stage-3 targets, LDM conditioning)."""
 
     pretrained: Optional[str] = param(None, doc="local Stable Diffusion snapshot / CLIP folder, or a model id in the local HF cache; null = tiny in-code encoder")
@@ -299,7 +361,7 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
-class LDMConfig:
+class LDMConfig(Checked):
     """Stage 4: the frozen latent diffusion model and its img2img call (NeuroImagen sec. 3.4)."""
 
     pretrained: Optional[str] = param(None, doc="local Stable Diffusion snapshot directory or a model id in the local HF cache; null = a tiny LDM trained on the training images")
@@ -329,7 +391,7 @@ class LDMConfig:
 
 
 @dataclass(frozen=True)
-class VariantConfig:
+class VariantConfig(Checked):
     """One reconstruction variant: where the init image and the prompt embedding come from."""
 
     name: str = param("L+I", doc="name in results (paper Table 3: I, L, B, B+I, L+I)")
@@ -358,7 +420,7 @@ SuiteNetwork = Literal["alexnet", "inception", "clip", "effnet", "swav"]
 
 
 @dataclass(frozen=True)
-class SuiteConfig:
+class SuiteConfig(Checked):
     """The field's reconstruction suite (MindEye / ATM) scored beside ACC, IS and SSIM, and its statistics.
 
     Every feature network loads from a local file (nothing is downloaded); an unset one is left out and the
@@ -391,7 +453,7 @@ class SuiteConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Checked):
     """Reconstruction and scoring of the test split (DESIGN sec. 3): ACC, IS, SSIM per subject and variant."""
 
     split: Literal["test", "val"] = param("test", doc="split reconstructed and scored")
@@ -452,7 +514,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """How stages run: in this process, or on Ray Train with DDP."""
 
     backend: Literal["ray", "local"] = param("ray", doc="ray: TorchTrainer with DDP; local: the same fit() in this process")
@@ -473,7 +535,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Checked):
     """The whole configuration of a neuroimagen run."""
 
     seed: int = param(0, ge=0, doc="global seed")
@@ -614,6 +676,7 @@ def _convert(value: Any, tp: Any, meta: dict, dotted: str) -> Any:
     raise ConfigError(f"{dotted}: unsupported config type {tp!r}")  # a programming error, named anyway
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -634,7 +697,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for name, f in known.items():
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], dict(f.metadata), _join(prefix, name))
-    obj = cls(**kwargs)
+    _BUILDING.depth = getattr(_BUILDING, "depth", 0) + 1
+    try:
+        obj = cls(**kwargs)
+    finally:
+        _BUILDING.depth -= 1
     if hasattr(obj, "validate"):
         obj.validate(prefix or cls.__name__.lower())
     return obj
@@ -829,3 +896,6 @@ def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, s
         default = f.default if f.default is not dataclasses.MISSING else None
         rows.append((dotted, _describe(tp, dict(f.metadata)), to_dict(default) if dataclasses.is_dataclass(default) else default, f.metadata.get("doc", "")))
     return rows
+
+
+_READY = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,28 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda c: c.Config(seed=-5), "seed: expected integer >= 0, got -5"),
+    (lambda c: c.EncoderStageConfig(lr=0), "stages.encoder.lr: expected float > 0, got 0"),
+    (lambda c: c.TrainConfig(backend="slurm"), "train.backend: expected one of 'ray', 'local', got 'slurm'"),
+    (lambda c: c.EvalConfig(variants=("I", "nope")), "eval.variants: unknown variant 'nope'"),
+    (lambda c: dataclasses.replace(c.Config(), stages=3), "stages: expected a mapping, got 3"),
+    (lambda c: dataclasses.replace(c.Config().stages.semantic, width=0), "stages.semantic.width: expected integer >= 1"),
+])
+def test_sections_built_in_code_are_checked_like_yaml(build, message):
+    """Config objects validate when constructed in code or by dataclasses.replace, with the YAML's messages."""
+    import neuroimagen.config as c
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build(c)
+
+
+def test_sections_built_in_code_take_yaml_values():
+    from neuroimagen.config import Config, EncoderStageConfig, EvalConfig, load_config
+
+    enc = EncoderStageConfig(lr=1, name="channelnet")
+    assert enc.lr == 1.0 and type(enc.lr) is float
+    assert EvalConfig(variants=["I", "L+I"]).variants == ("I", "L+I")  # a list becomes a tuple, as from YAML
+    assert Config() == load_config(None)
