@@ -24,8 +24,10 @@ LAYERS = {
     "neuroimagen.frozen": "core",
     "neuroimagen.runs": "runs",
     "neuroimagen.distributed": "edge",
-    "neuroimagen.backends": "face", "neuroimagen.cli": "face",
+    "neuroimagen.backends": "face", "neuroimagen.cli": "face", "neuroimagen.api": "face",
 }
+# the package root re-exports the API's Run lazily (PEP 562 __getattr__): the one arrow allowed to point up
+LAZY_EXPORTS = {("neuroimagen", "neuroimagen.api")}
 RANK = {"ground": 0, "core": 1, "runs": 2, "edge": 3, "face": 4}
 
 
@@ -127,7 +129,7 @@ def test_no_import_cycle_between_subpackages():
 @pytest.mark.parametrize("mod", sorted(GRAPH))
 def test_imports_point_down(mod):
     """A module imports only its own layer or the layers below (ground < core < runs < edge < face)."""
-    up = sorted(d for d in GRAPH[mod] if RANK[layer(d)] > RANK[layer(mod)])
+    up = sorted(d for d in GRAPH[mod] if RANK[layer(d)] > RANK[layer(mod)] and (mod, d) not in LAZY_EXPORTS)
     assert not up, f"{mod} ({layer(mod)}) imports {', '.join(f'{d} ({layer(d)})' for d in up)}"
 
 
