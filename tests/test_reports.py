@@ -556,3 +556,23 @@ def test_acc_is_withheld_for_classes_missing_from_a_torchvision_class_index(tmp_
     assert protocol["acc"]["withheld"] == ["acc", "acc_max", "judge_gt_acc"] and "unavailable" not in protocol["is"]
     assert "2 of the 5 test classes (labels 3, 4) have no class in the classifier's class index (the dataset " \
            "classes whose id is in c.json: 3 of 5 (not there: '00001_aircraft_carrier'" in protocol["acc"]["unavailable"]
+
+
+def test_plotting_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    """Importing the runs layer and drawing its figures never switches the process's matplotlib backend (it did:
+    `matplotlib.use("Agg")` at import, which silenced every inline plot of a notebook that imported neuroimagen)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import neuroimagen.runs.demo, neuroimagen.runs.reports, neuroimagen.runs.sweeps
+from neuroimagen.runs.training import _plot_history
+_plot_history([{{"epoch": 0, "train_loss": 1.0, "val_acc": 0.5}}, {{"epoch": 1, "train_loss": 0.5, "val_acc": 0.7}}],
+              __import__("pathlib").Path({str(tmp_path / "c.png")!r}), "t")
+print(matplotlib.get_backend())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "svg", out.stderr
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

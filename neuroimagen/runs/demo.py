@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from neuroimagen.atomic import atomic_path, write_text
 from neuroimagen.config import Config, load_config, override, write_config
@@ -76,11 +75,11 @@ def _step(i: int, n: int, text: str) -> float:
 
 def stimulus_grid(dataset, path: Path, per_class: int = 4) -> Path:
     """PNG grid: one row per class, ``per_class`` training images each, labelled with the class name."""
-    matplotlib.use("Agg")
     rec = dataset.recording
     labels = dataset.labels.numpy()
     classes = sorted(set(labels.tolist()))
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(1.3 * per_class, 1.3 * len(classes)), squeeze=False)
+    fig = Figure(figsize=(1.3 * per_class, 1.3 * len(classes)))
+    axes = fig.subplots(len(classes), per_class, squeeze=False)
     for r, c in enumerate(classes):
         idx = np.flatnonzero(labels == c)[:per_class]
         for k in range(per_class):
@@ -93,7 +92,6 @@ def stimulus_grid(dataset, path: Path, per_class: int = 4) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 

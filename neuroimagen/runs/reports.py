@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
@@ -800,20 +800,19 @@ def protocol_section(protocol: dict) -> list[str]:
 def _save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_per_subject(summary, path: Path) -> Path:
     """Grouped bars of ACC (dashed chance line) and SSIM per subject × variant."""
-    matplotlib.use("Agg")
     variants = _order_variants(summary["variant"])
     groups = _subjects(summary)
     if len(groups) != 1:
         groups = groups + ["all"]
     x = np.arange(len(groups))
     width = 0.8 / max(len(variants), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.4 * len(groups) + 4), 3.8))
+    fig = Figure(figsize=(max(7.0, 1.4 * len(groups) + 4), 3.8))
+    axes = fig.subplots(1, 2)
     for ax, col, scale, label in ((axes[0], "acc", 100.0, "ACC (%)"), (axes[1], "ssim", 1.0, "SSIM")):
         for j, v in enumerate(variants):
             vals = []
@@ -821,7 +820,7 @@ def plot_per_subject(summary, path: Path) -> Path:
                 r = summary[(summary["variant"] == v) & (summary["subject"] == s)]
                 vals.append(float(r[col].iloc[0]) * scale if len(r) else float("nan"))
             ax.bar(x + (j - (len(variants) - 1) / 2) * width, vals, width, label=_variant_label(v),
-                   color=plt.cm.tab10(j % 10))
+                   color=matplotlib.colormaps["tab10"](j % 10))
         ax.set_xticks(x, [f"subj {s}" if s != "all" else "all" for s in groups], fontsize=8)
         ax.set_ylabel(label)
         ax.set_title(f"{label} per subject and variant", fontsize=9)
@@ -858,7 +857,6 @@ def _mosaic(cells: list[list[Optional[Path]]], col_titles: list[str], row_titles
     A cell that is ``None`` is left blank ("none"); a path that cannot be read is a grey "missing" cell
     (its path is appended to ``missing``). Columns in ``framed_cols`` get a red frame, as in the paper.
     """
-    matplotlib.use("Agg")
     n_rows, n_cols = len(cells), len(col_titles)
     pad, cell = 6, _CELL
     h, w = n_rows * cell + (n_rows + 1) * pad, n_cols * cell + (n_cols + 1) * pad
@@ -879,7 +877,7 @@ def _mosaic(cells: list[list[Optional[Path]]], col_titles: list[str], row_titles
             else:
                 canvas[y:y + cell, x:x + cell] = img
     dpi, left, top = 100, 150, 48
-    fig = plt.figure(figsize=((w + left) / dpi, (h + top) / dpi), dpi=dpi)
+    fig = Figure(figsize=((w + left) / dpi, (h + top) / dpi), dpi=dpi)
     ax = fig.add_axes((left / (w + left), 0, w / (w + left), h / (h + top)))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()

@@ -33,8 +33,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import matplotlib
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from neuroimagen.atomic import atomic_path
 from neuroimagen.config import Config, ConfigError, from_dict, load_config, override, read_yaml_mapping, to_dict
@@ -243,8 +242,8 @@ def best_row(results, metric: str, mode: str):
 
 def plot_trials(histories: dict, metric: str, path: Path, title: str) -> Path:
     """Metric per trial over epochs (one line per trial; short lines are trials the scheduler stopped)."""
-    matplotlib.use("Agg")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for tid, pts in sorted(histories.items()):
         if pts:
             ax.plot([e + 1 for e, _ in pts], [v for _, v in pts], marker="o", ms=2, lw=1, label=tid)
@@ -256,5 +255,4 @@ def plot_trials(histories: dict, metric: str, path: Path, title: str) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
     return path

@@ -28,10 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after selecting the file-only backend
+from matplotlib.figure import Figure
 
 from neuroimagen.atomic import atomic_path, make_dir, write_text
 from neuroimagen.config import Config, load_config, write_config
@@ -123,7 +120,8 @@ def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Op
 def _plot_history(history: list[dict], path: Path, title: str) -> None:
     train_keys = sorted({k for h in history for k in h if k.startswith("train_")})
     val_keys = sorted({k for h in history for k in h if k.startswith("val_")})
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
     for ax, keys, label in ((axes[0], train_keys, "training (mean per epoch)"), (axes[1], val_keys, "validation")):
         for k in keys:
             pts = [(h["epoch"] + 1, h[k]) for h in history if k in h]
@@ -136,7 +134,6 @@ def _plot_history(history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
 
 
 def export_stage(name: str, cfg: Config, run_dir: Path, payload: dict) -> dict:
