@@ -4,6 +4,7 @@
 
     run = Run.load("demo-out")                         # the run's config, trained stages and diffusion model
     eeg, labels = run.eeg("test")                      # (N, C, T): the run's own EEG as the stages see it
+    shown = run.images("test")                         # (N, 3, S, S): the images those trials showed
     images = run.reconstruct(eeg[:4], variant="L+I", seeds=[0, 1])  # (4, 2, 3, R, R) in [0, 1]
     maps = run.saliency(eeg[:4])                       # (4, 3, r, r): stage 2's G(z, f(x)), in [0, 1]
 
@@ -30,6 +31,7 @@ import torch
 
 from neuroimagen.config import CONFIG_FILENAME, Config, load_config
 from neuroimagen.data.datasets import load_splits
+from neuroimagen.data.recording import load_image
 from neuroimagen.errors import ConfigError
 from neuroimagen.models.saliency_gan import sample_z
 from neuroimagen.reconstruction.decode import Decode
@@ -88,6 +90,13 @@ class Run:
         """The run's own EEG of ``split`` as the stages see it, (N, C, T) float32, and its labels (N,)."""
         ds = load_splits(self.cfg.data, image_mode="none")[split]
         return ds.eeg_tensor(), ds.recording.labels[ds.indices]
+
+    def images(self, split: str = "test", size: Optional[int] = None) -> torch.Tensor:
+        """The images shown for the trials of ``split`` (the order of :meth:`eeg`): (N, 3, size, size) in [0, 1]
+        (``size`` default: ``data.image_size``)."""
+        ds = load_splits(self.cfg.data, image_mode="path")[split]
+        rec = ds.recording
+        return torch.stack([load_image(rec.image_paths[int(j)], size or self.cfg.data.image_size) for j in ds.indices])
 
     def _check_eeg(self, eeg: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(eeg)
