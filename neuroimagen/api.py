@@ -148,7 +148,7 @@ class Run:
             raise ConfigError(f"variant: unknown '{variant}' (defined: {', '.join(names)})")
         v = self.cfg.eval.variant(variant)
         if v.init == "gt" or v.semantics.startswith("true_") or v.eeg != "own":
-            raise ConfigError(f"variant '{variant}' needs the dataset ({v.doc}); Run.reconstruct takes EEG only: "
+            raise ConfigError(f"variant '{variant}' needs the dataset ({v.description}); Run.reconstruct takes EEG only: "
                               f"use one of {', '.join(n for n in names if self._eeg_only(n))}")
         seeds = [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
         if not seeds:
