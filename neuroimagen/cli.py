@@ -400,19 +400,22 @@ def compare(run_a, run_b, per_subject, out):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a run neuroimagen wrote.")
 @click.option("--member", default=None, help="Run on a member of the twin family instead of the default twin: "
               "sources-objects, bandpower-objects, erp-glyphs, bandpower-cluttered.")
+@click.option("--dataset", type=click.Choice(["eeg-imagenet", "things-eeg"]), default="eeg-imagenet", show_default=True,
+              help="The twin's layout. things-eeg: THINGS-EEG2 with zero-shot test concepts; adds retrieval within "
+              "subject and leave-one-subject-out.")
 @config_options
-def demo(quick, out, overwrite, member, config_path, overrides):
+def demo(quick, out, overwrite, member, dataset, config_path, overrides):
     """Run the whole pipeline on the embedded default: synthetic twin, CPU, tiny models."""
     cfg = _load(config_path, overrides)
     from neuroimagen import backends
     from neuroimagen.rundir import check_target
     from neuroimagen.runs.demo import demo_overrides, run_demo
 
-    demo_overrides(quick, cfg.seed, member)  # an unknown member fails before anything is written
+    demo_overrides(quick, cfg.seed, member, dataset=dataset)  # an unknown member fails before anything is written
     check_target(out, "run", overwrite)  # before the lock file: a folder that is not ours is left untouched
     with _hold(out):
         res = run_demo(cfg, out, quick=quick, overwrite=overwrite, user_overrides=overrides, fit=backends.fit_stage,
-                       execute=backends.run_rows, member=member)
+                       execute=backends.run_rows, member=member, dataset=dataset)
     for line in res["lines"]:
         click.echo(line)
 

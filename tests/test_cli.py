@@ -151,3 +151,25 @@ def test_demo_member_settings_sit_between_the_preset_and_the_users_set(tmp_path,
     res = run_cli("demo", "--quick", "--member", "nope", "--out", tmp_path / "run")
     assert_one_line_error(res, "demo --member", "unknown member 'nope'", "bandpower-objects")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_things_demo_preset_is_a_valid_things_twin_of_seen_parts(tmp_path, run_cli):
+    """``demo --dataset things-eeg``: the THINGS-EEG2 layout (17 x 100) on top of the quick preset, every shape and
+    colour of the twin among the training concepts (so each test concept is an unseen pair of seen parts)."""
+    from neuroimagen.config import load_config, override
+    from neuroimagen.data.synthetic import COLOURS, SHAPES, class_look
+    from neuroimagen.runs.demo import QUICK, THINGS_QUICK, demo_overrides
+
+    sets = demo_overrides(True, 0, None, ["synth.subjects=3"], dataset="things-eeg")
+    assert sets[: len(QUICK) + len(THINGS_QUICK)] == QUICK + THINGS_QUICK and sets[-1] == "synth.subjects=3"
+    cfg = override(load_config(None), sets)
+    cfg.synth.validate("synth")
+    s = cfg.synth
+    assert (cfg.data.format, s.format, s.shape(), s.subjects) == ("things-eeg", "things-eeg", (17, 100), 3)
+    for full in (True, False):
+        s = override(load_config(None), demo_overrides(full, 0, dataset="things-eeg")).synth
+        train = {class_look(c) for c in range(s.classes)}
+        test = {class_look(c) for c in range(s.classes, s.classes + s.test_classes)}
+        assert {a for a, _ in train} == set(SHAPES) and {b for _, b in train} == set(COLOURS) and not train & test
+    res = run_cli("demo", "--quick", "--dataset", "things", "--out", tmp_path / "run")
+    assert res.code == 2 and "things-eeg" in res.err and not (tmp_path / "run").exists()

@@ -121,3 +121,45 @@ def test_quick_demo_reproduces_the_committed_reference_and_the_readme_shows_it(d
     assert ref["command"] == "neuroimagen demo --quick" and ref["provenance"]["packages"]["torch"]
     mismatches = check_against(demo_run[0], ref)
     assert not mismatches, "\n".join(mismatches)
+
+
+def test_quick_things_demo_reports_zero_shot_retrieval_within_and_loso(tmp_path):
+    """``demo --dataset things-eeg --quick`` at its smallest: a THINGS twin (zero-shot test concepts), every stage,
+    reconstruction, the judge-free suite with ACC withheld, and retrieval within subject and leave-one-subject-out;
+    the report shows both protocols side by side, with chance beside the numbers."""
+    import contextlib
+    import io
+
+    from conftest import DEMO_SETS
+    from neuroimagen.config import load_config
+    from neuroimagen.runs.demo import run_demo
+
+    sets = [*DEMO_SETS, *THINGS_SMALLEST]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = run_demo(load_config(None, sets), str(tmp_path / "run"), quick=True, user_overrides=sets,
+                       dataset="things-eeg")
+    run = tmp_path / "run"
+    report = (run / "report" / "report.md").read_text()
+    table = pd.read_csv(run / "results" / "retrieval_loso.csv", dtype={"subject": str})
+    assert set(table["protocol"]) == {"within", "loso"} and set(table["subject"]) == {"1", "2", "all"}
+    assert ((table["chance"] - table["top"] / table["k"]).abs() < 1e-6).all()
+    assert table["k"].max() == 4 and json.loads((run / "results" / "retrieval.json").read_text())["zero_shot"]
+    for s in (1, 2):
+        assert (run / "loso" / f"sub-{s:02d}" / "loso.json").is_file()
+        assert json.loads((run / "loso" / f"sub-{s:02d}" / "loso.json").read_text())["variants"] == ["L", "L+I"]
+    assert "### Retrieval from stage 3's caption embedding, within vs LOSO" in report
+    assert "| 4-way top-1 (%) within | 4-way top-1 (%) LOSO |" in report.replace("| subject | ", "| ")
+    assert "Chance: top-1 25.0 %" in report and "| chance (%) |" in report
+    assert "> **ACC n/a:** not available: the judge is trained on the training images only" in report
+    assert "## Ablation (Table 3 analogue)" in report and "THINGS-EEG2 layout" in report
+    assert "demo --dataset things-eeg --quick" in report
+    assert "test" not in res["probe"] and res["probe"]["val"]["chance"] == pytest.approx(1 / 8)
+    assert any(line.startswith("Zero-shot retrieval, 4-way") for line in res["lines"])
+
+
+# the quick THINGS demo at its smallest: 4 test concepts, 2 subjects, a few epochs and steps per stage
+THINGS_SMALLEST = ["synth.test_classes=4", "synth.test_repetitions=4", "synth.train_repetitions=1",
+                   "stages.encoder.epochs=2", "stages.saliency.epochs=2", "stages.semantic.epochs=3",
+                   "ldm.vae_steps=20", "ldm.unet_steps=20", "ldm.num_inference_steps=2", "ldm.samples_per_eeg=1",
+                   "eval.judge_steps=10", "eval.variants=[L,L+I]"]

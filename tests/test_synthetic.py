@@ -121,6 +121,23 @@ def test_things_test_concepts_are_decodable_from_parts_seen_in_training():
     X = np.array([[float(p in look) for p in parts] for look in looks])  # (K, parts) indicator design
     coef, *_ = np.linalg.lstsq(X[:20], a[:20], rcond=None)
     assert np.allclose(X[20:] @ coef, a[20:], atol=1e-8)
+    # the evoked signal itself adds: a class's noise-free trial is its shape part's plus its colour part's
+    for code in ("sources", "erp"):
+        m = EEGModel(np.random.default_rng(0), 28, 1, 8, 100.0, onset=0.2, snr=1.0, code=code)
+        m.factorial(looks, np.random.default_rng(1))
+        zero = np.zeros(4)
+
+        def clean(c, part=None):
+            if part is not None:
+                m.part_amp = full.copy()
+                m.part_amp[c, 1 - part] = 0.0
+            x = m.clean(c, zero, 0, 100, np.random.default_rng(3))  # same jitter draws for every call
+            m.part_amp = full
+            return x
+
+        full = m.part_amp
+        for c in (20, 27):
+            assert np.allclose(clean(c), clean(c, 0) + clean(c, 1), atol=1e-10), code
 
 
 @pytest.fixture(scope="module")

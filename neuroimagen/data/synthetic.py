@@ -243,6 +243,7 @@ class EEGModel:
         K = np.exp(-d2c / (2 * 0.25**2))
         self.noise_mix = K / np.sqrt((K**2).sum(1, keepdims=True))  # (C, C), unit-norm rows
         self.scale = 1.0
+        self.part_amp = self.part_phase = self.part_shift = self.inst_phase = None  # set by factorial()
         if code == "bandpower":
             # induced rhythms in localised channel groups: narrower topographies, one narrow band per source,
             # half below and half above 55 Hz so that every EEG-ImageNet band variant keeps some of them
@@ -259,18 +260,29 @@ class EEGModel:
             self.width = rng.uniform(0.025, 0.06, size=N_SOURCES)
 
     def factorial(self, looks: list[tuple[str, str]], rng: np.random.Generator) -> None:
-        """Replace the per-class codes by factorial ones: class c with look (shape, colour) = ``looks[c]`` gets
-        (part(shape) + part(colour)) / sqrt 2 as its source amplitudes (and latency shifts, ``erp``), and
-        phase(shape) + phase(colour) as its source phases, so an unseen class made of seen parts has a code
-        a decoder trained on other classes can read (the THINGS twin's zero-shot test concepts)."""
+        """Replace the per-class codes by factorial ones, additive in each code's own signal space: class c with
+        look (shape, colour) = ``looks[c]`` is the *sum* of a shape part's and a colour part's contributions, so an
+        unseen class made of parts seen in training has a signal that a linear decoder trained on other classes
+        reads (the THINGS twin's zero-shot test concepts).
+
+        sources: each source's evoked signal is a_shape sin(2 pi f t + phi_shape) + a_colour sin(2 pi f t +
+        phi_colour) + the instance's (W_inst @ attributes) sin(2 pi f t + phi_inst), under the common envelope
+        (each part its own amplitude a ~ N(0, 1/2) and phase; the instance term its own phase, shared by all
+        classes). erp: each part adds its own time-locked component per source (amplitude a_part, latency base
+        + 40 ms x shift_part), the instance a component at the base latency; all shift with the instance's
+        position. bandpower: the power code is a log-amplitude (an induced rhythm's phase is random, so its
+        signal cannot add), and the parts add there: log-amplitude = 0.9 (a_shape + a_colour) / sqrt 2 + the
+        instance's term, i.e. the log-powers add and the power is a product of a shape and a colour factor.
+        """
         parts = sorted({p for look in looks for p in look})
         amp = {p: rng.normal(0.0, 1.0, size=N_SOURCES) for p in parts}
         phase = {p: rng.uniform(0, 2 * math.pi, size=N_SOURCES) for p in parts}
         shift = {p: rng.normal(0.0, 1.0, size=N_SOURCES) for p in parts}
-        self.class_amp = np.stack([(amp[a] + amp[b]) / math.sqrt(2.0) for a, b in looks])  # (K, S)
-        self.class_phase = np.stack([(phase[a] + phase[b]) % (2 * math.pi) for a, b in looks])
-        if self.code == "erp":
-            self.class_shift = np.stack([(shift[a] + shift[b]) / math.sqrt(2.0) for a, b in looks])
+        self.class_amp = np.stack([(amp[a] + amp[b]) / math.sqrt(2.0) for a, b in looks])  # (K, S): bandpower's code
+        self.part_amp = np.stack([[amp[a], amp[b]] for a, b in looks]) / math.sqrt(2.0)  # (K, 2, S)
+        self.part_phase = np.stack([[phase[a], phase[b]] for a, b in looks])  # (K, 2, S)
+        self.part_shift = np.stack([[shift[a], shift[b]] for a, b in looks])  # (K, 2, S)
+        self.inst_phase = rng.uniform(0, 2 * math.pi, size=N_SOURCES)
 
     def clean(self, label: int, attrs: np.ndarray, subject: int, T: int, rng: np.random.Generator) -> np.ndarray:
         """Noise-free stimulus-related signal (C, T) of one trial, in the model's code (``synth.eeg_code``)."""
@@ -288,6 +300,14 @@ class EEGModel:
             nb /= nb.std(axis=1, keepdims=True) + 1e-12
             src = np.exp(log_amp)[:, None] * env[None] * nb
             return self.gain[subject][:, None] * (self.M_subj[subject] @ src)
+        if self.code == "erp" and self.part_amp is not None:  # factorial: the parts' components add
+            jitter = 1.0 + 0.15 * rng.normal(size=N_SOURCES)
+            amps = np.concatenate([self.part_amp[label], (self.W_inst @ attrs)[None]]) * jitter  # (3, S)
+            shifts = np.concatenate([self.part_shift[label], np.zeros((1, N_SOURCES))])
+            lat = self.latency + 0.04 * shifts + 0.01 * (self.W_inst[:, :2] @ attrs[:2])  # (3, S)
+            comps = np.exp(-0.5 * ((t[None, None] - lat[..., None]) / self.width[None, :, None]) ** 2)  # (3, S, T)
+            src = (amps[..., None] * comps).sum(0)
+            return self.gain[subject][:, None] * (self.M_subj[subject] @ src)
         if self.code == "erp":
             amp = (self.class_amp[label] + self.W_inst @ attrs) * (1.0 + 0.15 * rng.normal(size=N_SOURCES))
             lat = self.latency + 0.04 * self.class_shift[label] + 0.01 * (self.W_inst[:, :2] @ attrs[:2])
@@ -296,6 +316,13 @@ class EEGModel:
         tau = 0.12
         u = np.clip((t - 0.04) / tau, 0.0, None)
         env = u * np.exp(1.0 - u)  # alpha function, peak 1 at 160 ms after onset
+        if self.part_amp is not None:  # factorial: the shape's, the colour's and the instance's sinusoids add
+            jitter = 1.0 + 0.15 * rng.normal(size=N_SOURCES)
+            amps = np.concatenate([self.part_amp[label], (self.W_inst @ attrs)[None]]) * jitter  # (3, S)
+            phases = np.concatenate([self.part_phase[label], self.inst_phase[None]])
+            waves = np.sin(2 * math.pi * self.freqs[None, :, None] * t[None, None] + phases[..., None])  # (3, S, T)
+            src = (amps[..., None] * waves).sum(0) * env[None]
+            return self.gain[subject][:, None] * (self.M_subj[subject] @ src)
         amp = (self.class_amp[label] + self.W_inst @ attrs) * (1.0 + 0.15 * rng.normal(size=N_SOURCES))
         src = amp[:, None] * env[None] * np.sin(2 * math.pi * self.freqs[:, None] * t[None] + self.class_phase[label][:, None])
         return self.gain[subject][:, None] * (self.M_subj[subject] @ src)  # (C, T)

@@ -5,6 +5,13 @@ control), trains stages 1-3 (on Ray Train unless ``--set train.backend=local``),
 diffusion model and the judge classifier, reconstructs and scores every subject x variant (Ray Data unless
 ``--set eval.backend=local``) and writes ``report/report.md``. ``OUT`` is an ordinary run directory:
 ``neuroimagen train/reconstruct/evaluate/report`` work on it, and re-running them resumes.
+
+``--dataset things-eeg`` does the same on a THINGS-EEG2 twin (the release's structure scaled down: training
+concepts with several images and repetitions, unseen test concepts of one image with many repetitions, averaged
+by the reader), where the test concepts are zero-shot: N-way ACC is withheld with its reason, the probe is scored
+on the validation images (of training concepts), and the zero-shot retrieval is run within subject and
+leave-one-subject-out (``neuroimagen.runs.loso``: one fold per subject, ``OUT/loso/sub-XX``), the report showing
+both side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroimagen.atomic import atomic_path, write_text
@@ -28,6 +36,8 @@ from neuroimagen.logs import get_logger
 from neuroimagen.probe import probe_datasets, sampling_rate
 from neuroimagen.rundir import start_fresh
 from neuroimagen.runs.evaluation import RunRows, evaluate, reconstruct
+from neuroimagen.runs.loso import RETRIEVAL as LOSO_RETRIEVAL
+from neuroimagen.runs.loso import run_loso
 from neuroimagen.runs.reports import summary_table, write_report
 from neuroimagen.runs.retrieval import semantic_retrieval
 from neuroimagen.runs.training import FitStage, train
@@ -58,15 +68,28 @@ FULL = _COMMON + ["synth.classes=8", "synth.images_per_class=24", "synth.subject
                   "ldm.unet_channels=[16,32]", "ldm.vae_steps=150", "ldm.unet_steps=600", "ldm.num_inference_steps=15",
                   "eval.batch_size=32"]
 
+# ``--dataset things-eeg``: the THINGS-EEG2 layout (17 x 100, the preprocessed release's), scaled down. 8 training
+# concepts show every shape and colour of the twin, so each test concept is an unseen pair of seen parts.
+THINGS = ["data.format=things-eeg", "synth.format=things-eeg", "synth.channels=17", "synth.layout=17x100",
+          "synth.images_per_class=10", "synth.train_repetitions=2"]
+THINGS_QUICK = THINGS + ["synth.classes=8", "synth.test_classes=8", "synth.test_repetitions=8"]
+THINGS_FULL = THINGS + ["synth.classes=16", "synth.test_classes=16", "synth.test_repetitions=20"]
+DATASETS = ("eeg-imagenet", "things-eeg")
 
-def demo_overrides(quick: bool, seed: int, member: Optional[str] = None, user_overrides=()) -> list[str]:
-    """The dotted overrides of a demo: the preset (QUICK or FULL), the twin's seed, a twin-family member's
-    settings (``neuroimagen.data.synthetic.TWIN_FAMILY``: its EEG code, images, sizes and seed), then the
-    user's ``--set`` (which always wins). An unknown member is a ConfigError naming the known ones."""
+
+def demo_overrides(quick: bool, seed: int, member: Optional[str] = None, user_overrides=(),
+                   dataset: str = "eeg-imagenet") -> list[str]:
+    """The dotted overrides of a demo: the preset (QUICK or FULL, then THINGS_QUICK / THINGS_FULL for
+    ``dataset`` things-eeg), the twin's seed, a twin-family member's settings
+    (``neuroimagen.data.synthetic.TWIN_FAMILY``: its EEG code, images, sizes and seed), then the user's ``--set``
+    (which always wins). An unknown member or dataset is a ConfigError naming the known ones."""
     if member is not None and member not in TWIN_FAMILY:
         raise ConfigError(f"demo --member: unknown member '{member}'; expected one of {', '.join(TWIN_FAMILY)}")
+    if dataset not in DATASETS:
+        raise ConfigError(f"demo --dataset: unknown dataset '{dataset}'; expected one of {', '.join(DATASETS)}")
     family = [f"synth.{k}={json.dumps(v)}" for k, v in TWIN_FAMILY.get(member, {}).items()]
-    return (QUICK if quick else FULL) + [f"synth.seed={seed}"] + family + list(user_overrides)
+    things = (THINGS_QUICK if quick else THINGS_FULL) if dataset == "things-eeg" else []
+    return (QUICK if quick else FULL) + things + [f"synth.seed={seed}"] + family + list(user_overrides)
 
 
 def _step(i: int, n: int, text: str) -> float:
@@ -97,7 +120,8 @@ def stimulus_grid(dataset, path: Path, per_class: int = 4) -> Path:
 
 
 def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False, user_overrides=(),
-             fit: Optional[FitStage] = None, execute: Optional[RunRows] = None, member: Optional[str] = None) -> dict:
+             fit: Optional[FitStage] = None, execute: Optional[RunRows] = None, member: Optional[str] = None,
+             dataset: str = "eeg-imagenet") -> dict:
     """Run every implemented step on a fresh twin under ``out``; returns the headline numbers, the report's path
     and ``lines``: what to show a person at the end (the summary table, the probe, where to look).
 
@@ -110,13 +134,15 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
 
     The preset (QUICK or FULL) is applied to ``cfg``, then a twin-family ``member``'s settings (the twin is that
     member: ``neuroimagen demo --quick --member NAME``), then ``user_overrides`` again, so a user's ``--set``
-    always wins (:func:`demo_overrides`).
+    always wins (:func:`demo_overrides`). ``dataset`` things-eeg: the THINGS-EEG2 twin and the leave-one-subject-out
+    folds (module docstring).
     """
-    overrides = demo_overrides(quick, cfg.seed, member, user_overrides)  # before anything is removed
+    overrides = demo_overrides(quick, cfg.seed, member, user_overrides, dataset)  # before anything is removed
+    things = dataset == "things-eeg"
     # a fresh run (old checkpoints must not be resumed); --overwrite empties only a run neuroimagen wrote
     out_dir = start_fresh(out, "run", "neuroimagen demo", overwrite=overwrite)
     t_start = time.perf_counter()
-    n = 8
+    n = 9 if things else 8
     cfg = override(cfg, overrides)
     synth_cfg = cfg.synth
     _step(1, n, f"synthesising the twin ({synth_cfg.classes} classes x {synth_cfg.images_per_class} images, "
@@ -130,11 +156,13 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     report = inspect_dataset(run_cfg.data.eeg, run_cfg.data.format, run_cfg.data.splits, run_cfg.data.images, run_cfg.data)
     write_text(out_dir / "inspect.json", json.dumps(report, indent=2))
 
-    _step(3, n, "band-power linear probe (train -> val, test; label-shuffled control)")
+    # a class probe cannot name unseen concepts: on THINGS it is scored on the validation images only
+    held_out = ("val",) if things else ("val", "test")
+    _step(3, n, f"band-power linear probe (train -> {', '.join(held_out)}; label-shuffled control)")
     splits = load_splits(run_cfg.data, image_mode="path")
     sfreq = sampling_rate(splits["train"].recording)
     probe = {}
-    for held in ("val", "test"):
+    for held in held_out:
         probe[held] = probe_datasets(splits["train"], splits[held], sfreq, seed=cfg.seed).as_dict()
         probe[f"{held}_shuffled"] = probe_datasets(splits["train"], splits[held], sfreq, shuffle_labels=True,
                                                    seed=cfg.seed).as_dict()
@@ -151,9 +179,13 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     summary = evaluate(out_dir)
     if "semantic" in stages:
         semantic_retrieval(run_cfg, out_dir)
-    _step(8, n, "writing the report")
+    if things:
+        # the folds reconstruct the within run's variants (a narrower list would narrow the within run's too)
+        variants = rec_info["state"]["variants"]
+        _step(8, n, f"leave-one-subject-out: one fold per subject (stages 1-3, {len(variants)} variants, retrieval)")
+        run_loso(run_cfg, out_dir, variants=variants, fit=fit, execute=execute)
+    _step(n, n, "writing the report")
     stimulus_grid(splits["train"], out_dir / "stimuli.png")
-    d = run_cfg.data
     rows = "\n".join(
         f"| {k} | {v['accuracy']:.3f} | {v['chance']:.3f} | {v['n_train']} | {v['n_test']} |" for k, v in probe.items()
     )
@@ -163,17 +195,17 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
         f"| {name} | {ref[name][0]} | {m[ref[name][0]]:.3f} | {m['untrained'].get(ref[name][0], float('nan')):.3f} | "
         f"{m[ref[name][1]]:.3f} | {m['best_epoch'] + 1}/{m['epochs']} |" for name, m in stages.items())
     protocols = "\n".join(f"- {name}: {m['protocol']}" for name, m in stages.items())
+    command = (f"neuroimagen demo{' --dataset things-eeg' if things else ''}{' --quick' if quick else ''}"
+               f"{f' --member {member}' if member else ''} --out {out}")
     md = f"""## Demo: how this run was made
 
 Embedded default: the synthetic twin{f' (family member {member})' if member else ''} (seed {synth_cfg.seed}), CPU, tiny models trained here. Everything in this
-report is regenerated by `neuroimagen demo{' --quick' if quick else ''}{f' --member {member}' if member else ''} --out {out}`; reconstruction took
+report is regenerated by `{command}`; reconstruction took
 {rec_info['seconds']:.0f} s for {rec_info['rows']} images.
 
 ## Data
 
-EEG-ImageNet layout, file `{Path(d.eeg).name}`, split file `{Path(d.splits).name}` split {d.split_num};
-{synth_cfg.classes} classes, {synth_cfg.subjects} subjects, {synth_cfg.channels} channels; window
-{list(d.resolved_window())}, length filter as in `inspect.json`.
+{_data_text(run_cfg)}
 
 ```
 {render_report(report)}
@@ -185,7 +217,7 @@ EEG-ImageNet layout, file `{Path(d.eeg).name}`, split file `{Path(d.splits).name
 
 Protocol: log power per channel in 8 bands (4-100 Hz, Hann-windowed periodogram over the window),
 standardised, L2 logistic regression (C=0.1) fitted on the train split; top-1 accuracy on the
-held-out split; chance = 1/{synth_cfg.classes}. `*_shuffled`: the same probe fitted on
+held-out split{' (THINGS: the validation images, of training concepts; the test concepts are unseen)' if things else ''}; chance = 1/{synth_cfg.classes}. `*_shuffled`: the same probe fitted on
 label-permuted training data (must sit near chance; a high value would mean leakage).
 
 | held-out split | accuracy | chance | n train | n held out |
@@ -208,10 +240,44 @@ Protocols:
 """
     report_path = write_report(out_dir, title="neuroimagen demo report", extra_sections=[md])
     elapsed = time.perf_counter() - t_start
+    held = held_out[-1]
     lines = [summary_table(out_dir),
-             f"done in {elapsed:.0f} s. Probe test accuracy {probe['test']['accuracy']:.2f} "
-             f"(chance {probe['test']['chance']:.2f}, shuffled control {probe['test_shuffled']['accuracy']:.2f}).",
+             *(_retrieval_lines(out_dir) if things else []),
+             f"done in {elapsed:.0f} s. Probe {held} accuracy {probe[held]['accuracy']:.2f} "
+             f"(chance {probe[held]['chance']:.2f}, shuffled control {probe[f'{held}_shuffled']['accuracy']:.2f}).",
              f"Look at: {report_path} (results: {out_dir / 'results'}, data: {out_dir / 'twin'}, "
              f"config: {out_dir / 'config.yaml'})"]
     return {"probe": probe, "stages": stages, "summary": summary, "seconds": elapsed, "report": report_path,
             "lines": lines}
+
+
+def _data_text(cfg: Config) -> str:
+    """The report's data paragraph: the layout, its sizes and how the evaluation split relates to training."""
+    d, sy = cfg.data, cfg.synth
+    if d.format == "things-eeg":
+        C, T = sy.shape()
+        return (f"THINGS-EEG2 layout (`sub-XX/preprocessed_eeg_{{training,test}}.npy`, `image_set/`), {C} channels x "
+                f"{T} samples; {sy.classes} training concepts x {sy.images_per_class} images x {sy.train_repetitions} "
+                f"repetitions (one image per concept held out for validation), {sy.test_classes} test concepts x 1 "
+                f"image x {sy.test_repetitions} repetitions, averaged by the reader (`data.test_repetitions: "
+                f"{d.test_repetitions}`); {sy.subjects} subjects. The test concepts are disjoint from the training "
+                "ones (zero-shot, as the release): the gallery of the retrieval is every test concept.")
+    return (f"EEG-ImageNet layout, file `{Path(d.eeg).name}`, split file `{Path(d.splits).name}` split {d.split_num};\n"
+            f"{sy.classes} classes, {sy.subjects} subjects, {sy.channels} channels; window\n"
+            f"{list(d.resolved_window())}, length filter as in `inspect.json`.")
+
+
+def _retrieval_lines(out_dir: Path) -> list[str]:
+    """The pooled zero-shot retrieval at the gallery size, within subject and LOSO, beside chance."""
+    path = out_dir / LOSO_RETRIEVAL
+    if not path.is_file():
+        return []
+    t = pd.read_csv(path, dtype={"subject": str, "control": str})
+    t = t[(t["subject"] == "all") & (t["control"] == "eeg")]
+    k = int(t["k"].max())
+    cells = []
+    for p in ("within", "loso"):
+        r = t[(t["protocol"] == p) & (t["k"] == k)].set_index("top")
+        cells.append(f"{p} " + ", ".join(f"top-{int(m)} {100 * r.loc[m, 'accuracy']:.1f} % (chance "
+                                         f"{100 * r.loc[m, 'chance']:.1f} %)" for m in sorted(r.index)))
+    return [f"Zero-shot retrieval, {k}-way (every test concept): " + "; ".join(cells) + "."]
