@@ -40,7 +40,8 @@ from neuroimagen.data.synthetic import synthesize
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.logs import get_logger
 from neuroimagen.provenance import provenance
-from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class, stage_guards
+from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class, stage_enabled, stage_guards
+from neuroimagen.stages.clip_image import build_image_targets
 from neuroimagen.stages.semantic import build_targets
 from neuroimagen.training.checkpoint import export_model, load_model_dir
 from neuroimagen.training.context import RunContext, perf_options, set_threads
@@ -117,6 +118,9 @@ def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Op
     if cls.caption_kind is not None:
         sp = splits if splits is not None else load_splits(cfg.data, image_mode="none")
         inputs["targets"] = build_targets(cfg, sp, run_dir, cls.caption_kind)
+    if name == "clip_image":  # the stimuli's CLIP image embeddings, computed once here (frozen)
+        sp = splits if splits is not None else load_splits(cfg.data, image_mode="path")
+        inputs["clip_targets"] = build_image_targets(cfg, sp, run_dir)
     return inputs
 
 
@@ -205,6 +209,8 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     if stages is None and cfg.data.captions is None and "semantic_image" in names:
         names.remove("semantic_image")
         log("[semantic_image] skipped: data.captions is not set (variants B and B+I need per-image captions)")
+    if stages is None:  # the optional stages (clip_image) only when enabled
+        names = [n for n in names if stage_enabled(cfg, n)]
     write_config(cfg, run_dir)
     record = read_run(run_dir)
     record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
