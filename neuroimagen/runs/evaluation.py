@@ -619,6 +619,8 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
         trainable = {s for s in STAGE_ORDER if not (s == "semantic_image" and data_cfg.data.captions is None)}
         names = computable_variants(data_cfg, names, trainable | set(done), log, "ablation")
     todo = [s for s in needed_stages(cfg, names) if s not in done]
+    if cfg.stages.clip_image.enabled and "clip_image" not in done:  # optional: scored by the retrieval, not a variant
+        todo.append("clip_image")
     if todo:
         log(f"ablation: training {', '.join(todo)} (needed by {', '.join(names)})")
         train(cfg, run_dir, todo, log=log, fit=fit)
@@ -627,7 +629,7 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     cfg = prepare_data(cfg, run_dir, log)
     reconstruct(cfg, run_dir, names, subjects, log=log, execute=execute)
     evaluate(run_dir, log=log)
-    if "semantic" in read_run(run_dir)["stages"]:  # retrieval of the concepts from stage 3's caption embedding
+    if {"semantic", "clip_image"} & set(read_run(run_dir)["stages"]):  # retrieval from the trained EEG embeddings
         semantic_retrieval(cfg, run_dir, subjects, log=log)
     path = write_report(run_dir)
     log(f"ablation: report -> {path}")
