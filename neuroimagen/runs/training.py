@@ -72,6 +72,12 @@ def resolve_stages(requested: Optional[Sequence[str]]) -> list[str]:
     return [s for s in STAGE_ORDER if s in names]
 
 
+def default_stages(cfg: Config) -> list[str]:
+    """The stages ``train`` runs when none are named: every stage but the optional ones not enabled
+    (``clip_image`` without ``stages.clip_image.enabled``)."""
+    return [s for s in STAGE_ORDER if stage_enabled(cfg, s)]
+
+
 def read_run(run_dir: Path) -> dict:
     p = run_dir / RUN_FILE
     if not p.is_file():
@@ -209,8 +215,8 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     if stages is None and cfg.data.captions is None and "semantic_image" in names:
         names.remove("semantic_image")
         log("[semantic_image] skipped: data.captions is not set (variants B and B+I need per-image captions)")
-    if stages is None:  # the optional stages (clip_image) only when enabled
-        names = [n for n in names if stage_enabled(cfg, n)]
+    if stages is None:
+        names = [n for n in names if n in default_stages(cfg)]
     write_config(cfg, run_dir)
     record = read_run(run_dir)
     record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -122,9 +122,10 @@ class DistinctGroupBatchSampler(Sampler[list[int]]):
 
     Each epoch draws one permutation of the rows and fills global batches of ``batch_size x world_size`` from it
     in order, deferring a row whose group is already in the batch being filled to the next one; rank r takes the
-    r-th contiguous slice of each global batch (world-size invariant, like ``GlobalBatchSampler``). There are
-    ``n // (batch_size x world_size)`` global batches; rows left over (the tail, and deferred rows that found no
-    room) wait for another epoch's permutation.
+    r-th contiguous slice of each global batch (world-size invariant, like ``GlobalBatchSampler``). There are at
+    most ``n // (batch_size x world_size)`` global batches (fewer when the last rows are too few distinct images to
+    fill one); rows left over (the tail, and deferred rows that found no room) wait for another epoch's
+    permutation.
     """
 
     def __init__(self, groups: Sequence[int] | torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0,
@@ -142,13 +143,13 @@ class DistinctGroupBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world)
+        return len(self.global_batches())
 
     def global_batches(self) -> list[list[int]]:
         """This epoch's global batches (each ``batch_size x world_size`` rows of distinct groups)."""
         perm = _generator(self.seed, self.epoch).permutation(self.n).tolist()
         G, out, deferred, pos = self.batch_size * self.world, [], [], 0
-        for _ in range(len(self)):
+        for _ in range(self.n // G):
             batch, seen, still = [], set(), []
             for i in deferred:  # rows put off by earlier batches come first
                 if len(batch) < G and int(self.groups[i]) not in seen:
