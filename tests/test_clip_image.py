@@ -117,6 +117,17 @@ def test_the_guard_flags_a_model_that_does_not_beat_shuffled_eeg():
     assert ClipImageStage.chance(data, {}) == {"chance": 1 / 20, "val_gallery": 20}
 
 
+def test_ablation_and_every_loso_fold_train_it_when_enabled():
+    from neuroimagen.runs.evaluation import stages_to_train
+    from neuroimagen.runs.loso import fold_config
+
+    on, off = load_config(None, ["stages.clip_image.enabled=true"]), load_config(None)
+    assert "clip_image" in stages_to_train(on, ["L+I"], {}) and "clip_image" not in stages_to_train(off, ["L+I"], {})
+    assert stages_to_train(on, ["L+I"], {"encoder": 1, "saliency": 1, "semantic": 1, "clip_image": 1}) == []
+    fold = fold_config(on, 2)
+    assert fold.data.holdout_subject == 2 and "clip_image" in stages_to_train(fold, ["L+I"], {})
+
+
 def test_registered_as_a_stage_and_sweepable():
     from neuroimagen.runs.sweeps import STAGE_METRICS, load_space
     from neuroimagen.stages import STAGES, protocol_of
