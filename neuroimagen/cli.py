@@ -197,10 +197,12 @@ def data_inspect(path, splits, images, fmt, as_json, out, config_path, overrides
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (created; re-running resumes).")
 @click.option("--stages", default=None, metavar="LIST",
-              help="Comma-separated subset of encoder,saliency,semantic,semantic_image (default: all, in dependency order).")
+              help="Comma-separated subset of encoder,saliency,semantic,semantic_image,clip_image (default: all, in dependency "
+              "order; clip_image when stages.clip_image.enabled).")
 @config_options
 def train(out, stages, config_path, overrides):
-    """Train stages 1-3 (encoder, saliency GAN, semantic regressors), on Ray Train or in-process."""
+    """Train stages 1-3 (encoder, saliency GAN, semantic regressors; clip_image when stages.clip_image.enabled), on
+    Ray Train or in-process."""
     cfg = _load(config_path, overrides)
     with _hold(out):  # before torch loads: a run in use is refused at once
         from neuroimagen import backends
@@ -314,20 +316,22 @@ def ablation(out, variants, subjects, config_path, overrides):
 
 
 @cli.command()
-@click.option("--run", "run", type=click.Path(file_okay=False), required=True, help="A run with a trained stage 3.")
+@click.option("--run", "run", type=click.Path(file_okay=False), required=True,
+              help="A run with a trained stage 3 and/or stage clip_image.")
 @click.option("--subjects", default=None, metavar="LIST", help="Comma-separated subject ids (default: all).")
 @config_options
 def retrieval(run, subjects, config_path, overrides):
-    """k-way retrieval of the evaluated concepts from stage 3's caption embedding (zero-shot on THINGS-EEG2)."""
+    """k-way retrieval of the evaluated concepts from stage 3's caption embedding and of the evaluated images from the
+    clip_image embedding, when trained (zero-shot on THINGS-EEG2)."""
     cfg = _run_config(run, config_path, overrides)
     from neuroimagen.runs.retrieval import semantic_retrieval
 
     with _hold(run, create=False):
         table = semantic_retrieval(cfg, run, _csv_list(subjects, "subjects", int))
     pooled = table[(table["subject"] == "all")]
-    for (k, top), g in pooled.groupby(["k", "top"], sort=True):
+    for (emb, k, top), g in pooled.groupby(["embedding", "k", "top"], sort=True):
         acc = {c: float(v["accuracy"].iloc[0]) for c, v in g.groupby("control")}
-        click.echo(f"{int(k):>3}-way top-{int(top)}: EEG {100 * acc.get('eeg', float('nan')):5.1f} %  shuffled "
+        click.echo(f"{emb:>10} {int(k):>3}-way top-{int(top)}: EEG {100 * acc.get('eeg', float('nan')):5.1f} %  shuffled "
                    f"{100 * acc.get('shuffled', float('nan')):5.1f} %  chance {100 * float(g['chance'].iloc[0]):5.1f} %")
 
 

@@ -343,10 +343,55 @@ class SemanticStageConfig(Checked):
 
 
 @dataclass(frozen=True)
+class ClipImageStageConfig(Checked):
+    """Optional stage ``clip_image``: an EEG encoder + projection aligned to the frozen CLIP image embeddings of the
+    stimuli with a symmetric InfoNCE loss and a learnable temperature (NICE / ATM); scored by ``neuroimagen
+    retrieval`` against the CLIP image embeddings of the test images."""
+
+    enabled: bool = param(False, doc="train this stage in `neuroimagen train` / ablation / loso folds (an explicit "
+                                     "--stages clip_image trains it regardless)")
+    clip_vision: Optional[str] = param(None, doc=(
+        "local folder of a CLIP vision model in the transformers layout (CLIPVisionModelWithProjection or CLIPModel, "
+        "e.g. a copy of openai/clip-vit-large-patch14; absolute, or relative to the working directory); null or 'tiny' = a tiny in-code CLIP vision model (seeded, "
+        "for tests and the demo); nothing is downloaded"))
+    tiny_dim: int = param(64, ge=8, doc="tiny CLIP vision model: width and image-embedding size")
+    encoder: Optional[EncoderName] = param(None, doc="EEG encoder; null = stages.encoder.name")
+    width: Optional[int] = param(None, ge=1, doc="encoder size; null = the encoder's default")
+    embed_dim: int = param(128, ge=2, doc="encoder feature size before the projection to the CLIP space")
+    dropout: float = param(0.25, ge=0, lt=1, doc="dropout inside the encoder and the projection")
+    init_from_encoder: bool = param(True, doc="start from the stage-1 encoder weights when the architecture matches")
+    center_targets: bool = param(True, doc="subtract the training images' mean CLIP embedding from every image "
+                                           "embedding (training and retrieval) before the cosine")
+    temperature: float = param(0.07, ge=0.01, le=1, doc="initial softmax temperature T (logit scale 1/T, learnable, "
+                                                        "clamped to [1, 100] as CLIP)")
+    learn_temperature: bool = param(True, doc="learn the temperature; false: keep it at stages.clip_image.temperature")
+    epochs: int = param(30, ge=1, doc="training epochs")
+    batch_size: int = param(64, ge=2, doc="batch size per worker (rows of distinct images: no image twice in a "
+                                          "global batch)")
+    lr: float = param(3e-4, gt=0, doc="AdamW learning rate")
+    weight_decay: float = param(1e-4, ge=0, doc="AdamW weight decay")
+    val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
+
+    def validate(self, prefix: str) -> None:
+        if self.encoder is not None:
+            check_encoder_name(self.encoder, f"{prefix}.encoder")
+            if self.encoder.startswith("braindecode:") and self.width is not None:
+                raise ConfigError(f"{prefix}.width: {self.encoder} keeps its published sizes; expected null, got {self.width}")
+        if self.clip_vision is not None and self.clip_vision != "tiny":
+            if "://" in self.clip_vision or not self.clip_vision.strip():
+                raise ConfigError(f"{prefix}.clip_vision: expected a local folder or 'tiny', got {self.clip_vision!r} "
+                                  "(nothing is downloaded)")
+            if self.enabled and not Path(os.path.expanduser(self.clip_vision)).is_dir():
+                raise ConfigError(f"{prefix}.clip_vision: {self.clip_vision}: no such directory (expected a local "
+                                  "CLIP vision model folder, or 'tiny')")
+
+
+@dataclass(frozen=True)
 class StagesConfig(Checked):
     encoder: EncoderStageConfig = param(default_factory=EncoderStageConfig)
     saliency: SaliencyStageConfig = param(default_factory=SaliencyStageConfig)
     semantic: SemanticStageConfig = param(default_factory=SemanticStageConfig)
+    clip_image: ClipImageStageConfig = param(default_factory=ClipImageStageConfig)
 
 
 @dataclass(frozen=True)

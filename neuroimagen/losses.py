@@ -260,3 +260,23 @@ def ssim_loss(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
         scalar in ``[0, 2]`` (0 for identical images).
     """
     return 1.0 - ssim(x, y, data_range=data_range).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage clip_image: symmetric InfoNCE (CLIP; NICE / ATM on EEG)
+# --------------------------------------------------------------------------------------------------
+
+
+def clip_loss(eeg: Tensor, image: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE of paired rows: ``(CE(s * E I^T, diag) + CE(s * I E^T, diag)) / 2``, E and I the rows of
+    ``eeg`` (B, D) and ``image`` (B, D) L2-normalised, ``s`` = ``logit_scale`` (the multiplier, 1/T, not its log).
+
+    Row i's only positive is column i: the caller must give distinct images (a second row of image i would be a
+    false negative; stage clip_image's batches hold every image at most once, ``DistinctGroupBatchSampler``)."""
+    if eeg.ndim != 2 or eeg.shape != image.shape:
+        raise ValueError(f"eeg and image must both be (B, D), got {tuple(eeg.shape)} and {tuple(image.shape)}")
+    e = F.normalize(eeg.float(), dim=1)
+    i = F.normalize(image.float(), dim=1)
+    logits = logit_scale * (e @ i.T)  # (B, B)
+    target = torch.arange(e.shape[0], device=e.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

@@ -27,7 +27,7 @@ from neuroimagen.stages.encoder import build_from_spec, encoder_spec
 from neuroimagen.training.collectives import GlobalBatchNorm, convert_sync_batchnorm, gather
 from neuroimagen.training.context import RunContext, seed_everything, unwrap
 
-STAGES = ("encoder", "saliency", "semantic")
+STAGES = ("encoder", "saliency", "semantic", "clip_image")
 LR = 0.5
 
 
@@ -46,7 +46,11 @@ def _sets(twin, world: int) -> list[str]:
             "stages.saliency.alpha1=0.0",
             "stages.semantic.encoder=tsconv", "stages.semantic.width=8", "stages.semantic.embed_dim=8",
             "stages.semantic.hidden=16", "stages.semantic.dropout=0.0", "stages.semantic.init_from_encoder=false",
-            f"stages.semantic.batch_size={per}"]
+            f"stages.semantic.batch_size={per}",
+            # clip_image: the InfoNCE over the gathered global batch of distinct images, learnable temperature
+            "stages.clip_image.encoder=tsconv", "stages.clip_image.width=8", "stages.clip_image.embed_dim=8",
+            "stages.clip_image.dropout=0.0", "stages.clip_image.init_from_encoder=false",
+            f"stages.clip_image.batch_size={per}"]
 
 
 def _rank_independent_z(rank: int, world: int):
@@ -149,8 +153,14 @@ def steps(twin, tmp_path_factory):
     table = torch.randn(K, 4, 8, generator=torch.Generator().manual_seed(1))
     targets = {"table": table, "index": {s: splits[s].labels.long() for s in ("train", "val")}, "prototypes": table,
                "kind": "label", "identity": "random", "fingerprint": "random", "cache": ""}
+    # stand-in CLIP image embeddings (one row per image, 8 wide): a vision model is not what is tested here
+    stems = sorted({s for sp in ("train", "val") for s in splits[sp].stems})
+    pos = {s: i for i, s in enumerate(stems)}
+    clip_targets = {"table": torch.randn(len(stems), 8, generator=torch.Generator().manual_seed(2)),
+                    "index": {sp: torch.tensor([pos[s] for s in splits[sp].stems]) for sp in ("train", "val")},
+                    "mean": torch.zeros(8), "identity": "random", "fingerprint": "random", "cache": ""}
     inputs = {"encoder": {}, "saliency": {"encoder_spec": spec, "encoder_state": enc_state},
-              "semantic": {"targets": targets}}
+              "semantic": {"targets": targets}, "clip_image": {"clip_targets": clip_targets}}
 
     draw = _rank_independent_z(0, 1)
     try:

@@ -303,3 +303,25 @@ def load_clip_vision(folder: str | os.PathLike,
                 f"{cfg.image_size} px; MindEye: image embedding, Resize {cfg.image_size})")
     return FeatureNet(_ClipImageEmbeds(model.float()), {"clip": "image_embeds"}, int(cfg.image_size), CLIP_MEAN,
                       CLIP_STD, identity, base_resolution)
+
+
+def build_tiny_clip_vision(seed: int = 0, dim: int = 64, image_size: int = 32, patch_size: int = 8,
+                           num_layers: int = 2, num_heads: int = 2) -> FeatureNet:
+    """A small real ``CLIPVisionModelWithProjection`` built offline (hidden ``dim``, MLP ``4 * dim``, projection
+    ``dim``, ``image_size`` px in ``patch_size`` patches), initialised under ``torch.manual_seed(seed)`` with the
+    global RNG state restored: the same arguments give the same weights. Wrapped like :func:`load_clip_vision`
+    (image embeddings (B, dim), CLIP mean/std, no 256 px pre-resize), for tests and the demo."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415 - heavy, stage only
+
+    if dim % num_heads:
+        raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
+    config = CLIPVisionConfig(hidden_size=dim, intermediate_size=4 * dim, projection_dim=dim,
+                              num_hidden_layers=num_layers, num_attention_heads=num_heads, image_size=image_size,
+                              patch_size=patch_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(config).float().eval()
+    identity = (f"tiny_clip_vision(seed {seed}, dim {dim}, {num_layers} layers, patch {patch_size}, {image_size} px; "
+                "random init, in code)")
+    return FeatureNet(_ClipImageEmbeds(model), {"clip": "image_embeds"}, image_size, CLIP_MEAN, CLIP_STD, identity,
+                      base_resolution=None)

@@ -600,6 +600,13 @@ def evaluate(run_dir: str | Path, log: Optional[Callable[[str], None]] = None):
     return summary
 
 
+def stages_to_train(cfg: Config, variants: Sequence[str], done) -> list[str]:
+    """The stages an ablation (and every leave-one-subject-out fold) trains: those the variants need and, when
+    ``stages.clip_image.enabled``, ``clip_image`` (scored by the retrieval, not by a variant); minus ``done``."""
+    need = needed_stages(cfg, variants) + (["clip_image"] if cfg.stages.clip_image.enabled else [])
+    return [s for s in need if s not in done]
+
+
 def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = None,
              subjects: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None,
              fit: Optional[FitStage] = None, execute: Optional[RunRows] = None) -> Path:
@@ -618,7 +625,7 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
         data_cfg = prepare_data(cfg, run_dir, log)
         trainable = {s for s in STAGE_ORDER if not (s == "semantic_image" and data_cfg.data.captions is None)}
         names = computable_variants(data_cfg, names, trainable | set(done), log, "ablation")
-    todo = [s for s in needed_stages(cfg, names) if s not in done]
+    todo = stages_to_train(cfg, names, done)
     if todo:
         log(f"ablation: training {', '.join(todo)} (needed by {', '.join(names)})")
         train(cfg, run_dir, todo, log=log, fit=fit)
@@ -627,7 +634,7 @@ def ablation(cfg: Config, out: str | Path, variants: Optional[Sequence[str]] = N
     cfg = prepare_data(cfg, run_dir, log)
     reconstruct(cfg, run_dir, names, subjects, log=log, execute=execute)
     evaluate(run_dir, log=log)
-    if "semantic" in read_run(run_dir)["stages"]:  # retrieval of the concepts from stage 3's caption embedding
+    if {"semantic", "clip_image"} & set(read_run(run_dir)["stages"]):  # retrieval from the trained EEG embeddings
         semantic_retrieval(cfg, run_dir, subjects, log=log)
     path = write_report(run_dir)
     log(f"ablation: report -> {path}")

@@ -20,7 +20,8 @@ Then, in ``RUN/results/``:
   :func:`~neuroimagen.metrics.summary.summarize` as ``evaluate`` (means with the seeded trial-bootstrap interval
   ``<col>_lo`` / ``<col>_hi``; N-way ACC withheld when the classifier does not cover the evaluated concepts);
 * ``retrieval_loso.csv``: the retrieval rows of ``results/retrieval.csv`` (``protocol`` within) and of every fold
-  (``protocol`` loso), the pooled LOSO row being the mean over all held-out trials (folds weighted by trials);
+  (``protocol`` loso), per embedding (``caption``; ``clip_image`` when ``stages.clip_image.enabled``: every fold
+  trains that stage too), the pooled LOSO row being the mean over all held-out trials (folds weighted by trials);
 * ``loso.json``: the protocol (folds, what each trained on, their LDM and classifier identities).
 
 The report (``RUN/report/report.md``) then shows the per-subject table of both protocols side by side.
@@ -46,7 +47,7 @@ from neuroimagen.metrics.summary import ACC_COLUMNS, Statistics, summarize, with
 from neuroimagen.provenance import provenance
 from neuroimagen.rundir import mark
 from neuroimagen.runs.evaluation import STATE, RunRows, ablation, acc_unavailable
-from neuroimagen.runs.reports import write_report
+from neuroimagen.runs.reports import with_embedding, write_report
 from neuroimagen.runs.training import FitStage, prepare_data
 
 FOLDS = "loso"
@@ -187,7 +188,7 @@ def write_loso_results(run_dir: str | Path, subjects: Sequence[int]) -> pd.DataF
         states[s] = json.loads((fold / STATE).read_text(encoding="utf-8"))
         rt = fold / "results" / "retrieval.csv"
         if rt.is_file():
-            r = pd.read_csv(rt, dtype={"subject": str, "control": str})
+            r = pd.read_csv(rt, dtype={"subject": str, "control": str, "embedding": str})
             retrieval.append(r[r["subject"] == str(s)])
     loso = reduce_folds(pd.concat(frames, ignore_index=True), states[subjects[0]])
     keep = {str(s) for s in subjects} | {"all"}
@@ -235,10 +236,10 @@ def _write_retrieval(run_dir: Path, folds: pd.DataFrame, keep: set[str]) -> None
     path = run_dir / "results" / "retrieval.csv"
     within = pd.read_csv(path, dtype={"subject": str, "control": str}) if path.is_file() else pd.DataFrame()
     if len(within):
-        within = within[within["subject"].isin(keep)].assign(protocol="within")
-    folds = folds.assign(protocol="loso")
+        within = with_embedding(within[within["subject"].isin(keep)]).assign(protocol="within")
+    folds = with_embedding(folds).assign(protocol="loso")
     pooled = []
-    for (control, k, top), g in folds.groupby(["control", "k", "top"], sort=False):
+    for (_, control, k, top), g in folds.groupby(["embedding", "control", "k", "top"], sort=False):
         w = g["n_queries"].astype(float)
         pooled.append({**g.iloc[0].to_dict(), "subject": "all", "accuracy": float((g["accuracy"] * w).sum() / w.sum()),
                        "n_queries": int(w.sum())})

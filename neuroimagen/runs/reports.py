@@ -529,31 +529,48 @@ def suite_section(run_dir: Path, summary, protocol: dict) -> list[str]:
     return md
 
 
+def with_embedding(table: pd.DataFrame) -> pd.DataFrame:
+    """A retrieval table with its ``embedding`` column (a table written before it existed held only stage 3's
+    caption embedding)."""
+    return table if "embedding" in table.columns else table.assign(embedding="caption")
+
+
+RETRIEVAL_TITLES = {"caption": "Retrieval from stage 3's caption embedding",
+                    "clip_image": "Retrieval from the clip_image embedding (EEG aligned to CLIP image embeddings)"}
+
+
 def retrieval_section(run_dir: Path) -> list[str]:
-    """The report's retrieval section from ``results/retrieval.csv`` / ``.json`` (``neuroimagen retrieval``), pooled
-    over subjects: EEG, the shuffled-EEG control and chance per (k, top); [] when the run has none."""
+    """The report's retrieval sections from ``results/retrieval.csv`` / ``.json`` (``neuroimagen retrieval``), one per
+    scored embedding (``caption``, ``clip_image``), pooled over subjects: EEG, the shuffled-EEG control and chance per
+    (k, top); [] when the run has none."""
     csv, meta = Path(run_dir) / RESULTS / "retrieval.csv", Path(run_dir) / RESULTS / "retrieval.json"
     if not csv.is_file() or not meta.is_file():
         return []
     try:
-        table = pd.read_csv(csv, dtype={"subject": str, "control": str})
+        table = with_embedding(pd.read_csv(csv, dtype={"subject": str, "control": str, "embedding": str}))
         protocol = json.loads(meta.read_text(encoding="utf-8"))
     except Exception as exc:  # noqa: BLE001 - pandas and json raise a zoo of errors
         raise DataError(f"{csv}: unreadable ({exc}); expected the table of `neuroimagen retrieval`") from exc
-    pooled = table[table["subject"] == "all"]
-    rows = []
-    for (k, top), g in pooled.groupby(["k", "top"], sort=True):
-        acc = {str(c): float(v["accuracy"].iloc[0]) for c, v in g.groupby("control")}
-        rows.append([f"{int(k)}-way top-{int(top)}", fmt_num(acc.get("eeg"), ".1f", 100),
-                     fmt_num(acc.get("shuffled"), ".1f", 100), fmt_num(float(g["chance"].iloc[0]), ".1f", 100)])
-    return ["## Retrieval from stage 3's caption embedding", "",
-            f"{_get(protocol, 'what', default='')}; {_get(protocol, 'note', default='')}. Gallery: "
-            f"{_get(protocol, 'gallery', default='?')} concepts ({_get(protocol, 'gallery_definition', default='')}); "
-            f"{_get(protocol, 'n_trials', default='?')} trials of the {_get(protocol, 'split', default='?')} split; "
-            f"{_get(protocol, 'similarity', default='')}; {_get(protocol, 'draws', default='?')} seeded distractor "
-            f"draws per trial below the gallery size (seed {_get(protocol, 'seed', default='?')}). Control: "
-            f"{_get(protocol, 'control', default='')}. Pooled over subjects; per subject in `results/retrieval.csv`.",
-            "", format_table(["retrieval", "EEG (%)", "shuffled EEG (%)", "chance (%)"], rows), ""]
+    md = []
+    for emb in [e for e in RETRIEVAL_TITLES if e in set(table["embedding"])]:
+        proto = (protocol.get("embeddings") or {}).get(emb) or protocol
+        pooled = table[(table["subject"] == "all") & (table["embedding"] == emb)]
+        rows = []
+        for (k, top), g in pooled.groupby(["k", "top"], sort=True):
+            acc = {str(c): float(v["accuracy"].iloc[0]) for c, v in g.groupby("control")}
+            rows.append([f"{int(k)}-way top-{int(top)}", fmt_num(acc.get("eeg"), ".1f", 100),
+                         fmt_num(acc.get("shuffled"), ".1f", 100), fmt_num(float(g["chance"].iloc[0]), ".1f", 100)])
+        unit = "concepts" if emb == "caption" else "images"
+        md += [f"## {RETRIEVAL_TITLES[emb]}", "",
+               f"{_get(proto, 'what', default='')}; {_get(proto, 'note', default='')}. Gallery: "
+               f"{_get(proto, 'gallery', default='?')} {unit} ({_get(proto, 'gallery_definition', default='')}); "
+               f"{_get(proto, 'n_trials', default='?')} trials of the {_get(proto, 'split', default='?')} split; "
+               f"{_get(proto, 'similarity', default='')}; {_get(proto, 'draws', default='?')} seeded distractor "
+               f"draws per trial below the gallery size (seed {_get(proto, 'seed', default='?')}). Control: "
+               f"{_get(proto, 'control', default='')}. Pooled over subjects; per subject in `results/retrieval.csv` "
+               f"(embedding `{emb}`).",
+               "", format_table(["retrieval", "EEG (%)", "shuffled EEG (%)", "chance (%)"], rows), ""]
+    return md
 
 
 def _loso_columns(table) -> list[tuple[str, str, str, float]]:
@@ -601,12 +618,16 @@ def loso_table(run_dir: str | os.PathLike) -> Optional[str]:
     return f"Variant {_variant_label(main)}.\n\n" + format_table(headers, rows)
 
 
-def loso_retrieval_table(run_dir: str | os.PathLike) -> Optional[str]:
-    """Retrieval top-1 / top-5 at the largest k, within vs LOSO per subject, from ``results/retrieval_loso.csv``."""
+def loso_retrieval_table(run_dir: str | os.PathLike, embedding: str = "caption") -> Optional[str]:
+    """Retrieval top-1 / top-5 at the largest k, within vs LOSO per subject, of one embedding (``caption``,
+    ``clip_image``) from ``results/retrieval_loso.csv``; None when the run has no such rows."""
     table = _read_loso_csv(run_dir, "retrieval_loso.csv", "control", "the retrieval table of the loso protocol")
     if table is None:
         return None
-    eeg = table[table["control"] == "eeg"]
+    table = with_embedding(table)
+    eeg = table[(table["control"] == "eeg") & (table["embedding"].astype(str) == embedding)]
+    if not len(eeg):
+        return None
     k = int(eeg["k"].max())
     tops = sorted(int(t) for t in eeg[eeg["k"] == k]["top"].unique())
     rows = []
@@ -635,9 +656,10 @@ def loso_section(run_dir: str | os.PathLike) -> list[str]:
           "same test trials. Pooled LOSO: every fold's held-out trials together. Each number: mean with its 95 % "
           "bootstrap interval over test trials; n/a: withheld (see the suite notes) or not computed.", "",
           table, ""]
-    retrieval = loso_retrieval_table(run_dir)
-    if retrieval is not None:
-        md += ["### Retrieval from stage 3's caption embedding, within vs LOSO", "", retrieval, ""]
+    for emb, title in RETRIEVAL_TITLES.items():
+        retrieval = loso_retrieval_table(run_dir, emb)
+        if retrieval is not None:
+            md += [f"### {title}, within vs LOSO", "", retrieval, ""]
     return md
 
 

@@ -45,6 +45,7 @@ STAGE_METRICS = {
                  "val_kid": "min"},
     "semantic": {"val_std_mse": "min", "val_mse": "min", "val_cosine": "max", "val_nearest_class_acc": "max"},
     "semantic_image": {"val_std_mse": "min", "val_mse": "min", "val_cosine": "max", "val_nearest_class_acc": "max"},
+    "clip_image": {"val_top1": "max", "val_top5": "max"},
 }
 _TOP_KEYS = ("base", "stage", "metric", "mode", "params", "scheduler", "search", "num_samples",
              "max_concurrent_trials", "resources_per_trial", "trainer", "set")

@@ -37,7 +37,8 @@ from neuroimagen.data.synthetic import synthesize
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.logs import get_logger
 from neuroimagen.provenance import provenance
-from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class, stage_guards
+from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class, stage_enabled, stage_guards
+from neuroimagen.stages.clip_image import build_image_targets
 from neuroimagen.stages.semantic import build_targets
 from neuroimagen.training.checkpoint import export_model, load_model_dir
 from neuroimagen.training.context import RunContext, perf_options, set_threads
@@ -66,6 +67,12 @@ def resolve_stages(requested: Optional[Sequence[str]]) -> list[str]:
     if not names:
         raise ConfigError(f"--stages: expected at least one of {', '.join(STAGE_ORDER)}")
     return [s for s in STAGE_ORDER if s in names]
+
+
+def default_stages(cfg: Config) -> list[str]:
+    """The stages ``train`` runs when none are named: every stage but the optional ones not enabled
+    (``clip_image`` without ``stages.clip_image.enabled``)."""
+    return [s for s in STAGE_ORDER if stage_enabled(cfg, s)]
 
 
 def read_run(run_dir: Path) -> dict:
@@ -114,6 +121,9 @@ def stage_inputs(name: str, cfg: Config, run_dir: Path, record: dict, splits: Op
     if cls.caption_kind is not None:
         sp = splits if splits is not None else load_splits(cfg.data, image_mode="none")
         inputs["targets"] = build_targets(cfg, sp, run_dir, cls.caption_kind)
+    if name == "clip_image":  # the stimuli's CLIP image embeddings, computed once here (frozen)
+        sp = splits if splits is not None else load_splits(cfg.data, image_mode="path")
+        inputs["clip_targets"] = build_image_targets(cfg, sp, run_dir)
     return inputs
 
 
@@ -202,6 +212,8 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     if stages is None and cfg.data.captions is None and "semantic_image" in names:
         names.remove("semantic_image")
         log("[semantic_image] skipped: data.captions is not set (variants B and B+I need per-image captions)")
+    if stages is None:
+        names = [n for n in names if n in default_stages(cfg)]
     write_config(cfg, run_dir)
     record = read_run(run_dir)
     record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -5,6 +5,9 @@
     semantic  stage 3  EEG -> label-caption embedding regressor (L)    (needs: data, text encoder;
                                                                           uses the encoder to initialise)
     semantic_image     EEG -> per-image-caption embedding regressor (B), same settings (stages.semantic)
+    clip_image         optional (stages.clip_image.enabled): EEG aligned to the stimuli's CLIP image embeddings,
+                       symmetric InfoNCE (NICE / ATM); scored by zero-shot retrieval  (needs: data, a CLIP vision
+                       model; uses the encoder to initialise)
 
 What a stage *is* (its requirements, config section, data, caption kind, selection metric, protocol) is
 declared once, on its class; ``STAGES`` lists the classes in dependency order. ``fit_stage`` is the one
@@ -20,13 +23,15 @@ from typing import Callable, Optional
 
 from neuroimagen.data.datasets import load_splits
 from neuroimagen.stages.base import Stage
+from neuroimagen.stages.clip_image import ClipImageStage
 from neuroimagen.stages.encoder import EncoderStage
 from neuroimagen.stages.saliency import SaliencyStage
 from neuroimagen.stages.semantic import SemanticImageStage, SemanticStage
 from neuroimagen.training.context import RunContext
 from neuroimagen.training.loop import FitResult, Reporter, fit, learning_guard
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (EncoderStage, SaliencyStage, SemanticStage, SemanticImageStage)}
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (EncoderStage, SaliencyStage, SemanticStage, SemanticImageStage,
+                                                          ClipImageStage)}
 STAGE_ORDER = tuple(STAGES)
 # caption kind ('label' | 'image') -> the stage that regresses it (what reconstruction's variants read)
 SEMANTIC_STAGE = {cls.caption_kind: name for name, cls in STAGES.items() if cls.caption_kind}
@@ -36,6 +41,12 @@ def stage_class(name: str) -> type[Stage]:
     if name not in STAGES:
         raise ValueError(f"unknown stage '{name}' (known: {', '.join(STAGE_ORDER)})")
     return STAGES[name]
+
+
+def stage_enabled(cfg, name: str) -> bool:
+    """Whether stage ``name`` is in the default stage list: every stage but the optional ``clip_image``, which is in
+    it when ``stages.clip_image.enabled``."""
+    return name != "clip_image" or bool(cfg.stages.clip_image.enabled)
 
 
 def stage_config(cfg, name: str):

@@ -17,6 +17,7 @@ import torch
 
 from neuroimagen.losses import triplet_loss
 from neuroimagen.metrics.embedding import clustering_accuracy, knn_accuracy
+from neuroimagen.models.clip_image import ClipEEGModel
 from neuroimagen.models.eeg_encoders import build_encoder
 from neuroimagen.models.saliency_gan import Discriminator, Generator
 from neuroimagen.models.semantic import SemanticRegressor
@@ -32,7 +33,7 @@ def encoder_spec(sc, n_chans: int, n_times: int) -> dict:
 
 
 def build_from_spec(spec: dict) -> torch.nn.Module:
-    """Recreate a module from a spec written by a stage (``eeg_encoder``, ``generator``, ``semantic``)."""
+    """Recreate a module from a spec written by a stage (``eeg_encoder``, ``generator``, ``semantic``, ``clip_eeg``)."""
     kw = dict(spec["kwargs"])
     if spec["builder"] == "eeg_encoder":
         return build_encoder(kw.pop("name"), **kw)
@@ -42,6 +43,8 @@ def build_from_spec(spec: dict) -> torch.nn.Module:
         return Discriminator(**kw)
     if spec["builder"] == "semantic":
         return SemanticRegressor(**kw)
+    if spec["builder"] == "clip_eeg":
+        return ClipEEGModel(**kw)
     raise ValueError(f"unknown builder {spec['builder']!r}")
 
 

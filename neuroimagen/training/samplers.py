@@ -114,3 +114,64 @@ class BalancedBatchSampler(Sampler[list[int]]):
             batch = [i for c in chosen for i in take(int(c))]  # the global batch, class by class
             bounds = np.linspace(0, len(batch), self.world + 1).round().astype(int)
             yield batch[bounds[self.rank]: bounds[self.rank + 1]]
+
+
+class DistinctGroupBatchSampler(Sampler[list[int]]):
+    """Shuffled batches in which no two rows share a group (stage clip_image: a group = one image, whose rows are
+    its subjects' and repetitions' EEG), so the contrastive loss never meets a false negative.
+
+    Each epoch draws one permutation of the rows and fills global batches of ``batch_size x world_size`` from it
+    in order, deferring a row whose group is already in the batch being filled to the next one; rank r takes the
+    r-th contiguous slice of each global batch (world-size invariant, like ``GlobalBatchSampler``). There are at
+    most ``n // (batch_size x world_size)`` global batches (fewer when the last rows are too few distinct images to
+    fill one); rows left over (the tail, and deferred rows that found no room) wait for another epoch's
+    permutation.
+    """
+
+    def __init__(self, groups: Sequence[int] | torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.groups = np.asarray(groups, dtype=np.int64)
+        n, distinct = len(self.groups), len(np.unique(self.groups))
+        G = batch_size * world_size
+        if distinct < G:
+            raise ValueError(f"{distinct} distinct images cannot fill one global batch of {batch_size} x "
+                             f"{world_size} workers without repeating an image")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.global_batches())
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's global batches (each ``batch_size x world_size`` rows of distinct groups)."""
+        perm = _generator(self.seed, self.epoch).permutation(self.n).tolist()
+        G, out, deferred, pos = self.batch_size * self.world, [], [], 0
+        for _ in range(self.n // G):
+            batch, seen, still = [], set(), []
+            for i in deferred:  # rows put off by earlier batches come first
+                if len(batch) < G and int(self.groups[i]) not in seen:
+                    batch.append(i)
+                    seen.add(int(self.groups[i]))
+                else:
+                    still.append(i)
+            while len(batch) < G and pos < len(perm):
+                i = perm[pos]
+                pos += 1
+                if int(self.groups[i]) in seen:
+                    still.append(i)
+                else:
+                    batch.append(i)
+                    seen.add(int(self.groups[i]))
+            if len(batch) < G:
+                break
+            out.append(batch)
+            deferred = still
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            start = self.rank * self.batch_size
+            yield batch[start: start + self.batch_size]
