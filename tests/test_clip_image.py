@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["stages.clip_image.enabled=true", "stages.clip_image.clip_vision=/no/such/clip"], "/no/such/clip: no such directory"),
     (["stages.clip_image.temperature=0"], "stages.clip_image.temperature: expected float >= 0.01 and <= 1, got 0"),
     (["stages.clip_image.batch_size=1"], "stages.clip_image.batch_size: expected integer >= 2, got 1"),
-    (["stages.clip_image.encoder=vit"], "stages.clip_image.encoder: expected one of 'lstm', 'channelnet', 'tsconv'"),
+    (["stages.clip_image.encoder=vit"], "stages.clip_image.encoder: unknown encoder 'vit'; expected one of lstm, channelnet, tsconv"),
     (["stages.clip_image.enable=true"], "stages.clip_image.enable: unknown key (did you mean 'enabled'?)"),
 ])
 def test_config_errors_are_one_line(sets, message):
@@ -71,7 +71,7 @@ def test_symmetric_infonce_equals_a_brute_force_computation():
 def test_the_temperature_is_learnable_and_clamped_as_clip():
     model = ClipEEGModel(n_chans=4, n_times=32, proj_dim=6, encoder="tsconv", embed_dim=8, width=4, dropout=0.0,
                          temperature=0.07)
-    assert float(model.logit_scale.exp()) == pytest.approx(1 / 0.07)
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(1 / 0.07)
     z, scale = model(torch.randn(5, 4, 32), with_scale=True)
     assert z.shape == (5, 6) and scale.ndim == 0
     clip_loss(z, torch.randn(5, 6), scale).backward()
