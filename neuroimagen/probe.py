@@ -56,13 +56,15 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
 
 
 def probe_datasets(train, test, sfreq: float, shuffle_labels: bool = False, seed: int = 0) -> ProbeResult:
-    """Band-power probe from two ``EEGDataset`` splits; ``shuffle_labels`` permutes training labels."""
+    """Band-power probe from two ``EEGDataset`` splits; ``shuffle_labels`` permutes training labels. Chance is one
+    over the classes of the training split (those the probe can answer): on THINGS-EEG2 the recording's classes
+    also hold the unseen test concepts."""
     y_train = train.labels.numpy()
     if shuffle_labels:
         y_train = np.random.default_rng(seed).permutation(y_train)
     return fit_probe(band_power_features(train.eeg_tensor(), sfreq), y_train,
                      band_power_features(test.eeg_tensor(), sfreq), test.labels.numpy(),
-                     n_classes=train.num_classes, seed=seed)
+                     n_classes=len(np.unique(train.labels.numpy())), seed=seed)
 
 
 def sampling_rate(recording) -> float:

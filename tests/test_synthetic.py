@@ -140,6 +140,17 @@ def test_things_test_concepts_are_decodable_from_parts_seen_in_training():
             assert np.allclose(clean(c), clean(c, 0) + clean(c, 1), atol=1e-10), code
 
 
+def test_the_probes_chance_counts_the_classes_it_was_trained_on(tmp_path):
+    """THINGS-EEG2: the recording names the training and the unseen test concepts; a probe fitted on the training
+    split answers among the training concepts only, so chance on the validation images is 1 / training concepts."""
+    root = make_twin(tmp_path / "t", format="things-eeg", classes=4, test_classes=3, images_per_class=10, subjects=1,
+                     layout="17x100", image_size=16, train_repetitions=1, test_repetitions=2, seed=3)
+    ds = load_splits(load_config(root / "config.yaml").data, image_mode="none")
+    assert ds["train"].num_classes == 7  # the recording's concepts: 4 training + 3 test
+    res = probe_datasets(ds["train"], ds["val"], sampling_rate(ds["train"].recording))
+    assert res.chance == pytest.approx(1 / 4) and res.n_classes == 4
+
+
 @pytest.fixture(scope="module")
 def probe_twin(tmp_path_factory):
     return make_twin(tmp_path_factory.mktemp("probe") / "d", format="eeg-imagenet", classes=8, images_per_class=30,
