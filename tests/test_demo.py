@@ -155,11 +155,16 @@ def test_quick_things_demo_reports_zero_shot_retrieval_within_and_loso(tmp_path)
     assert "## Ablation (Table 3 analogue)" in report and "THINGS-EEG2 layout" in report
     assert "demo --dataset things-eeg --quick" in report
     assert "test" not in res["probe"] and res["probe"]["val"]["chance"] == pytest.approx(1 / 8)
-    assert any(line.startswith("Zero-shot retrieval, 4-way") for line in res["lines"])
+    assert set(table["embedding"]) == {"caption", "clip_image"}  # the THINGS demo trains clip_image too
+    assert (run / "loso" / "sub-01" / "clip_image" / "metrics.json").is_file()
+    assert "### Retrieval from the clip_image embedding" in report
+    for emb in ("caption", "clip_image"):
+        assert any(line.startswith(f"Zero-shot retrieval ({emb} embedding), 4-way") for line in res["lines"]), res["lines"]
 
 
 # the quick THINGS demo at its smallest: 4 test concepts, 2 subjects, a few epochs and steps per stage
 THINGS_SMALLEST = ["synth.test_classes=4", "synth.test_repetitions=4", "synth.train_repetitions=1",
                    "stages.encoder.epochs=2", "stages.saliency.epochs=2", "stages.semantic.epochs=3",
+                   "stages.clip_image.epochs=2",
                    "ldm.vae_steps=20", "ldm.unet_steps=20", "ldm.num_inference_steps=2", "ldm.samples_per_eeg=1",
                    "eval.judge_steps=10", "eval.variants=[L,L+I]"]

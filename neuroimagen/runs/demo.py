@@ -38,7 +38,7 @@ from neuroimagen.rundir import start_fresh
 from neuroimagen.runs.evaluation import RunRows, evaluate, reconstruct
 from neuroimagen.runs.loso import RETRIEVAL as LOSO_RETRIEVAL
 from neuroimagen.runs.loso import run_loso
-from neuroimagen.runs.reports import summary_table, write_report
+from neuroimagen.runs.reports import summary_table, with_embedding, write_report
 from neuroimagen.runs.retrieval import semantic_retrieval
 from neuroimagen.runs.training import FitStage, train
 
@@ -71,7 +71,9 @@ FULL = _COMMON + ["synth.classes=8", "synth.images_per_class=24", "synth.subject
 # ``--dataset things-eeg``: the THINGS-EEG2 layout (17 x 100, the preprocessed release's), scaled down. 8 training
 # concepts show every shape and colour of the twin, so each test concept is an unseen pair of seen parts.
 THINGS = ["data.format=things-eeg", "synth.format=things-eeg", "synth.channels=17", "synth.layout=17x100",
-          "synth.images_per_class=10", "synth.train_repetitions=2"]
+          "synth.images_per_class=10", "synth.train_repetitions=2",
+          # the sibling method's contrastive EEG -> CLIP-image stage, scored by the zero-shot retrieval (NICE / ATM)
+          "stages.clip_image.enabled=true"]
 THINGS_QUICK = THINGS + ["synth.classes=8", "synth.test_classes=8", "synth.test_repetitions=8"]
 THINGS_FULL = THINGS + ["synth.classes=16", "synth.test_classes=16", "synth.test_repetitions=20"]
 DATASETS = ("eeg-imagenet", "things-eeg")
@@ -177,7 +179,7 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
     rec_info = reconstruct(run_cfg, out_dir, execute=execute)
     _step(7, n, "reducing the scores (ACC, IS, SSIM and the field's suite per subject and variant; retrieval)")
     summary = evaluate(out_dir)
-    if "semantic" in stages:
+    if "semantic" in stages or "clip_image" in stages:
         semantic_retrieval(run_cfg, out_dir)
     if things:
         # the folds reconstruct the within run's variants (a narrower list would narrow the within run's too)
@@ -190,7 +192,8 @@ def run_demo(cfg: Config, out: str, quick: bool = False, overwrite: bool = False
         f"| {k} | {v['accuracy']:.3f} | {v['chance']:.3f} | {v['n_train']} | {v['n_test']} |" for k, v in probe.items()
     )
     ref = {"encoder": ("val_knn_acc", "chance"), "saliency": ("val_ssim", "baseline_mean_image_ssim"),
-           "semantic": ("val_nearest_class_acc", "chance"), "semantic_image": ("val_nearest_class_acc", "chance")}
+           "semantic": ("val_nearest_class_acc", "chance"), "semantic_image": ("val_nearest_class_acc", "chance"),
+           "clip_image": ("val_top1", "chance")}
     stage_rows = "\n".join(
         f"| {name} | {ref[name][0]} | {m[ref[name][0]]:.3f} | {m['untrained'].get(ref[name][0], float('nan')):.3f} | "
         f"{m[ref[name][1]]:.3f} | {m['best_epoch'] + 1}/{m['epochs']} |" for name, m in stages.items())
@@ -268,16 +271,21 @@ def _data_text(cfg: Config) -> str:
 
 
 def _retrieval_lines(out_dir: Path) -> list[str]:
-    """The pooled zero-shot retrieval at the gallery size, within subject and LOSO, beside chance."""
+    """The pooled zero-shot retrieval at the gallery size, within subject and LOSO, beside chance: one line per
+    scored embedding (stage 3's caption embedding; clip_image's)."""
     path = out_dir / LOSO_RETRIEVAL
     if not path.is_file():
         return []
-    t = pd.read_csv(path, dtype={"subject": str, "control": str})
+    t = with_embedding(pd.read_csv(path, dtype={"subject": str, "control": str, "embedding": str}))
     t = t[(t["subject"] == "all") & (t["control"] == "eeg")]
-    k = int(t["k"].max())
-    cells = []
-    for p in ("within", "loso"):
-        r = t[(t["protocol"] == p) & (t["k"] == k)].set_index("top")
-        cells.append(f"{p} " + ", ".join(f"top-{int(m)} {100 * r.loc[m, 'accuracy']:.1f} % (chance "
-                                         f"{100 * r.loc[m, 'chance']:.1f} %)" for m in sorted(r.index)))
-    return [f"Zero-shot retrieval, {k}-way (every test concept): " + "; ".join(cells) + "."]
+    lines = []
+    for emb, e in t.groupby("embedding", sort=False):
+        k = int(e["k"].max())
+        cells = []
+        for p in ("within", "loso"):
+            r = e[(e["protocol"] == p) & (e["k"] == k)].set_index("top")
+            if len(r):
+                cells.append(f"{p} " + ", ".join(f"top-{int(m)} {100 * r.loc[m, 'accuracy']:.1f} % (chance "
+                                                 f"{100 * r.loc[m, 'chance']:.1f} %)" for m in sorted(r.index)))
+        lines.append(f"Zero-shot retrieval ({emb} embedding), {k}-way (every test concept): " + "; ".join(cells) + ".")
+    return lines
