@@ -163,7 +163,7 @@ def test_quick_things_demo_reports_zero_shot_retrieval_within_and_loso(tmp_path)
 
 
 # the quick THINGS demo at its smallest: 4 test concepts, 2 subjects, a few epochs and steps per stage
-THINGS_SMALLEST = ["synth.test_classes=4", "synth.test_repetitions=4", "synth.train_repetitions=1",
+THINGS_SMALLEST = ["synth.classes=8", "synth.test_classes=4", "synth.test_repetitions=4", "synth.train_repetitions=1",
                    "stages.encoder.epochs=2", "stages.saliency.epochs=2", "stages.semantic.epochs=3",
                    "stages.clip_image.epochs=2",
                    "ldm.vae_steps=20", "ldm.unet_steps=20", "ldm.num_inference_steps=2", "ldm.samples_per_eeg=1",
