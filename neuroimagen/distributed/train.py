@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from neuroimagen.config import Config, from_dict, to_dict
 from neuroimagen.errors import DataError
 from neuroimagen.logs import configure_cli, get_logger
+from neuroimagen.rundir import tensorboard_dir
 from neuroimagen.stages import fit_stage
 from neuroimagen.training.checkpoint import complete_epoch, load_checkpoint, save_checkpoint
 from neuroimagen.training.context import RunContext, perf_options, set_threads
@@ -91,7 +92,8 @@ def worker_loop(config: dict) -> None:
     configure_cli(0 if cfg.train.progress else -1)
     fit_stage(config["stage"], cfg, ctx, RayReporter(config.get("storage_dir")), config["inputs"],
               fault_marker=Path(config["fault_marker"]) if config["fault_marker"] else None,
-              log=get_logger(__name__).info if cfg.train.progress else None)
+              log=get_logger(__name__).info if cfg.train.progress else None,
+              tensorboard=Path(config["tensorboard"]) if config.get("tensorboard") else None)
 
 
 def latest_stored(storage: Path) -> Optional[Path]:
@@ -118,6 +120,7 @@ def trainer_for(name: str, cfg: Config, inputs: dict, run_dir: Path, run_name: O
         worker_loop,
         train_loop_config={"stage": name, "cfg": to_dict(cfg), "inputs": {k: v for k, v in inputs.items() if k != "splits"},
                            "threads": threads, "fault_marker": marker,
+                           "tensorboard": str(tensorboard_dir(run_dir, name)),
                            "storage_dir": str(Path(storage) / name) if "://" not in storage else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),

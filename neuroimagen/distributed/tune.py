@@ -33,6 +33,7 @@ from neuroimagen.config import Config, from_dict, to_dict, write_config
 from neuroimagen.distributed.train import init_ray, trainer_for
 from neuroimagen.errors import ConfigError
 from neuroimagen.logs import get_logger
+from neuroimagen.rundir import tensorboard_dir
 from neuroimagen.runs.sweeps import Space, apply_values, best_row, plot_trials
 from neuroimagen.runs.training import FitStage, export_stage, prepare_data, read_run, stage_inputs, train
 from neuroimagen.stages import epochs_of, fit_stage, stage_class
@@ -110,7 +111,7 @@ def trial_fn(config: dict, base: dict, inputs: dict, stage: str, trainer: str, r
     else:
         set_threads(threads)
         reporter = _TuneReporter()
-        fit_stage(stage, cfg, RunContext(), reporter, inputs)
+        fit_stage(stage, cfg, RunContext(), reporter, inputs, tensorboard=tensorboard_dir(trial_dir, stage))
         payload = reporter.restore()
     if payload is not None and payload.get("best"):
         export_stage(stage, cfg, trial_dir, payload)
