@@ -111,3 +111,56 @@ def test_the_sample_grid_shows_the_validation_images_then_g(saliency_parts):
     off = dataclasses.replace(cfg, stages=dataclasses.replace(cfg.stages, saliency=dataclasses.replace(
         cfg.stages.saliency, image_every=0)))
     assert build_stage("saliency", off, RunContext(), inputs).images(29, 30) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def _tuner(tmp_path, sets):
+    from neuroimagen.distributed.tune import new_tuner
+    from neuroimagen.runs.sweeps import load_space
+
+    from test_tune import GAN, _write
+
+    space, cfg = load_space(_write(tmp_path, {**GAN, "set": GAN["set"] + sets}))
+    lines = []
+    tuner = new_tuner(space, cfg, tmp_path / "out", lambda config: None, 2, lines.append)
+    return tuner._local_tuner.get_run_config().callbacks, lines
+
+
+def test_a_sweep_logs_every_trial_with_tunes_own_callbacks(tmp_path):
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    callbacks, _ = _tuner(tmp_path, [])
+    kinds = [type(c) for c in callbacks]
+    assert kinds[:3] == [CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback]
+    callbacks, _ = _tuner(tmp_path, ["train.tensorboard=false"])
+    assert TBXLoggerCallback not in [type(c) for c in callbacks]
+    assert {CSVLoggerCallback, JsonLoggerCallback} <= {type(c) for c in callbacks}  # the results table reads them
+
+
+def test_mlflow_is_one_line_when_not_installed_and_a_callback_when_it_is(tmp_path, monkeypatch):
+    import importlib.util
+
+    from neuroimagen.distributed import tune as tune_mod
+
+    callbacks, lines = _tuner(tmp_path, [])
+    assert not any("MLflow" in ln for ln in lines)  # off by default
+    if importlib.util.find_spec("mlflow") is None:
+        callbacks, lines = _tuner(tmp_path, ["train.mlflow=true"])
+        assert [ln for ln in lines if "MLflow" in ln] == [tune_mod.MLFLOW_MISSING]
+        assert not any("MLflow" in type(c).__name__ for c in callbacks)
+    else:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        from neuroimagen.errors import ConfigError
+
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the default store sets; undone after the test
+        callbacks, lines = _tuner(tmp_path, ["train.mlflow=true"])
+        ml = [c for c in callbacks if isinstance(c, MLflowLoggerCallback)]
+        assert len(ml) == 1 and ml[0].tracking_uri == (tmp_path / "out" / "mlruns").as_uri()
+        with pytest.raises(ConfigError, match="MLflow cannot use nosuchscheme://x") as exc:
+            _tuner(tmp_path, ["train.mlflow=true", "train.mlflow_tracking_uri=nosuchscheme://x"])
+        assert "\n" not in str(exc.value)
