@@ -39,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from neuroimagen.atomic import atomic_path, write_text
 from neuroimagen.config import Config, from_dict, to_dict, write_config
-from neuroimagen.distributed.train import init_ray, trainer_for
+from neuroimagen.distributed.train import init_ray, trainer_for, worker_logging
 from neuroimagen.errors import ConfigError
 from neuroimagen.logs import get_logger
 from neuroimagen.rundir import tensorboard_dir
@@ -157,6 +157,7 @@ class _TuneReporter:
 
 def trial_fn(config: dict, base: dict, inputs: dict, stage: str, trainer: str, root: str, threads: int) -> None:
     """One trial: the base config with this trial's values; fits ``stage`` (its own TorchTrainer, or in-process)."""
+    worker_logging()  # this trial's messages reach the driver's logging as records (route_ray_output)
     cfg = apply_values(from_dict(Config, base), config)
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(root) / "trials" / trial_id
