@@ -25,6 +25,28 @@ def test_tags_follow_the_metric_keys():
         ["train/triplet", "val/knn_acc", "time/epoch_seconds"]
 
 
+def test_what_a_tracker_wrote_survives_a_kill(tmp_path):
+    """A process killed right after an epoch (SIGKILL: no close, no exit handlers) has that epoch on disk: the resumed
+    run starts after that epoch's checkpoint and never writes it again."""
+    import os
+
+    from neuroimagen.training.tracking import EventWriter, read_events
+
+    pid = os.fork()
+    if pid == 0:  # the child: track two epochs, then die at once
+        try:
+            w = EventWriter(tmp_path / "tb")
+            w.scalars({"epoch": 0, "train_loss": 0.5, "val_acc": 0.25}, 1)
+            w.images({"saliency/samples": __import__("torch").ones(3, 4, 6)}, 1)
+            w.scalars({"epoch": 1, "train_loss": 0.25}, 2)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    ev = read_events(tmp_path / "tb")
+    assert ev["scalars"] == {"train/loss": [(1, 0.5), (2, 0.25)], "val/acc": [(1, 0.25)]}
+    assert ev["images"] == {"saliency/samples": [(1, 4, 6)]}
+
+
 def test_a_stage_writes_one_value_per_epoch_and_a_resumed_run_appends(tmp_path, twin):
     from neuroimagen.backends import train
     from neuroimagen.training.tracking import read_events
@@ -64,7 +86,7 @@ def test_without_tensorboardx_a_run_trains_and_says_so_once(tmp_path, twin, monk
     from neuroimagen.backends import train
     from neuroimagen.training import tracking
 
-    monkeypatch.setattr(tracking, "SummaryWriter", None)
+    monkeypatch.setattr(tracking, "EventsWriter", None)
     monkeypatch.setattr(tracking, "_said_missing", False)
     lines = []
     train(load_config(None, _sets(twin, 1)), tmp_path / "r", ["encoder"], log=lines.append)

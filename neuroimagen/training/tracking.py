@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -23,11 +24,12 @@ import torch
 from neuroimagen.logs import get_logger
 
 try:
-    from tensorboardX import SummaryWriter
+    from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import image as image_summary
 except ImportError:  # tracking is optional: without the writer library a run trains as before
-    SummaryWriter = None
-    Event = None
+    EventsWriter = Event = Summary = image_summary = None
 
 _log = get_logger(__name__)
 MISSING = "TensorBoard tracking is off: tensorboardX is not installed (pip install tensorboardX)"
@@ -53,30 +55,35 @@ def tag(key: str) -> str:
 
 
 class EventWriter:
-    """A ``Tracker`` writing TensorBoard event files into ``logdir`` (flushed after every call, so a live
-    TensorBoard sees each epoch and a killed run loses nothing it reported)."""
+    """A ``Tracker`` writing one TensorBoard event file in ``logdir``, synchronously: each call is on disk when it
+    returns. (tensorboardX's ``SummaryWriter`` queues events for a background thread, so a process killed after an
+    epoch's checkpoint could lose that epoch's scalars, and a resumed run never writes them again.)"""
 
     def __init__(self, logdir: str | os.PathLike):
-        if SummaryWriter is None:
+        if EventsWriter is None:
             raise ImportError(MISSING)
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(str(self.logdir), flush_secs=30)
+        # a file of its own even when a resumed run opens the folder within the same second (names carry seconds)
+        self._events = EventsWriter(str(self.logdir / "events"), filename_suffix=f".{time.time_ns()}")
+
+    def _write(self, summary, step: int) -> None:
+        self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+        self._events.flush()
 
     def scalars(self, metrics: dict, step: int) -> None:
-        for k, v in metrics.items():
-            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._writer.add_scalar(tag(k), float(v), global_step=step)
-        self._writer.flush()
+        values = [Summary.Value(tag=tag(k), simple_value=float(v)) for k, v in metrics.items()
+                  if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if values:
+            self._write(Summary(value=values), step)
 
     def images(self, images: dict[str, torch.Tensor], step: int) -> None:
         """``images``: tag -> one (3, H, W) image in [0, 1]."""
         for name, img in images.items():
-            self._writer.add_image(name, img.detach().float().clamp(0, 1).cpu(), global_step=step, dataformats="CHW")
-        self._writer.flush()
+            self._write(image_summary(name, img.detach().float().clamp(0, 1).cpu().numpy(), dataformats="CHW"), step)
 
     def close(self) -> None:
-        self._writer.close()
+        self._events.close()
 
 
 _said_missing = False
@@ -87,7 +94,7 @@ def open_tracker(logdir: Optional[str | os.PathLike], enabled: bool) -> Optional
     tensorboardX, None and one warning line (once per process: ``say_missing``)."""
     if not enabled or logdir is None:
         return None
-    if SummaryWriter is None:
+    if EventsWriter is None:
         say_missing()
         return None
     return EventWriter(logdir)
@@ -103,7 +110,7 @@ def say_missing(log: Optional[Callable[[str], None]] = None) -> None:
 
 def available() -> bool:
     """Can event files be written here (is tensorboardX installed)?"""
-    return SummaryWriter is not None
+    return EventsWriter is not None
 
 
 def _records(path: Path):
