@@ -308,6 +308,7 @@ class SaliencyStageConfig(Checked):
     # the defaults keep pure noise (diversity 1/3, penalty -> 1) below the mean training image (penalty 1/2)
     objective_diversity: float = param(0.5, ge=0, doc="val_objective: weight of val_diversity (mean pairwise |G(z1) - G(z2)| in [0, 1] pixels)")
     objective_kid: float = param(0.25, ge=0, doc="val_objective: weight of the realism penalty k / (k + val_kid_mean_image), k = max(val_kid, 0) on the embedded random-conv features")
+    image_every: int = param(10, ge=0, doc="TensorBoard (train.tensorboard): a grid of saliency samples (validation images, then G for val_samples fixed z) every N epochs and after the last; 0 = none")
 
     def validate(self, prefix: str) -> None:
         bad = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in DIFFAUGMENT_POLICIES]
@@ -574,6 +575,9 @@ class TrainConfig(Checked):
     checkpoints_to_keep: int = param(2, ge=1, doc="checkpoints kept per stage")
     fault_injection_epoch: Optional[int] = param(None, ge=0, doc="testing: kill rank 0 once during this epoch to exercise recovery")
     progress: bool = param(True, doc="print one line per epoch")
+    tensorboard: bool = param(True, doc="TensorBoard event files (tensorboardX): every epoch's metrics of a stage in <run>/tensorboard/<stage> (rank 0 writes), saliency sample grids; a sweep also logs every trial in <out>/sweep/<trial>/ (Ray Tune's TBXLoggerCallback)")
+    mlflow: bool = param(False, doc="sweeps: also log every trial (parameters, per-epoch metrics) to MLflow with Ray Tune's MLflowLoggerCallback (needs the mlflow extra; without it one line says it is off)")
+    mlflow_tracking_uri: Optional[str] = param(None, doc="MLflow tracking URI of train.mlflow; null = MLFLOW_TRACKING_URI if set, else the file store <sweep out>/mlruns")
     precision: Literal["fp32", "bf16"] = param("fp32", doc="training compute: bf16 = torch.autocast(bfloat16) around forward passes (fast on Ampere+ GPUs; correct but usually slower on CPUs; on a CPU without a bf16 LSTM kernel, e.g. AVX2-only, LSTM layers run in fp32); weights, optimiser, losses and validation stay fp32")
     channels_last: bool = param(False, doc="channels_last memory format for the image models (saliency G, D) and their batches (faster convolutions on tensor-core GPUs)")
     compile: bool = param(False, doc="torch.compile the trained modules (the first steps pay the compile time; needs a C++ compiler on CPU)")

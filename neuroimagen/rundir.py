@@ -35,6 +35,7 @@ from neuroimagen.errors import OutputError
 MARKER = ".neuroimagen"
 LOCK = ".lock"
 LOGS = "logs"  # every command's log (neuroimagen.logs.log_file), kept when --overwrite empties a run
+TENSORBOARD = "tensorboard"  # <run>/tensorboard/<stage>/: TensorBoard event files of each stage (train.tensorboard)
 MARKER_FORMAT = 1
 KINDS = {"run": "a run directory", "twin": "a synthetic twin", "sweep": "a sweep directory"}
 # The first line each writer of the current release puts in its config.yaml (config.write_config, synthesize).
@@ -45,6 +46,11 @@ _RUN_ENTRIES = ("run.json", "twin", "checkpoints", "ray", "text_encoder", "resul
 _BOOKKEEPING = {LOCK, MARKER, LOGS}
 _OLDER = {"run": "an older run's config.yaml + run.json", "twin": "an older twin's config.yaml + synth.json",
           "sweep": "an older sweep's space.json"}
+
+
+def tensorboard_dir(run_dir: str | os.PathLike, stage: str) -> Path:
+    """Where stage ``stage`` of the run ``run_dir`` writes its TensorBoard event files."""
+    return Path(run_dir) / TENSORBOARD / stage
 
 
 def _utc_now() -> str:

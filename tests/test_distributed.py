@@ -74,6 +74,12 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, twin, tmp_p
     history = json.loads((tmp_path / "run" / "encoder" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert (tmp_path / "run" / "encoder" / "model" / "encoder.pt").is_file()
+    # TensorBoard: rank 0's events before the kill and the restarted group's after it hold every epoch once
+    from neuroimagen.training.tracking import read_events
+
+    tracked = read_events(tmp_path / "run" / "tensorboard" / "encoder")["scalars"]
+    assert [s for s, _ in tracked["train/triplet"]] == [1, 2, 3]
+    assert [v for _, v in tracked["train/triplet"]] == pytest.approx([h["train_triplet"] for h in history], rel=1e-6)
 
     ref = train(load_config(None, base), tmp_path / "ref", ["encoder"], log=lambda m: None)["encoder"]
     assert ref["resumed_at_epochs"] == [] and not (tmp_path / "ref" / "ray" / "encoder-fault-injected").exists()

@@ -14,11 +14,19 @@ Layout of a sweep directory::
     best.yaml      the base config with the best trial's parameters: ``neuroimagen train --config best.yaml``
     trials.png     the metric per trial over epochs
     space.json     the validated space
+
+Tracking (``sweep_callbacks``): Ray Tune's own logger callbacks, all passed explicitly: CSV and JSON (the per-trial
+records the results table is read from), ``TBXLoggerCallback`` (``train.tensorboard``: every trial's reports and
+parameters as TensorBoard event files in ``sweep/<trial>/``; ``tensorboard --logdir <out>/sweep``) and
+``MLflowLoggerCallback`` (``train.mlflow``, when the ``mlflow`` package is installed: one MLflow run per trial).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,13 +34,15 @@ from typing import Callable, Optional
 import pandas as pd
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from neuroimagen.atomic import atomic_path, write_text
 from neuroimagen.config import Config, from_dict, to_dict, write_config
-from neuroimagen.distributed.train import init_ray, trainer_for
+from neuroimagen.distributed.train import init_ray, trainer_for, worker_logging
 from neuroimagen.errors import ConfigError
 from neuroimagen.logs import get_logger
+from neuroimagen.rundir import tensorboard_dir
 from neuroimagen.runs.sweeps import Space, apply_values, best_row, plot_trials
 from neuroimagen.runs.training import FitStage, export_stage, prepare_data, read_run, stage_inputs, train
 from neuroimagen.stages import epochs_of, fit_stage, stage_class
@@ -73,6 +83,58 @@ def _search_alg(space: Space):
     return None  # Tune's default random/grid generator honours max_concurrent_trials (an explicit one would not)
 
 
+AUTO_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # "1": Tune adds no CSV/JSON/TBX logger of its own
+MLFLOW_MISSING = "MLflow logging is off: train.mlflow is set but mlflow is not installed (pip install 'neuroimagen[mlflow]')"
+
+
+def sweep_callbacks(cfg: Config, out: Path, log: Callable[[str], None]) -> list:
+    """Ray Tune's logger callbacks of a sweep into ``out`` (see the module doc), in the order Tune runs them."""
+    callbacks = [CSVLoggerCallback(), JsonLoggerCallback()]
+    if cfg.train.tensorboard:
+        callbacks.append(TBXLoggerCallback())
+    if cfg.train.mlflow:
+        if importlib.util.find_spec("mlflow") is None:
+            log(MLFLOW_MISSING)
+        else:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback  # noqa: PLC0415 - needs the optional mlflow
+
+            uri = cfg.train.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if uri is None:  # the default, a file store in the sweep: MLflow 3 refuses one unless opted in
+                uri = (out / "mlruns").as_uri()
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            _check_mlflow_store(uri)
+            callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"neuroimagen-{out.name}",
+                                                  tags={"sweep": str(out)}))
+            log(f"tune: MLflow logging to {uri} (experiment neuroimagen-{out.name})")
+    return callbacks
+
+
+def _check_mlflow_store(uri: str) -> None:
+    """Open the MLflow tracking store ``uri`` now: a store MLflow cannot use is one error line before any trial
+    starts, not a traceback from inside Tune."""
+    import mlflow  # noqa: PLC0415 - optional
+
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - whatever the store raises, one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConfigError(f"train.mlflow_tracking_uri: MLflow cannot use {uri}: {first}") from None
+
+
+@contextlib.contextmanager
+def _only_our_loggers():
+    """While Tune runs: it adds no logger callback of its own (``sweep_callbacks`` passes every one it needs)."""
+    before = os.environ.get(AUTO_LOGGERS_ENV)
+    os.environ[AUTO_LOGGERS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AUTO_LOGGERS_ENV, None)
+        else:
+            os.environ[AUTO_LOGGERS_ENV] = before
+
+
 class _TuneReporter:
     """``fit()``'s reporter inside a trial (trainer: local): metrics and checkpoint to Tune every epoch."""
 
@@ -95,6 +157,7 @@ class _TuneReporter:
 
 def trial_fn(config: dict, base: dict, inputs: dict, stage: str, trainer: str, root: str, threads: int) -> None:
     """One trial: the base config with this trial's values; fits ``stage`` (its own TorchTrainer, or in-process)."""
+    worker_logging()  # this trial's messages reach the driver's logging as records (route_ray_output)
     cfg = apply_values(from_dict(Config, base), config)
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(root) / "trials" / trial_id
@@ -110,10 +173,32 @@ def trial_fn(config: dict, base: dict, inputs: dict, stage: str, trainer: str, r
     else:
         set_threads(threads)
         reporter = _TuneReporter()
-        fit_stage(stage, cfg, RunContext(), reporter, inputs)
+        fit_stage(stage, cfg, RunContext(), reporter, inputs, tensorboard=tensorboard_dir(trial_dir, stage))
         payload = reporter.restore()
     if payload is not None and payload.get("best"):
         export_stage(stage, cfg, trial_dir, payload)
+
+
+def new_tuner(space: Space, cfg: Config, out: Path, trainable, epochs: int, log: Callable[[str], None]) -> tune.Tuner:
+    """The ``Tuner`` of a new sweep of ``space`` into ``out`` (scheduler, search, trial limits, logger callbacks)."""
+    sched = space.scheduler
+    if sched["type"] == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(sched["max_epochs"] or epochs),
+                                  grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
+    else:
+        scheduler = FIFOScheduler()
+    tuner = tune.Tuner(
+        trainable, param_space=param_space(space),
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
+                                    search_alg=_search_alg(space), num_samples=space.num_samples,
+                                    max_concurrent_trials=space.max_concurrent_trials),
+        run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=1,
+                                  callbacks=sweep_callbacks(cfg, out, log)),
+    )
+    log(f"tune: {space.num_samples} trial(s) of stage {space.stage}, {space.metric} ({space.mode}) on the "
+        f"validation split, {sched['type']} scheduler, {space.search['type']} search, up to "
+        f"{space.max_concurrent_trials} at a time ({space.trainer} trainer)")
+    return tuner
 
 
 def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
@@ -149,23 +234,13 @@ def run_sweep(space: Space, cfg: Config, out: str | Path, resume: bool = False,
         log(f"tune: resuming {exp}")
         tuner = tune.Tuner.restore(str(exp), trainable=fn, resume_errored=True)
     else:
-        sched = space.scheduler
-        if sched["type"] == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=int(sched["max_epochs"] or epochs),
-                                      grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
-        else:
-            scheduler = FIFOScheduler()
-        tuner = tune.Tuner(
-            fn, param_space=param_space(space),
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
-                                        search_alg=_search_alg(space), num_samples=space.num_samples,
-                                        max_concurrent_trials=space.max_concurrent_trials),
-            run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=1),
-        )
-        log(f"tune: {space.num_samples} trial(s) of stage {space.stage}, {space.metric} ({space.mode}) on the "
-            f"validation split, {sched['type']} scheduler, {space.search['type']} search, up to "
-            f"{space.max_concurrent_trials} at a time ({space.trainer} trainer)")
-    grid = tuner.fit()
+        tuner = new_tuner(space, cfg, out, fn, epochs, log)
+    if cfg.train.tensorboard:
+        log(f"TensorBoard: tensorboard --logdir {exp}")
+    # a resumed sweep keeps the callbacks it was started with (tuner.pkl); Tune adds any logger they lack (a sweep
+    # started before they were passed explicitly has none, and its results table needs the CSV and JSON ones)
+    with contextlib.nullcontext() if resume else _only_our_loggers():
+        grid = tuner.fit()
     rows, histories = [], {}
     for r in grid:
         tid = (r.metrics or {}).get("trial_id") or Path(r.path).name

@@ -10,6 +10,7 @@ A run directory holds::
     <stage>/model/            best-on-validation weights + model.json (builder + kwargs)
     <stage>/metrics.json      final validation metrics with chance levels, protocol and guards (stages.stage_guards)
     <stage>/history.json      every epoch's metrics;  <stage>/curves.png  the same, drawn
+    tensorboard/<stage>/      TensorBoard event files (train.tensorboard): per-epoch scalars, saliency sample grids
     checkpoints/<stage>/      local backend checkpoints;  ray/<stage>/  Ray Train storage
 
 Stages hand off through explicit paths recorded in run.json, never "the latest file".
@@ -37,12 +38,15 @@ from neuroimagen.data.synthetic import synthesize
 from neuroimagen.errors import ConfigError, DataError
 from neuroimagen.logs import get_logger
 from neuroimagen.provenance import provenance
+from neuroimagen.rundir import TENSORBOARD, tensorboard_dir
 from neuroimagen.stages import STAGE_ORDER, epochs_of, fit_stage, protocol_of, stage_class, stage_enabled, stage_guards
 from neuroimagen.stages.clip_image import build_image_targets
 from neuroimagen.stages.semantic import build_targets
 from neuroimagen.training.checkpoint import export_model, load_model_dir
 from neuroimagen.training.context import RunContext, perf_options, set_threads
 from neuroimagen.training.loop import LocalReporter
+from neuroimagen.training.tracking import available as tracking_available
+from neuroimagen.training.tracking import say_missing
 
 _log = get_logger(__name__)
 
@@ -215,6 +219,10 @@ def train(cfg: Config, out: str | Path, stages: Optional[Sequence[str]] = None,
     if stages is None:
         names = [n for n in names if n in default_stages(cfg)]
     write_config(cfg, run_dir)
+    if cfg.train.tensorboard and tracking_available():
+        log(f"TensorBoard: tensorboard --logdir {run_dir / TENSORBOARD}")
+    elif cfg.train.tensorboard:
+        say_missing(log)
     record = read_run(run_dir)
     record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     splits = None
@@ -245,7 +253,7 @@ def fit_local(name: str, cfg: Config, inputs: dict, run_dir: Path, log: Callable
     ctx = RunContext(**perf_options(cfg.train))
     reporter = LocalReporter(run_dir / "checkpoints" / name, keep=cfg.train.checkpoints_to_keep)
     fit_stage(name, cfg, ctx, reporter, inputs, fault_marker=run_dir / "checkpoints" / name / "fault-injected",
-              log=log if cfg.train.progress else None)
+              log=log if cfg.train.progress else None, tensorboard=tensorboard_dir(run_dir, name))
     payload = reporter.restore()
     if payload is None:
         raise DataError(f"{name}: training produced no checkpoint")

@@ -29,6 +29,7 @@ from neuroimagen.stages.saliency import SaliencyStage
 from neuroimagen.stages.semantic import SemanticImageStage, SemanticStage
 from neuroimagen.training.context import RunContext
 from neuroimagen.training.loop import FitResult, Reporter, fit, learning_guard
+from neuroimagen.training.tracking import open_tracker
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (EncoderStage, SaliencyStage, SemanticStage, SemanticImageStage,
                                                           ClipImageStage)}
@@ -75,12 +76,21 @@ def build_stage(name: str, cfg, ctx: RunContext, inputs: dict) -> Stage:
 
 
 def fit_stage(name: str, cfg, ctx: RunContext, reporter: Reporter, inputs: dict, *,
-              fault_marker: Optional[Path] = None, log: Optional[Callable[[str], None]] = None) -> FitResult:
-    """Build stage ``name`` and train it with the one ``fit()`` (resuming from ``reporter``)."""
+              fault_marker: Optional[Path] = None, log: Optional[Callable[[str], None]] = None,
+              tensorboard: Optional[Path] = None) -> FitResult:
+    """Build stage ``name`` and train it with the one ``fit()`` (resuming from ``reporter``).
+
+    ``tensorboard``: the folder of this stage's event files (``neuroimagen.training.tracking``); rank 0 writes them
+    when ``train.tensorboard`` is on."""
     stage = build_stage(name, cfg, ctx, inputs)
     epochs, val_every = epochs_of(cfg, name)
-    return fit(stage, ctx, reporter, epochs=epochs, val_every=val_every, seed=cfg.seed,
-               fault_epoch=cfg.train.fault_injection_epoch, fault_marker=fault_marker, log=log)
+    tracker = open_tracker(tensorboard, cfg.train.tensorboard and ctx.is_main)
+    try:
+        return fit(stage, ctx, reporter, epochs=epochs, val_every=val_every, seed=cfg.seed,
+                   fault_epoch=cfg.train.fault_injection_epoch, fault_marker=fault_marker, log=log, tracker=tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 def stage_guards(name: str, best: dict, history: list[dict], data: dict) -> dict:

@@ -62,6 +62,7 @@ GUARD_CONDITIONS = 64  # (spreads measured on at most this many evenly spaced va
 COLLAPSE_SPREAD = 1e-3  # ... they barely vary across conditions: mean pixel std across conditions below this, or
 COLLAPSE_RATIO = 0.1  # ... they vary over 10x more with z than with the EEG (spread_conditions < this x spread_z), or
 COLLAPSE_GAIN = 1e-3  # ... the true EEG does not beat shuffled EEG: SSIM gain <= max(this, 2 standard errors)
+SAMPLE_COLUMNS = 8  # the tracked sample grid (SaliencyStage.images): at most this many validation items
 
 
 def load_images(ds, size: int) -> torch.Tensor:
@@ -293,6 +294,23 @@ class SaliencyStage(Stage):
                 outs.append(G(z[i: i + 128].to(self.ctx.device), feats[i: i + 128].to(self.ctx.device)).float().cpu())
         G.train(was)
         return (torch.cat(outs) + 1) / 2
+
+    def images(self, epoch: int, epochs: int) -> dict[str, torch.Tensor]:
+        """Every ``image_every`` epochs and after the last: one grid, ``saliency/samples``, whose columns are up to
+        ``SAMPLE_COLUMNS`` evenly spaced validation items, the first row their images and each further row G for one
+        of ``val_samples`` fixed z (shared by the columns): (3, (1 + S) (R + 2), m (R + 2)) in [0, 1]."""
+        every = self.sc.image_every
+        if every == 0 or len(self.guard_items) == 0 or not ((epoch + 1) % every == 0 or epoch == epochs - 1):
+            return {}
+        items = self.guard_items[torch.linspace(0, len(self.guard_items) - 1, min(len(self.guard_items), SAMPLE_COLUMNS))
+                                 .round().long().unique()]  # (m,)
+        m, S = len(items), len(self.z_grid)
+        fake = self.generate(self.f_val[items].repeat(S, 1), self.z_grid.repeat_interleave(m, 0))  # (S * m, 3, R, R)
+        rows = torch.cat([self.img_val[items], fake])  # ((1 + S) * m, 3, R, R): row-major, m columns
+        rows = torch.nn.functional.pad(rows, (1, 1, 1, 1), value=1.0)
+        n, c, h, w = rows.shape
+        grid = rows.view(n // m, m, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, (n // m) * h, m * w)
+        return {"saliency/samples": grid}
 
     def _kid(self, images: torch.Tensor) -> float:
         """KID of images (M, 3, R, R) in [0, 1] against the validation images, on the embedded features."""

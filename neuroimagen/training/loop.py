@@ -21,6 +21,7 @@ from neuroimagen.atomic import PARTIAL_TAG, atomic_dir, remove_partials
 from neuroimagen.logs import get_logger
 from neuroimagen.training.checkpoint import complete_epoch, load_checkpoint, save_checkpoint, state_to_cpu
 from neuroimagen.training.context import RunContext, seed_everything, unwrap
+from neuroimagen.training.tracking import Tracker
 
 _log = get_logger(__name__)
 
@@ -128,7 +129,7 @@ def kill_once(marker: Optional[Path]) -> None:
 
 def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: int, seed: int,
         fault_epoch: Optional[int] = None, fault_marker: Optional[Path] = None,
-        log: Optional[Callable[[str], None]] = _log.info) -> FitResult:
+        log: Optional[Callable[[str], None]] = _log.info, tracker: Optional[Tracker] = None) -> FitResult:
     """Train ``stage`` for ``epochs``, resuming from the reporter's latest checkpoint if any.
 
     Every epoch: seed from (seed, epoch, rank) so a resumed epoch replays exactly; one pass over the
@@ -136,6 +137,10 @@ def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: i
     ``stage.select_metric`` (validation data only) is kept, the later of equal scores (a coarse metric on a
     small validation split saturates early, and the first of equal epochs is the least trained); metrics and a checkpoint are reported
     (every rank reports, rank 0 attaches the checkpoint).
+
+    ``tracker`` (``neuroimagen.training.tracking``; pass one on rank 0 only) gets the untrained model's validation
+    metrics as step 0, every epoch's metrics as step epoch + 1 after that epoch's checkpoint, and the stage's sample
+    images (``stage.images``) when it has any: a resumed run tracks the epochs it trains, from the checkpoint on.
     """
     history: list[dict] = []
     best: dict = {"metric": stage.select_metric, "mode": stage.select_mode, "value": None, "epoch": None, "metrics": {}}
@@ -157,6 +162,8 @@ def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: i
         best["untrained"] = untrained
         if log and ctx.is_main:
             log(f"[{stage.name}] untrained: " + " ".join(f"{k}={v:.4g}" for k, v in untrained.items()))
+        if tracker is not None and ctx.is_main:
+            tracker.scalars(untrained, 0)
     payload = None
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
@@ -190,6 +197,11 @@ def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: i
                 "best": best_states,
             }
         reporter.report(metrics, payload)
+        if tracker is not None and ctx.is_main:
+            tracker.scalars(metrics, epoch + 1)
+            images = stage.images(epoch, epochs)
+            if images:
+                tracker.images(images, epoch + 1)
         if log and ctx.is_main:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",) and isinstance(v, float))
             log(f"[{stage.name}] epoch {epoch + 1}/{epochs} {shown}")
