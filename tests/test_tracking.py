@@ -123,8 +123,8 @@ def test_the_sample_grid_shows_the_validation_images_then_g(saliency_parts):
 
     cfg, inputs = saliency_parts
     stage = build_stage("saliency", cfg, RunContext(), inputs)
-    assert stage.images(0, 30) == {}  # not an image epoch (every 10, and the last)
-    grid = stage.images(9, 30)["saliency/samples"]
+    assert stage.summary_images(0, 30) == {}  # not an image epoch (every 10, and the last)
+    grid = stage.summary_images(9, 30)["saliency/samples"]
     R = cfg.stages.saliency.resolution
     first = stage.guard_items[0]
     assert torch.equal(grid[:, 1:R + 1, 1:R + 1], stage.img_val[first])  # top-left: the first item's image
@@ -132,7 +132,7 @@ def test_the_sample_grid_shows_the_validation_images_then_g(saliency_parts):
     assert torch.allclose(grid[:, R + 3:2 * R + 3, 1:R + 1], g, atol=1e-6)  # below it: G for the first z
     off = dataclasses.replace(cfg, stages=dataclasses.replace(cfg.stages, saliency=dataclasses.replace(
         cfg.stages.saliency, image_every=0)))
-    assert build_stage("saliency", off, RunContext(), inputs).images(29, 30) == {}
+    assert build_stage("saliency", off, RunContext(), inputs).summary_images(29, 30) == {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class Stage(ABC):
         for name, o in self._optimizers.items():
             o.load_state_dict(payload["optimizers"][name])
 
-    def images(self, epoch: int, epochs: int) -> dict[str, torch.Tensor]:
+    def summary_images(self, epoch: int, epochs: int) -> dict[str, torch.Tensor]:
         """Sample images to track after ``epoch`` (0-based) of ``epochs``: tag -> one (3, H, W) image in [0, 1].
         Called on rank 0 only, after validation, when a tracker is on; must not touch other ranks or the RNGs
         that training draws from. None by default."""

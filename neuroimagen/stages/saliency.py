@@ -295,7 +295,7 @@ class SaliencyStage(Stage):
         G.train(was)
         return (torch.cat(outs) + 1) / 2
 
-    def images(self, epoch: int, epochs: int) -> dict[str, torch.Tensor]:
+    def summary_images(self, epoch: int, epochs: int) -> dict[str, torch.Tensor]:
         """Every ``image_every`` epochs and after the last: one grid, ``saliency/samples``, whose columns are up to
         ``SAMPLE_COLUMNS`` evenly spaced validation items, the first row their images and each further row G for one
         of ``val_samples`` fixed z (shared by the columns): (3, (1 + S) (R + 2), m (R + 2)) in [0, 1]."""

@@ -199,7 +199,7 @@ def fit(stage, ctx: RunContext, reporter: Reporter, *, epochs: int, val_every: i
         reporter.report(metrics, payload)
         if tracker is not None and ctx.is_main:
             tracker.scalars(metrics, epoch + 1)
-            images = stage.images(epoch, epochs)
+            images = stage.summary_images(epoch, epochs)
             if images:
                 tracker.images(images, epoch + 1)
         if log and ctx.is_main:
