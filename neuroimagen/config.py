@@ -576,7 +576,7 @@ class TrainConfig(Checked):
     fault_injection_epoch: Optional[int] = param(None, ge=0, doc="testing: kill rank 0 once during this epoch to exercise recovery")
     progress: bool = param(True, doc="print one line per epoch")
     tensorboard: bool = param(True, doc="TensorBoard event files (tensorboardX): every epoch's metrics of a stage in <run>/tensorboard/<stage> (rank 0 writes), saliency sample grids; a sweep also logs every trial in <out>/sweep/<trial>/ (Ray Tune's TBXLoggerCallback)")
-    mlflow: bool = param(False, doc="sweeps: also log every trial (parameters, per-epoch metrics) to MLflow with Ray Tune's MLflowLoggerCallback (needs the mlflow extra; without it one line says it is off)")
+    mlflow: bool = param(False, doc="sweeps: also log every trial (parameters, per-epoch metrics) to MLflow with Ray Tune's MLflowLoggerCallback (needs mlflow: pip install mlflow-skinny; without it one line says it is off)")
     mlflow_tracking_uri: Optional[str] = param(None, doc="MLflow tracking URI of train.mlflow; null = MLFLOW_TRACKING_URI if set, else the file store <sweep out>/mlruns")
     precision: Literal["fp32", "bf16"] = param("fp32", doc="training compute: bf16 = torch.autocast(bfloat16) around forward passes (fast on Ampere+ GPUs; correct but usually slower on CPUs; on a CPU without a bf16 LSTM kernel, e.g. AVX2-only, LSTM layers run in fp32); weights, optimiser, losses and validation stay fp32")
     channels_last: bool = param(False, doc="channels_last memory format for the image models (saliency G, D) and their batches (faster convolutions on tensor-core GPUs)")

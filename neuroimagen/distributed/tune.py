@@ -84,7 +84,7 @@ def _search_alg(space: Space):
 
 
 AUTO_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # "1": Tune adds no CSV/JSON/TBX logger of its own
-MLFLOW_MISSING = "MLflow logging is off: train.mlflow is set but mlflow is not installed (pip install 'neuroimagen[mlflow]')"
+MLFLOW_MISSING = "MLflow logging is off: train.mlflow is set but mlflow is not installed (pip install mlflow-skinny)"
 
 
 def sweep_callbacks(cfg: Config, out: Path, log: Callable[[str], None]) -> list:
