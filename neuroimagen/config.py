@@ -224,6 +224,15 @@ BRAINDECODE_ENCODERS = ("EEGNet", "EEGNetv4", "ShallowFBCSPNet", "Deep4Net", "EE
 EncoderName = str  # one of ENCODER_NAMES or 'braindecode:<one of BRAINDECODE_ENCODERS>' (check_encoder_name)
 
 
+def check_stage_encoder(encoder: Optional[str], width: Optional[int], prefix: str) -> None:
+    """A later stage's own ``encoder`` / ``width`` (null = stage 1's): a registry name, and no width for a braindecode
+    model (it keeps its published sizes)."""
+    if encoder is not None:
+        check_encoder_name(encoder, f"{prefix}.encoder")
+        if encoder.startswith("braindecode:") and width is not None:
+            raise ConfigError(f"{prefix}.width: {encoder} keeps its published sizes; expected null, got {width}")
+
+
 def check_encoder_name(name: str, dotted: str) -> None:
     """One line naming the key when ``name`` is neither one of ours nor a supported braindecode model."""
     if name in ENCODER_NAMES:
@@ -337,10 +346,7 @@ class SemanticStageConfig(Checked):
     val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
 
     def validate(self, prefix: str) -> None:
-        if self.encoder is not None:
-            check_encoder_name(self.encoder, f"{prefix}.encoder")
-            if self.encoder.startswith("braindecode:") and self.width is not None:
-                raise ConfigError(f"{prefix}.width: {self.encoder} keeps its published sizes; expected null, got {self.width}")
+        check_stage_encoder(self.encoder, self.width, prefix)
 
 
 @dataclass(frozen=True)
@@ -374,10 +380,7 @@ class ClipImageStageConfig(Checked):
     val_every: int = param(1, ge=1, doc="validate every N epochs (and after the last)")
 
     def validate(self, prefix: str) -> None:
-        if self.encoder is not None:
-            check_encoder_name(self.encoder, f"{prefix}.encoder")
-            if self.encoder.startswith("braindecode:") and self.width is not None:
-                raise ConfigError(f"{prefix}.width: {self.encoder} keeps its published sizes; expected null, got {self.width}")
+        check_stage_encoder(self.encoder, self.width, prefix)
         if self.clip_vision is not None and self.clip_vision != "tiny":
             if "://" in self.clip_vision or not self.clip_vision.strip():
                 raise ConfigError(f"{prefix}.clip_vision: expected a local folder or 'tiny', got {self.clip_vision!r} "

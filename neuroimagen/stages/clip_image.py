@@ -38,7 +38,7 @@ from neuroimagen.losses import clip_loss
 from neuroimagen.metrics.retrieval import cosine_similarity, retrieval_hits
 from neuroimagen.models.feature_nets import FeatureNet, build_tiny_clip_vision, load_clip_vision
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split, shuffled_index
-from neuroimagen.stages.encoder import build_from_spec
+from neuroimagen.stages.encoder import build_from_spec, init_from_stage1
 from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import DistinctGroupBatchSampler
 
@@ -185,15 +185,7 @@ class ClipImageStage(Stage):
         torch.manual_seed(cfg.seed + 5)  # identical initial weights on every rank
         model = build_from_spec(self._specs["clip_eeg"])
         model.set_target_mean(targets["mean"] if sc.center_targets else torch.zeros(P))
-        self.init_note = "random init"
-        enc_spec, enc_state = inputs.get("encoder_spec"), inputs.get("encoder_state")
-        if sc.init_from_encoder and enc_spec is not None:
-            k = enc_spec["kwargs"]
-            if (k["name"], k["width"], k["embed_dim"], k["n_chans"], k["n_times"]) == (enc_name, sc.width, sc.embed_dim, C, T):
-                model.encoder.load_state_dict(enc_state)
-                self.init_note = f"encoder initialised from {inputs.get('encoder_path')}"
-            else:
-                self.init_note = "random init (stage-1 encoder architecture differs)"
+        self.init_note = init_from_stage1(model.encoder, inputs, sc, enc_name, C, T)
         if not sc.learn_temperature:
             model.logit_scale.requires_grad_(False)
         self.images = model.image_space(table).to(ctx.device)  # (n, P): what the EEG is aligned to

@@ -48,6 +48,19 @@ def build_from_spec(spec: dict) -> torch.nn.Module:
     raise ValueError(f"unknown builder {spec['builder']!r}")
 
 
+def init_from_stage1(encoder: torch.nn.Module, inputs: dict, sc, enc_name: str, n_chans: int, n_times: int) -> str:
+    """Load the stage-1 encoder's weights into a later stage's ``encoder`` when ``sc.init_from_encoder`` and the
+    architecture (name, width, embed_dim, channels, samples) matches; returns the note the stage records."""
+    spec, state = inputs.get("encoder_spec"), inputs.get("encoder_state")
+    if not sc.init_from_encoder or spec is None:
+        return "random init"
+    k = spec["kwargs"]
+    if (k["name"], k["width"], k["embed_dim"], k["n_chans"], k["n_times"]) != (enc_name, sc.width, sc.embed_dim, n_chans, n_times):
+        return "random init (stage-1 encoder architecture differs)"
+    encoder.load_state_dict(state)
+    return f"encoder initialised from {inputs.get('encoder_path')}"
+
+
 class EncoderStage(Stage):
     name = "encoder"
     config_section = "encoder"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from neuroimagen.atomic import atomic_dir, atomic_path
 from neuroimagen.models.text_encoder import build_tiny_text_encoder, load_text_encoder
 from neuroimagen.stages.base import Stage, TensorBatches, batched, describe_split, shuffled_index
-from neuroimagen.stages.encoder import build_from_spec
+from neuroimagen.stages.encoder import build_from_spec, init_from_stage1
 from neuroimagen.training.context import unwrap
 from neuroimagen.training.samplers import GlobalBatchSampler
 
@@ -153,15 +153,7 @@ class SemanticStage(Stage):
         torch.manual_seed(cfg.seed + 3)  # identical initial weights on every rank
         model = build_from_spec(self._specs["regressor"])
         model.set_target_stats(self.t_train)
-        self.init_note = "random init"
-        enc_spec, enc_state = inputs.get("encoder_spec"), inputs.get("encoder_state")
-        if sc.init_from_encoder and enc_spec is not None:
-            k = enc_spec["kwargs"]
-            if (k["name"], k["width"], k["embed_dim"], k["n_chans"], k["n_times"]) == (enc_name, sc.width, sc.embed_dim, C, T):
-                model.encoder.load_state_dict(enc_state)
-                self.init_note = f"encoder initialised from {inputs.get('encoder_path')}"
-            else:
-                self.init_note = "random init (stage-1 encoder architecture differs)"
+        self.init_note = init_from_stage1(model.encoder, inputs, sc, enc_name, C, T)
         self.model = ctx.wrap(model)
         self._modules = {"regressor": self.model}
         self._optimizers = {"regressor": torch.optim.Adam(self.model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)}
